@@ -1,0 +1,360 @@
+"""Finding, reading, checking and writing CogVLM checkpoints (spec section 7).
+
+Two layouts are read: Hugging Face (config.json + sharded safetensors) and the authors' SAT
+(model_config.json + latest + <iter>/mp_rank_XX_model_states.pt, possibly several ranks).
+Both become one stream of Hugging Face-named tensors, checked against the model's expected
+names and shapes. `load_model` builds the model on the meta device and assigns tensors shard by
+shard in the target dtype/device, so peak memory stays about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config
+from .model import CogVLMForCausalLM
+
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+SAT_CONFIG = "model_config.json"
+HUB_PATTERNS = ["config.json", "*.safetensors", HF_INDEX, "tokenizer.model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not fit the model; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local folder as is; a registry name or hub id through the Hugging Face cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint *folder* "
+                                  f"(with {HF_CONFIG} or {SAT_CONFIG})")
+        return path
+    name = str(name_or_path)
+    repo = REGISTRY[name].hf_repo if name in REGISTRY else name
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo or ""):
+        known = ", ".join(REGISTRY)
+        raise CheckpointError(f"unknown model {name!r}: not a folder, a registry name ({known}) "
+                              f"or a Hugging Face repo id like THUDM/cogvlm-chat-hf")
+    return _download(repo)
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({type(e).__name__})"
+        raise CheckpointError(
+            f"cannot get {repo}: {why} and it is not in the local Hugging Face cache.\n"
+            f"Needed files: {HF_CONFIG}, {HF_INDEX} and the model-*-of-*.safetensors shards it "
+            f"lists. Download them on a machine with internet (huggingface-cli download {repo}) "
+            f"and pass the folder instead: --model /path/to/folder") from None
+
+
+def layout_of(folder: Path) -> str:
+    if (folder / HF_CONFIG).is_file():
+        return "hf"
+    if (folder / SAT_CONFIG).is_file():
+        return "sat"
+    raise CheckpointError(f"{folder} holds neither {HF_CONFIG} (Hugging Face layout) nor "
+                          f"{SAT_CONFIG} (SAT layout); is it a CogVLM checkpoint folder?")
+
+
+def read_config(folder: Path) -> CogVLMConfig:
+    try:
+        if layout_of(folder) == "hf":
+            return from_hf_config(folder / HF_CONFIG)
+        return from_sat_config(folder / SAT_CONFIG)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors, Hugging Face names, group by group
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_tensors(folder: Path, device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the checkpoint's tensors in groups (one shard or one merged SAT state at a time)."""
+    if layout_of(folder) == "hf":
+        yield from _iter_hf(folder, device)
+    else:
+        yield _read_sat(folder)
+
+
+def _hf_shards(folder: Path) -> list[Path]:
+    if (folder / HF_INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{folder / HF_INDEX} is not a valid index: {e}") from None
+        shards = [folder / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        shards = [folder / HF_SINGLE]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} weight file(s): {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")
+    return shards
+
+
+def _iter_hf(folder: Path, device: str) -> Iterator[dict[str, torch.Tensor]]:
+    for shard in _hf_shards(folder):
+        try:
+            with safe_open(str(shard), framework="pt", device=device) as f:
+                yield {k: f.get_tensor(k) for k in f.keys() if not k.endswith("inv_freq")}
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read {shard}: {e}") from None
+
+
+# SAT → Hugging Face names (sat-names.md). `{i}` / `{j}` stand for a layer number.
+_SAT_TO_HF = [
+    ("transformer.word_embeddings.weight", "model.embed_tokens.weight"),
+    ("transformer.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("transformer.layers.{i}.attention.query_key_value.weight",
+     "model.layers.{i}.self_attn.language_expert_query_key_value.weight"),
+    ("transformer.layers.{i}.attention.dense.weight", "model.layers.{i}.self_attn.language_expert_dense.weight"),
+    ("transformer.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("transformer.layers.{i}.mlp.dense_h_to_4h.weight", "model.layers.{i}.mlp.language_mlp.up_proj.weight"),
+    ("transformer.layers.{i}.mlp.dense_4h_to_h.weight", "model.layers.{i}.mlp.language_mlp.down_proj.weight"),
+    ("mixins.mlp.gate_proj.{i}.weight", "model.layers.{i}.mlp.language_mlp.gate_proj.weight"),
+    ("mixins.mlp.vision_dense_h_to_4h_list.{i}.weight", "model.layers.{i}.mlp.vision_mlp.up_proj.weight"),
+    ("mixins.mlp.vision_dense_4h_to_h_list.{i}.weight", "model.layers.{i}.mlp.vision_mlp.down_proj.weight"),
+    ("mixins.mlp.vision_gate_proj.{i}.weight", "model.layers.{i}.mlp.vision_mlp.gate_proj.weight"),
+    ("mixins.rotary.vision_query_key_value_list.{i}.weight",
+     "model.layers.{i}.self_attn.vision_expert_query_key_value.weight"),
+    ("mixins.rotary.vision_dense_list.{i}.weight", "model.layers.{i}.self_attn.vision_expert_dense.weight"),
+    ("transformer.final_layernorm.weight", "model.norm.weight"),
+    ("mixins.lm.lm_head.weight", "lm_head.weight"),
+    ("mixins.eva.vit_model.mixins.patch_embedding.proj.{w}", "model.vision.patch_embedding.proj.{w}"),
+    ("mixins.eva.vit_model.transformer.word_embeddings.weight", "model.vision.patch_embedding.cls_embedding"),
+    ("mixins.eva.vit_model.transformer.position_embeddings.weight",
+     "model.vision.patch_embedding.position_embedding.weight"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.input_layernorm.{w}",
+     "model.vision.transformer.layers.{j}.input_layernorm.{w}"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.attention.query_key_value.{w}",
+     "model.vision.transformer.layers.{j}.attention.query_key_value.{w}"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.attention.dense.{w}",
+     "model.vision.transformer.layers.{j}.attention.dense.{w}"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.mlp.dense_h_to_4h.{w}",
+     "model.vision.transformer.layers.{j}.mlp.fc1.{w}"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.mlp.dense_4h_to_h.{w}",
+     "model.vision.transformer.layers.{j}.mlp.fc2.{w}"),
+    ("mixins.eva.vit_model.transformer.layers.{j}.post_attention_layernorm.{w}",
+     "model.vision.transformer.layers.{j}.post_attention_layernorm.{w}"),
+    ("mixins.eva.linear_proj.{name}.{w}", "model.vision.linear_proj.{name}.{w}"),
+    ("mixins.eva.boi", "model.vision.boi"),
+    ("mixins.eva.eoi", "model.vision.eoi"),
+]
+_SAT_IGNORED = re.compile(r"(.*inv_freq|mixins\.eva\.vit_model\.transformer\.final_layernorm\..*)$")
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    rx = re.escape(template)
+    for field, group in (("i", r"\d+"), ("j", r"\d+"), ("w", r"weight|bias"), ("name", r"\w+")):
+        rx = rx.replace(re.escape("{" + field + "}"), f"(?P<{field}>{group})")
+    return re.compile(rx + "$")
+
+
+_SAT_RULES = [(_pattern(sat), hf) for sat, hf in _SAT_TO_HF]
+
+
+def sat_to_hf_name(name: str) -> str | None:
+    """The Hugging Face name of a SAT parameter; None for buffers we ignore; the name itself
+    (so it is reported as unexpected) when nothing matches."""
+    if _SAT_IGNORED.match(name):
+        return None
+    for rx, hf in _SAT_RULES:
+        m = rx.match(name)
+        if m:
+            return hf.format(**m.groupdict())
+    return name
+
+
+def split_rule(hf_name: str) -> str:
+    """How a tensor is split across model-parallel ranks: 'qkv', 'dim0', 'dim1' or 'replicated'."""
+    if hf_name.endswith(("query_key_value.weight", "query_key_value.bias")):
+        return "qkv"
+    if hf_name in ("model.embed_tokens.weight", "lm_head.weight") or re.search(
+            r"(gate_proj|up_proj)\.weight$|mlp\.fc1\.(weight|bias)$", hf_name):
+        if "linear_proj" not in hf_name:
+            return "dim0"
+    if re.search(r"(expert_dense|down_proj|attention\.dense|mlp\.fc2)\.weight$", hf_name):
+        return "dim1"
+    return "replicated"
+
+
+def merge_ranks(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
+    if len(parts) == 1 or rule == "replicated":
+        return parts[0]
+    if rule == "dim0":
+        return torch.cat(parts, 0)
+    if rule == "dim1":
+        return torch.cat(parts, 1)
+    qkv = [p.chunk(3, dim=0) for p in parts]  # rank r holds [q_r; k_r; v_r]
+    return torch.cat([blk[i] for i in range(3) for blk in qkv], 0)
+
+
+def _sat_files(folder: Path) -> list[Path]:
+    try:
+        iteration = (folder / "latest").read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has {SAT_CONFIG} but no 'latest' file naming the iteration") from None
+    files = sorted((folder / iteration).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{folder / iteration} holds no mp_rank_XX_model_states.pt files")
+    return files
+
+
+def _read_sat(folder: Path) -> dict[str, torch.Tensor]:
+    states = []
+    for f in _sat_files(folder):
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle / zip errors come in many types
+            raise CheckpointError(f"cannot read SAT checkpoint {f}: {e}") from None
+        states.append(blob["module"] if isinstance(blob, dict) and "module" in blob else blob)
+    merged: dict[str, torch.Tensor] = {}
+    for sat_name in states[0]:
+        hf_name = sat_to_hf_name(sat_name)
+        if hf_name is None:
+            continue
+        merged[hf_name] = merge_ranks([s[sat_name] for s in states], split_rule(hf_name))
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_shapes(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_names(expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int, ...]], where: str) -> None:
+    """One error listing every missing, unexpected and wrong-shaped tensor."""
+    missing = sorted(set(expected) - set(seen))
+    unexpected = sorted(set(seen) - set(expected))
+    wrong = sorted(f"{k} {list(seen[k])} (model expects {list(expected[k])})"
+                   for k in set(seen) & set(expected) if seen[k] != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape: {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
+
+
+def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> CogVLMForCausalLM:
+    """Build the model on the meta device and fill it group by group, converting on the fly."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen: dict[str, tuple[int, ...]] = {}
+    read_device = "cpu" if device.type == "meta" else str(device)
+    for group in iter_tensors(folder, device=read_device):
+        seen.update({k: tuple(v.shape) for k, v in group.items()})
+        fitting = {k: v.to(device=device, dtype=dtype) for k, v in group.items()
+                   if k in expected and tuple(v.shape) == expected[k]}
+        model.load_state_dict(fitting, strict=False, assign=True)
+        del group, fitting
+    check_names(expected, seen, str(folder))
+    model.inv_freq = CogVLMForCausalLM.rope_inv_freq(config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[CogVLMForCausalLM, Path]:
+    """Resolve, read the config, load the weights: (model, folder)."""
+    folder = resolve(name_or_path)
+    return load_weights(folder, read_config(folder), dtype, device), folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the Hugging Face layout
+# ---------------------------------------------------------------------------------------------
+
+
+def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str | Path,
+            max_shard_bytes: int = 5 * 2**30, extra_files: tuple[Path, ...] = ()) -> Path:
+    """Write config.json, safetensors shards and the index atomically: a crash leaves no half folder."""
+    out_dir = Path(out_dir)
+    check_names(expected_shapes(config), {k: tuple(v.shape) for k, v in state.items()}, "to save")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (tmp / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                "weight_map": weight_map}, indent=2))
+        (tmp / HF_CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2))
+        for f in extra_files:
+            shutil.copy2(f, tmp / f.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Any readable layout → Hugging Face layout, tensors bit-exact (dtype kept)."""
+    folder = resolve(src)
+    config = read_config(folder)
+    state: dict[str, torch.Tensor] = {}
+    for group in iter_tensors(folder):
+        state.update(group)
+    extra = tuple(p for p in [folder / "tokenizer.model"] if p.is_file())
+    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra)

@@ -1,0 +1,262 @@
+"""Typed model configurations and the registry of published CogVLM variants.
+
+One `CogVLMConfig` describes a whole model (language decoder + vision encoder). The registry
+maps our short names to the published checkpoints, so `load_model("cogvlm-chat-v1.1")` and
+`load_model("THUDM/cogvlm-chat-hf")` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEMPLATES = ("base", "chat", "vqa")
+
+
+class ConfigError(ValueError):
+    """A config file or model name that cannot describe a CogVLM model."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """EVA2-CLIP-E with its last layer dropped (spec section 2)."""
+
+    image_size: int = 490
+    patch_size: int = 14
+    in_channels: int = 3
+    hidden_size: int = 1792
+    num_layers: int = 63
+    num_heads: int = 16
+    intermediate_size: int = 15360
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1
+
+
+@dataclass(frozen=True)
+class CogVLMConfig:
+    """The visual-expert LLaMA decoder plus its vision encoder (spec section 2)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    template: str = "chat"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("hidden_size must be a multiple of num_heads")
+        if self.vision.hidden_size % self.vision.num_heads:
+            raise ConfigError("vision hidden_size must be a multiple of vision num_heads")
+        if self.vision.image_size % self.vision.patch_size:
+            raise ConfigError("vision image_size must be a multiple of patch_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def image_tokens(self) -> int:
+        """Sequence slots one image takes: boi + patches + eoi."""
+        return self.vision.num_patches + 2
+
+    # ---- Hugging Face config.json -------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        v = self.vision
+        return {
+            "architectures": ["CogVLMForCausalLM"],
+            "model_type": "cogvlm",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": False,
+            "template_version": self.template,
+            "torch_dtype": "bfloat16",
+            "vision_config": {
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "in_channels": v.in_channels,
+                "hidden_size": v.hidden_size,
+                "num_hidden_layers": v.num_layers,
+                "num_heads": v.num_heads,
+                "intermediate_size": v.intermediate_size,
+                "layer_norm_eps": v.layer_norm_eps,
+                "num_positions": v.num_positions,
+                "hidden_act": "gelu",
+                "dropout_prob": 0.0,
+            },
+        }
+
+
+def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
+    """Read a Hugging Face `config.json` (a path or the parsed dict)."""
+    d = _read_json(source) if not isinstance(source, dict) else source
+    try:
+        vd = d["vision_config"]
+        vision = VisionConfig(
+            image_size=int(vd["image_size"]),
+            patch_size=int(vd.get("patch_size", 14)),
+            in_channels=int(vd.get("in_channels", 3)),
+            hidden_size=int(vd["hidden_size"]),
+            num_layers=int(vd["num_hidden_layers"]),
+            num_heads=int(vd["num_heads"]),
+            intermediate_size=int(vd["intermediate_size"]),
+            layer_norm_eps=float(vd.get("layer_norm_eps", 1e-6)),
+        )
+        if "num_positions" in vd and int(vd["num_positions"]) != vision.num_positions:
+            raise ConfigError(
+                f"vision_config.num_positions is {vd['num_positions']} but image_size "
+                f"{vision.image_size} / patch {vision.patch_size} needs {vision.num_positions}"
+            )
+        return CogVLMConfig(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=int(d["num_attention_heads"]),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            bos_token_id=int(d.get("bos_token_id", 1)),
+            eos_token_id=int(d.get("eos_token_id", 2)),
+            pad_token_id=int(d.get("pad_token_id", 0)),
+            template=_template_name(d.get("template_version", "chat")),
+            vision=vision,
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks the key {e.args[0]!r}; is this a CogVLM config?") from None
+
+
+def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
+    """Read a SwissArmyTransformer `model_config.json` (a path or the parsed dict)."""
+    d = _read_json(source) if not isinstance(source, dict) else source
+    try:
+        ev = d["eva_args"]
+        size = ev["image_size"]
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        patch = int(ev.get("patch_size", 14))
+        hidden = int(ev["hidden_size"])
+        vision = VisionConfig(
+            image_size=size,
+            patch_size=patch,
+            in_channels=int(ev.get("in_channels", 3)),
+            hidden_size=hidden,
+            num_layers=int(ev["num_layers"]),
+            num_heads=int(ev["num_attention_heads"]),
+            intermediate_size=int(ev.get("inner_hidden_size") or 4 * hidden),
+            layer_norm_eps=float(ev.get("layernorm_epsilon", 1e-6)),
+        )
+        if "image_length" in d and int(d["image_length"]) != vision.num_patches:
+            raise ConfigError(
+                f"image_length is {d['image_length']} but image_size {size} / patch {patch} "
+                f"gives {vision.num_patches} patches"
+            )
+        lm_hidden = int(d["hidden_size"])
+        return CogVLMConfig(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=lm_hidden,
+            intermediate_size=int(d.get("inner_hidden_size") or 4 * lm_hidden),
+            num_layers=int(d["num_layers"]),
+            num_heads=int(d["num_attention_heads"]),
+            rms_norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
+            max_position_embeddings=int(d.get("max_sequence_length", 2048)),
+            template=_template_name(d.get("text_processor_version", "chat")),
+            vision=vision,
+        )
+    except KeyError as e:
+        raise ConfigError(
+            f"model_config.json lacks the key {e.args[0]!r}; is this a SAT CogVLM config?"
+        ) from None
+
+
+def _template_name(version: str) -> str:
+    """The authors call the v1.1 chat template `chat_old`; everything else maps 1:1."""
+    version = {"chat_old": "chat"}.get(version, version)
+    if version not in TEMPLATES:
+        raise ConfigError(f"unknown template version {version!r}; expected one of {TEMPLATES}")
+    return version
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+# ---- registry ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    hf_repo: str | None
+    config: CogVLMConfig
+    use: str
+
+
+def _published(image_size: int, template: str) -> CogVLMConfig:
+    return CogVLMConfig(template=template, vision=VisionConfig(image_size=image_size))
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    e.name: e
+    for e in (
+        ModelEntry("cogvlm-chat-v1.1", "THUDM/cogvlm-chat-hf", _published(490, "chat"),
+                   "multi-turn chat, VQA"),
+        ModelEntry("cogvlm-base-224", "THUDM/cogvlm-base-224-hf", _published(224, "base"),
+                   "captioning after pretraining"),
+        ModelEntry("cogvlm-base-490", "THUDM/cogvlm-base-490-hf", _published(490, "base"),
+                   "captioning after pretraining, 490 px"),
+        ModelEntry("cogvlm-grounding-generalist", "THUDM/cogvlm-grounding-generalist-hf",
+                   _published(490, "base"), "REC, grounded captioning, box-to-caption"),
+        ModelEntry("cogvlm-grounding-base", "THUDM/cogvlm-grounding-base-hf",
+                   _published(490, "base"), "grounding, base"),
+    )
+}
+
+
+def tiny_test_config(**overrides: Any) -> CogVLMConfig:
+    """A few-thousand-parameter config with every structural feature of the real one, for tests."""
+    vision_overrides = overrides.pop("vision", {})
+    vision = VisionConfig(image_size=28, patch_size=14, hidden_size=32, num_layers=2, num_heads=4,
+                          intermediate_size=64, **vision_overrides)
+    base: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
+                                num_heads=4, max_position_embeddings=256, vision=vision)
+    base.update(overrides)
+    return CogVLMConfig(**base)
+
+
+def replace(config: CogVLMConfig, **changes: Any) -> CogVLMConfig:
+    """`dataclasses.replace`, re-exported so callers need not know configs are dataclasses."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,73 @@
+"""Image loading and CogVLM preprocessing (spec section 3), with PIL only: no torchvision."""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """An image that cannot be read; the message says which and why."""
+
+
+def load_image(source: ImageInput, timeout: float = 20.0) -> Image.Image:
+    """Open a path, http(s) URL, encoded bytes, PIL image or HWC/HW uint8 array as RGB."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _decode(bytes(source), "the given bytes")
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(text, timeout=timeout) as response:
+                return _decode(response.read(), text)
+        except (urllib.error.URLError, OSError) as e:
+            raise ImageError(f"could not download image {text}: {e}") from None
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    return _decode(path.read_bytes(), str(path))
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode fully now, so truncated files fail here and not later
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name} is corrupt or truncated: {e}") from None
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"image arrays must be uint8 (got {array.dtype}); scale to 0..255 first")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array).convert("RGB")
+    raise ImageError(f"image arrays must be HxW or HxWxC with C in 1, 3, 4 (got shape {array.shape})")
+
+
+def preprocess(source: ImageInput, image_size: int) -> torch.Tensor:
+    """RGB → bicubic resize to (S, S) (aspect ratio not kept) → [0, 1] → normalize: (3, S, S) fp32."""
+    img = load_image(source).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,361 @@
+"""CogVLM in plain PyTorch: EVA2-CLIP encoder, GLU adapter, and the visual-expert LLaMA decoder.
+
+Module and parameter names equal the Hugging Face checkpoint names (spec section 7), so a
+published state dict loads with no renaming.
+
+Expert routing (spec section 3): a token uses the visual expert iff it and the next token are
+image tokens, i.e. `boi` and the patches. Our input layout (see `cogvlm.inputs`) puts that run at
+the same columns in every row of a batch, so routing is one `(start, end)` column range: the
+visual expert runs on `x[:, start:end]` and the language expert on the rest: two dense matmuls,
+no boolean-mask scatter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CogVLMConfig, VisionConfig
+
+# ---------------------------------------------------------------------------------------------
+# Vision encoder (EVA2-CLIP-E) and adapter
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)  # (B, P, D)
+        cls = self.cls_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # full attention, scale head_dim**-0.5
+        return self.dense(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    """EVA2 layers normalise the *branch output* (post-norm on the branch), not the input."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.input_layernorm(self.attention(x))
+        return x + self.post_attention_layernorm(self.mlp(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class GLUAdapter(nn.Module):
+    """Maps ViT features into the language model's embedding space."""
+
+    def __init__(self, in_features: int, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.linear_proj = nn.Linear(in_features, cfg.hidden_size, bias=False)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)  # eps 1e-5
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.linear_proj(x)))
+        return self.dense_4h_to_h(F.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+
+
+class EVA2CLIPModel(nn.Module):
+    """Image → `boi, P adapted patch vectors, eoi`: the P+2 image embeddings."""
+
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.patch_embedding = PatchEmbedding(cfg.vision)
+        self.transformer = VisionTransformer(cfg.vision)
+        self.linear_proj = GLUAdapter(cfg.vision.hidden_size, cfg)
+        self.boi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.transformer(self.patch_embedding(images))[:, 1:]  # drop CLS
+        x = self.linear_proj(x)
+        n = x.shape[0]
+        return torch.cat([self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Language decoder with the visual expert
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def routed(x: torch.Tensor, language: nn.Module, vision: nn.Module,
+           span: tuple[int, int] | None) -> torch.Tensor:
+    """Apply `vision` to columns `span` of every row and `language` to all other columns."""
+    if span is None:
+        return language(x)
+    start, end = span
+    vis = vision(x[:, start:end])
+    lang = language(torch.cat([x[:, :start], x[:, end:]], dim=1))
+    return torch.cat([lang[:, :start], vis, lang[:, start:]], dim=1)
+
+
+class VisionExpertMLP(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.language_mlp = GatedMLP(cfg)
+        self.vision_mlp = GatedMLP(cfg)
+
+    def forward(self, x: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+        return routed(x, self.language_mlp, self.vision_mlp, span)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class KVCache:
+    """Keys and values for `max_len` slots per row, allocated once and written in place.
+
+    `valid` marks slots that hold real tokens (False for padding), so attention never needs
+    the caller's mask again after the token was written.
+    """
+
+    def __init__(self, batch: int, max_len: int, cfg: CogVLMConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far (same for every row)
+        self.padded = False  # True once any invalid slot lies before `length`
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows so they stop costing work."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+
+class VisionExpertAttention(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.language_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
+        self.vision_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
+        self.language_expert_dense = nn.Linear(h, h, bias=False)
+        self.vision_expert_dense = nn.Linear(h, h, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                span: tuple[int, int] | None, layer: int, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = routed(x, self.language_expert_query_key_value, self.vision_expert_query_key_value, span)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start, end = cache.length, cache.length + n
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return routed(out, self.language_expert_dense, self.vision_expert_dense, span)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = VisionExpertAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = VisionExpertMLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                span: tuple[int, int] | None, layer: int, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, span, layer, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x), span)
+
+
+@dataclass
+class Chunk:
+    """The tokens of one forward call: a prefill (prompt, or a later chat turn) or a decode step.
+
+    - `input_ids`, `position_ids`, `attention_mask`: (B, N); mask False at padding.
+    - `images`: (R, 3, S, S) pixels for the rows `image_rows` (None: every row), or None. Their
+      P+2 embeddings replace the placeholders at columns `image_start : image_start + P + 2`.
+      The batch layout (`cogvlm.inputs`) keeps those columns padding in text-only rows.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    images: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
+    image_start: int = 1
+
+
+class CogVLMModel(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.vision = EVA2CLIPModel(cfg)
+
+
+class CogVLMForCausalLM(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = CogVLMModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", self.rope_inv_freq(cfg), persistent=False)
+
+    @staticmethod
+    def rope_inv_freq(cfg: CogVLMConfig) -> torch.Tensor:
+        """theta^(-2i/head_dim), always computed for real (also when the model is built on meta)."""
+        i = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")
+        return cfg.rope_theta ** (-i / cfg.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(batch, max_len, self.config, self.dtype, self.device)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels → (B, P+2, hidden) embeddings, in the model's dtype."""
+        return self.model.vision(images.to(self.device, self.dtype))
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, N, hd)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _mask(self, attention_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+        """Boolean (B, 1, N, T) mask: causal over real tokens. Each query also sees itself, so
+        padding positions stay finite (their outputs are never used)."""
+        n = attention_mask.shape[1]
+        start = cache.length if cache is not None else 0
+        end = start + n
+        if cache is None:
+            valid, padded = attention_mask, not bool(attention_mask.all())
+        else:
+            cache.valid[:, start:end] = attention_mask
+            cache.padded = cache.padded or not bool(attention_mask.all())
+            valid, padded = cache.valid[:, :end], cache.padded
+        if n == 1 and not padded:
+            return None  # one new token, no padding: it attends to everything before it
+        q_pos = torch.arange(start, end, device=valid.device)[:, None]
+        k_pos = torch.arange(end, device=valid.device)[None, :]
+        allowed = ((k_pos <= q_pos) & valid[:, None, :]) | (k_pos == q_pos)  # (B, N, T)
+        return allowed[:, None]
+
+    def forward(self, chunk: Chunk, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Run `chunk` after the `cache.length` tokens already in `cache` (None: no history, as in
+        training) and return float32 logits (B, N, vocab), or with `last_only` (B, vocab) at each
+        row's last real token."""
+        n = chunk.input_ids.shape[1]
+        if cache is not None and cache.length + n > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; "
+                             f"{cache.length} used + {n} new do not fit")
+        x = self.model.embed_tokens(chunk.input_ids.to(self.device))
+        span = None
+        if chunk.images is not None:
+            img = self.encode_images(chunk.images)
+            start, end = chunk.image_start, chunk.image_start + img.shape[1]
+            rows = slice(None) if chunk.image_rows is None else chunk.image_rows.to(self.device)
+            x[rows, start:end] = img
+            span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
+        rope = self._rope(chunk.position_ids)
+        mask = self._mask(chunk.attention_mask.to(self.device), cache)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, span, i, cache, mask)
+        if cache is not None:
+            cache.length += n
+        if last_only:  # the last real token of each row (rows may end in padding)
+            mask = chunk.attention_mask.to(self.device)
+            last = (mask * torch.arange(n, device=self.device)).argmax(-1)
+            x = x[torch.arange(x.shape[0], device=self.device), last]
+        return self.lm_head(self.model.norm(x)).float()

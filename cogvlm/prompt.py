@@ -1,0 +1,78 @@
+"""Prompt templates (spec section 5) and the token layout of a batch (spec section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import TEMPLATES, CogVLMConfig
+from .model import Chunk
+
+History = Sequence[tuple[str, str]]
+
+
+def build_prompt(query: str, history: History = (), template: str = "chat") -> str:
+    """The text that follows the image: base ignores history; chat and vqa replay it."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")
+    if template == "base":
+        return query
+    answer_format = "Answer:" if template == "chat" else "Short answer:"
+    turns = "".join(f"Question: {q} {answer_format} {a}\n" for q, a in history)
+    return f"{turns}Question: {query} {answer_format}"
+
+
+@dataclass
+class PromptTokens:
+    """One conversation ready for the model: pixels (or None) and its text token ids."""
+
+    pixels: torch.Tensor | None
+    text_ids: list[int]
+
+
+def image_advances(num_patches: int) -> list[bool]:
+    """Which image slots advance the position id: boi, the first patch, eoi (patches share one)."""
+    return [True, True] + [False] * (num_patches - 1) + [True]
+
+
+def layout_batch(prompts: Sequence[PromptTokens], cfg: CogVLMConfig) -> Chunk:
+    """Lay several conversations out as one right-aligned prefill chunk.
+
+    Every row is `<s> | image slots | padding | text`. Rows without an image hold padding in the
+    image slots, so the image occupies the *same columns* in every row and expert routing is a
+    single column range. Padding neither advances positions nor is attended to.
+    """
+    has_image = [p.pixels is not None for p in prompts]
+    n_img = cfg.image_tokens if any(has_image) else 0
+    text_len = max(len(p.text_ids) for p in prompts)
+    length = 1 + n_img + text_len
+    ids = torch.full((len(prompts), length), cfg.pad_token_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), length, dtype=torch.bool)
+    advance = torch.zeros(len(prompts), length, dtype=torch.bool)
+    img_adv = torch.tensor(image_advances(cfg.vision.num_patches))
+    for row, p in enumerate(prompts):
+        ids[row, 0] = cfg.bos_token_id
+        valid[row, 0] = advance[row, 0] = True
+        if p.pixels is not None:
+            valid[row, 1:1 + n_img] = True
+            advance[row, 1:1 + n_img] = img_adv
+        if p.text_ids:
+            ids[row, length - len(p.text_ids):] = torch.tensor(p.text_ids)
+            valid[row, length - len(p.text_ids):] = True
+            advance[row, length - len(p.text_ids):] = True
+    positions = advance.long().cumsum(1) - 1  # padding repeats the previous position
+    images = rows = None
+    if any(has_image):
+        images = torch.stack([p.pixels for p in prompts if p.pixels is not None])
+        if not all(has_image):
+            rows = torch.tensor([i for i, h in enumerate(has_image) if h])
+    return Chunk(ids, positions, valid, images=images, image_rows=rows, image_start=1)
+
+
+def continuation_chunk(token_ids: torch.Tensor, next_positions: torch.Tensor) -> Chunk:
+    """Text tokens (B, N) appended after a conversation whose next position is `next_positions`."""
+    n = token_ids.shape[1]
+    positions = next_positions[:, None] + torch.arange(n, device=next_positions.device)
+    return Chunk(token_ids, positions, torch.ones_like(token_ids, dtype=torch.bool))
