@@ -1,0 +1,140 @@
+"""CogVLM's forward pass written straight from the spec, slowly and in float64, for comparison.
+
+Deliberately naive: token-by-token expert choice through boolean masks, explicit RoPE angles,
+eager softmax attention, the spec's token-type rule for positions. Shares no code with `cogvlm`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+L, V = "L", "V"
+
+
+def reference_prompt(query: str, history: list[tuple[str, str]], template: str) -> str:
+    if template == "base":
+        return query
+    fmt = {"chat": "Answer:", "vqa": "Short answer:"}[template]
+    prompt = ""
+    for q, a in history:
+        prompt += "Question: " + q + " " + fmt + " " + a + "\n"
+    return prompt + "Question: " + query + " " + fmt
+
+
+def reference_layout(text_ids: list[int], with_image: bool, num_patches: int):
+    """Token ids, token types and position ids of one conversation (spec section 4)."""
+    n_img = num_patches + 2 if with_image else 0
+    ids = [1] + [0] * n_img + list(text_ids)
+    types = [L] + [V] * n_img + [L] * len(text_ids)
+    positions, pos = [], -1
+    for t in range(len(ids)):
+        k = t - 1  # index inside the image run: 0 = boi, 1..P = patches, P+1 = eoi
+        if types[t] == L or k in (0, 1, n_img - 1):  # text, boi, first patch, eoi advance
+            pos += 1
+        positions.append(pos)
+    return ids, types, positions
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _ln(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def _rms(x, w, eps):
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def _attention(q, k, v, causal):
+    # q, k, v: (heads, L, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        n = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def reference_vision(sd, cfg, pixels):
+    w = {k: v.double() for k, v in sd.items()}
+    vc = cfg.vision
+    pre = "model.vision."
+    x = torch.nn.functional.conv2d(pixels.double()[None], w[pre + "patch_embedding.proj.weight"],
+                                   w[pre + "patch_embedding.proj.bias"], stride=vc.patch_size)
+    x = x.flatten(2)[0].T  # (P, D)
+    x = torch.cat([w[pre + "patch_embedding.cls_embedding"], x]) + w[pre + "patch_embedding.position_embedding.weight"]
+    hd = vc.hidden_size // vc.num_heads
+    for j in range(vc.num_layers):
+        p = f"{pre}transformer.layers.{j}."
+        qkv = x @ w[p + "attention.query_key_value.weight"].T + w[p + "attention.query_key_value.bias"]
+        qkv = qkv.view(x.shape[0], 3, vc.num_heads, hd)
+        q, k, v = (qkv[:, i].transpose(0, 1) for i in range(3))
+        a = _attention(q, k, v, causal=False).transpose(0, 1).reshape(x.shape[0], -1)
+        a = a @ w[p + "attention.dense.weight"].T + w[p + "attention.dense.bias"]
+        x = x + _ln(a, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], vc.layer_norm_eps)
+        m = _gelu(x @ w[p + "mlp.fc1.weight"].T + w[p + "mlp.fc1.bias"]) @ w[p + "mlp.fc2.weight"].T + w[p + "mlp.fc2.bias"]
+        x = x + _ln(m, w[p + "post_attention_layernorm.weight"], w[p + "post_attention_layernorm.bias"], vc.layer_norm_eps)
+    x = x[1:]
+    a = pre + "linear_proj."
+    x = x @ w[a + "linear_proj.weight"].T
+    x = _gelu(_ln(x, w[a + "norm1.weight"], w[a + "norm1.bias"], 1e-5))
+    g = x @ w[a + "gate_proj.weight"].T
+    x = (g * torch.sigmoid(g) * (x @ w[a + "dense_h_to_4h.weight"].T)) @ w[a + "dense_4h_to_h.weight"].T
+    return torch.cat([w[pre + "boi"][0], x, w[pre + "eoi"][0]])
+
+
+def reference_logits(sd, cfg, text_ids: list[int], pixels=None) -> torch.Tensor:
+    """float64 logits (L, vocab) for `<s> [image] text`."""
+    w = {k: v.double() for k, v in sd.items()}
+    ids, types, positions = reference_layout(text_ids, pixels is not None, cfg.vision.num_patches)
+    x = w["model.embed_tokens.weight"][torch.tensor(ids)]
+    if pixels is not None:
+        img = reference_vision(sd, cfg, pixels)
+        x[1:1 + img.shape[0]] = img
+    n = len(ids)
+    vision_mask = torch.tensor([types[t] == V and t + 1 < n and types[t + 1] == V for t in range(n)])
+    hd = cfg.hidden_size // cfg.num_heads
+
+    def expert(h, lang_w, vis_w):
+        out = torch.zeros(h.shape[0], lang_w.shape[0], dtype=h.dtype)
+        out[vision_mask] = h[vision_mask] @ vis_w.T
+        out[~vision_mask] = h[~vision_mask] @ lang_w.T
+        return out
+
+    def rope(t):  # t: (heads, L, hd)
+        out = torch.empty_like(t)
+        for idx, p in enumerate(positions):
+            for i in range(hd // 2):
+                theta = p * cfg.rope_theta ** (-2 * i / hd)
+                c, s = math.cos(theta), math.sin(theta)
+                a, b = t[:, idx, i], t[:, idx, i + hd // 2]
+                out[:, idx, i] = a * c - b * s
+                out[:, idx, i + hd // 2] = b * c + a * s
+        return out
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        qkv = expert(h, w[p + "self_attn.language_expert_query_key_value.weight"],
+                     w[p + "self_attn.vision_expert_query_key_value.weight"])
+        q, k, v = (qkv[:, j * cfg.hidden_size:(j + 1) * cfg.hidden_size].view(n, cfg.num_heads, hd).transpose(0, 1)
+                   for j in range(3))
+        a = _attention(rope(q), rope(k), v, causal=True).transpose(0, 1).reshape(n, -1)
+        x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w[p + "self_attn.vision_expert_dense.weight"])
+        h = _rms(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        out = torch.zeros_like(x)
+        for name, sel in (("language_mlp", ~vision_mask), ("vision_mlp", vision_mask)):
+            hs = h[sel]
+            g = hs @ w[f"{p}mlp.{name}.gate_proj.weight"].T
+            u = hs @ w[f"{p}mlp.{name}.up_proj.weight"].T
+            out[sel] = (g * torch.sigmoid(g) * u) @ w[f"{p}mlp.{name}.down_proj.weight"].T
+        x = x + out
+    x = _rms(x, w["model.norm.weight"], cfg.rms_norm_eps)
+    return x @ w["lm_head.weight"].T

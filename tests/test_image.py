@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cogvlm.image import ImageError, load_image, preprocess
+
+
+def make_image(w=37, h=23, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def direct(img: Image.Image, size: int) -> np.ndarray:
+    """The spec's recipe, step by step."""
+    resized = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC)).astype(np.float64) / 255.0
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    return ((resized - mean) / std).transpose(2, 0, 1)
+
+
+def test_preprocess_matches_direct_pil_bicubic(tmp_path):
+    img = make_image()
+    want = direct(img, 28)
+    path = tmp_path / "x.png"
+    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    for source in (img, path, str(path), buf.getvalue(), np.asarray(img)):
+        got = preprocess(source, 28)
+        assert got.shape == (3, 28, 28) and got.dtype == torch.float32
+        assert np.abs(got.double().numpy() - want).max() < 1e-6
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    gray = Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10), mode="L")
+    assert load_image(gray).mode == "RGB"
+    rgba = Image.new("RGBA", (5, 5), (10, 20, 30, 40))
+    assert load_image(rgba).getpixel((0, 0)) == (10, 20, 30)
+    assert preprocess(np.zeros((8, 8), dtype=np.uint8), 14).shape == (3, 14, 14)
+
+
+def test_bad_images_give_clear_errors(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.txt").write_text("hello, not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(tmp_path / "notes.txt")
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError, match="not a file"):
+        load_image(tmp_path)
+    with pytest.raises(ImageError, match="uint8"):
+        load_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ImageError, match="shape"):
+        load_image(np.zeros((4, 4, 7), dtype=np.uint8))
