@@ -171,3 +171,15 @@ def test_offline_hub_id_says_what_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "cannot get THUDM/cogvlm-chat-hf: HF_HUB_OFFLINE is set" in out.stdout
     assert "model.safetensors.index.json" in out.stdout and "--model /path/to/folder" in out.stdout
+
+
+def test_convert_command(tiny_model, tmp_path):
+    write_sat(tmp_path / "sat", tiny_model, world=2)
+    run = [sys.executable, "-m", "cogvlm", "convert"]
+    out = subprocess.run(run + [str(tmp_path / "sat"), str(tmp_path / "hf")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded, _ = load_model(tmp_path / "hf")
+    assert torch.equal(logits(loaded), logits(tiny_model))
+    bad = subprocess.run(run + [str(tmp_path / "nowhere"), str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "cogvlm convert: error: unknown model" in bad.stderr
