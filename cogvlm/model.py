@@ -255,7 +255,8 @@ class DecoderLayer(nn.Module):
 class Chunk:
     """The tokens of one forward call: a prefill (prompt, or a later chat turn) or a decode step.
 
-    - `input_ids`, `position_ids`, `attention_mask`: (B, N); mask False at padding.
+    - `input_ids`, `position_ids`: (B, N); `attention_mask` (B, N), False at padding, or None
+      when every token is real (decode steps: saves a host sync per step).
     - `images`: (R, 3, S, S) pixels for the rows `image_rows` (None: every row), or None. Their
       P+2 embeddings replace the placeholders at columns `image_start : image_start + P + 2`.
       The batch layout (`cogvlm.inputs`) keeps those columns padding in text-only rows.
@@ -263,7 +264,7 @@ class Chunk:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None = None
     images: torch.Tensor | None = None
     image_rows: torch.Tensor | None = None
     image_start: int = 1
@@ -312,17 +313,21 @@ class CogVLMForCausalLM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, N, hd)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _mask(self, attention_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+    def _mask(self, chunk: Chunk, cache: KVCache | None) -> torch.Tensor | None:
         """Boolean (B, 1, N, T) mask: causal over real tokens. Each query also sees itself, so
         padding positions stay finite (their outputs are never used)."""
-        n = attention_mask.shape[1]
+        b, n = chunk.input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + n
+        real = chunk.attention_mask
+        has_padding = real is not None and not bool(real.all())
+        if real is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=self.device)
         if cache is None:
-            valid, padded = attention_mask, not bool(attention_mask.all())
+            valid, padded = real.to(self.device), has_padding
         else:
-            cache.valid[:, start:end] = attention_mask
-            cache.padded = cache.padded or not bool(attention_mask.all())
+            cache.valid[:, start:end] = real
+            cache.padded = cache.padded or has_padding
             valid, padded = cache.valid[:, :end], cache.padded
         if n == 1 and not padded:
             return None  # one new token, no padding: it attends to everything before it
@@ -349,13 +354,14 @@ class CogVLMForCausalLM(nn.Module):
             x[rows, start:end] = img
             span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
         rope = self._rope(chunk.position_ids)
-        mask = self._mask(chunk.attention_mask.to(self.device), cache)
+        mask = self._mask(chunk, cache)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, span, i, cache, mask)
         if cache is not None:
             cache.length += n
-        if last_only:  # the last real token of each row (rows may end in padding)
-            mask = chunk.attention_mask.to(self.device)
-            last = (mask * torch.arange(n, device=self.device)).argmax(-1)
+        if last_only and chunk.attention_mask is None:
+            x = x[:, -1]
+        elif last_only:  # the last real token of each row (rows may end in padding)
+            last = (chunk.attention_mask.to(self.device) * torch.arange(n, device=self.device)).argmax(-1)
             x = x[torch.arange(x.shape[0], device=self.device), last]
         return self.lm_head(self.model.norm(x)).float()

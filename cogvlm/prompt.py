@@ -75,4 +75,4 @@ def continuation_chunk(token_ids: torch.Tensor, next_positions: torch.Tensor) ->
     """Text tokens (B, N) appended after a conversation whose next position is `next_positions`."""
     n = token_ids.shape[1]
     positions = next_positions[:, None] + torch.arange(n, device=next_positions.device)
-    return Chunk(token_ids, positions, torch.ones_like(token_ids, dtype=torch.bool))
+    return Chunk(token_ids, positions)

@@ -1,0 +1,10 @@
+"""cogvlm: a fast, faithful runtime for the CogVLM family of visual language models."""
+
+from .api import ChatSession, CogVLM
+from .checkpoint import CheckpointError, load_model
+from .generate import ContextLengthError, SamplingParams
+from .image import ImageError
+
+__all__ = ["ChatSession", "CheckpointError", "CogVLM", "ContextLengthError", "ImageError",
+           "SamplingParams", "load_model"]
+__version__ = "0.1.0"

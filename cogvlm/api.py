@@ -1,0 +1,205 @@
+"""The Python API: `CogVLM` (load once, then chat / stream / generate / caption) and
+`ChatSession` (a conversation that keeps its KV cache between turns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, load_model, resolve
+from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
+from .image import ImageInput, preprocess
+from .model import CogVLMForCausalLM, KVCache
+from .prompt import History, PromptTokens, build_prompt, continuation_chunk, layout_batch
+from .tokenizer import TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError
+
+Request = tuple[ImageInput | None, str, History | None]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _find_tokenizer(folder: Path, tokenizer: str | Path | None) -> Tokenizer:
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    if (folder / TOKENIZER_FILE).is_file():
+        return Tokenizer(folder / TOKENIZER_FILE)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Tokenizer(hf_hub_download(VICUNA_REPO, TOKENIZER_FILE))
+    except Exception as e:  # offline, or hub errors of many kinds
+        raise TokenizerError(
+            f"no {TOKENIZER_FILE} next to the weights in {folder}, and {VICUNA_REPO}'s could not be "
+            f"fetched ({type(e).__name__}). Pass tokenizer=/path/to/tokenizer.model "
+            f"(CLI: --tokenizer PATH).") from None
+
+
+class CogVLM:
+    """A loaded model with its tokenizer. Sampling keywords everywhere: temperature, top_k,
+    top_p, repetition_penalty, max_new_tokens, max_length, seed, stop."""
+
+    def __init__(self, model: CogVLMForCausalLM, tokenizer: Tokenizer,
+                 defaults: SamplingParams | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.defaults = defaults or SamplingParams()
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                                 f"{model.config.vocab_size} embeddings; wrong tokenizer?")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None,
+                        tokenizer: str | Path | None = None) -> CogVLM:
+        """A registry name, hub id or local folder (SAT or Hugging Face layout)."""
+        if name_or_path is None:
+            raise CheckpointError("no default model is shipped yet; pass a registry name, hub id or folder")
+        device = torch.device(device or default_device())
+        if isinstance(dtype, str):
+            dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        folder = resolve(name_or_path)
+        model, folder = load_model(folder, dtype=dtype, device=device)
+        return cls(model, _find_tokenizer(folder, tokenizer))
+
+    # ---- building prompts ----------------------------------------------------------------
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        return SamplingParams.build(self.defaults, **overrides)
+
+    def prompt_tokens(self, image: ImageInput | None, query: str, history: History | None = None,
+                      template: str | None = None) -> PromptTokens:
+        text = build_prompt(query, history or (), template or self.config.template)
+        pixels = None if image is None else preprocess(image, self.config.vision.image_size)
+        return PromptTokens(pixels, self.tokenizer.encode(text))
+
+    def prompt_length(self, prompt: PromptTokens) -> int:
+        return 1 + (self.config.image_tokens if prompt.pixels is not None else 0) + len(prompt.text_ids)
+
+    def _budget(self, prompt_len: int, params: SamplingParams) -> int:
+        room = params.max_length - prompt_len
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt takes {prompt_len} tokens (image slots included) and max_length is "
+                f"{params.max_length}: no room to generate. Shorten the prompt or history, or raise "
+                f"max_length.")
+        return room if params.max_new_tokens is None else min(room, params.max_new_tokens)
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _decoder(self, prompts: Sequence[PromptTokens], params: Sequence[SamplingParams]) -> BatchDecoder:
+        budgets = [self._budget(self.prompt_length(p), sp) for p, sp in zip(prompts, params)]
+        chunk = layout_batch(prompts, self.config)
+        cache = self.model.new_cache(len(prompts), chunk.input_ids.shape[1] + max(budgets))
+        logits = self.model(chunk, cache, last_only=True)
+        seen_ids = chunk.input_ids.masked_fill(~chunk.attention_mask, self.config.bos_token_id)
+        return BatchDecoder(self.model, cache, logits, chunk.position_ids[:, -1] + 1, params, seen_ids, budgets)
+
+    def generate(self, requests: Sequence[Request], template: str | None = None,
+                 **sampling: Any) -> list[str]:
+        """Answers for a batch of (image or None, query, history) in one batched decode."""
+        params = self.sampling(**sampling)
+        prompts = [self.prompt_tokens(img, q, h, template) for img, q, h in requests]
+        if not prompts:
+            return []
+        decoder = self._decoder(prompts, [params] * len(prompts))
+        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
+        for _ in decoder.run(streams):
+            pass  # streams watch for stop strings; answers come from the full token lists
+        return [final_text(self.tokenizer, ids, params.stop) for ids in decoder.generated]
+
+    def chat(self, image: ImageInput | None, query: str, history: History | None = None,
+             template: str | None = None, **sampling: Any) -> tuple[str, list[tuple[str, str]]]:
+        answer = self.generate([(image, query, history)], template, **sampling)[0]
+        return answer, [*(history or []), (query, answer)]
+
+    def stream(self, image: ImageInput | None, query: str, history: History | None = None,
+               template: str | None = None, **sampling: Any) -> Iterator[str]:
+        params = self.sampling(**sampling)
+        decoder = self._decoder([self.prompt_tokens(image, query, history, template)], [params])
+        for _, piece in decoder.run([TextStream(self.tokenizer, params.stop)]):
+            yield piece
+
+    def caption(self, image: ImageInput, **sampling: Any) -> str:
+        """The base template with an empty query: plain captioning."""
+        return self.generate([(image, "", None)], template="base", **sampling)[0]
+
+    def session(self, image: ImageInput | None = None, template: str | None = None,
+                **sampling: Any) -> ChatSession:
+        return ChatSession(self, image, template, self.sampling(**sampling))
+
+
+class ChatSession:
+    """A multi-turn conversation about one image that keeps its KV cache between turns.
+
+    Each turn builds the full prompt with history (so answers equal a fresh `chat` call),
+    reuses the cached tokens it shares with the previous turn, and prefills only the rest: the
+    image is encoded once per session.
+    """
+
+    def __init__(self, vlm: CogVLM, image: ImageInput | None = None, template: str | None = None,
+                 params: SamplingParams | None = None) -> None:
+        self.vlm = vlm
+        self.template = template or vlm.config.template
+        self.params = params or vlm.defaults
+        self.pixels = None if image is None else preprocess(image, vlm.config.vision.image_size)
+        self.history: list[tuple[str, str]] = []
+        self.cache: KVCache | None = None
+        self._tokens: list[int] = []  # token ids in the cache, image placeholders included
+        self._positions: list[int] = []
+
+    def ask(self, query: str, **sampling: Any) -> str:
+        for _ in self.stream(query, **sampling):
+            pass
+        return self.history[-1][1]
+
+    @torch.no_grad()
+    def stream(self, query: str, **sampling: Any) -> Iterator[str]:
+        """Answer pieces as they are generated; the turn joins the history when it completes."""
+        vlm, cfg = self.vlm, self.vlm.config
+        params = SamplingParams.build(self.params, **sampling)
+        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(build_prompt(query, self.history, self.template)))
+        full = layout_batch([prompt], cfg)
+        ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()
+        budget = vlm._budget(len(ids), params)
+        if self.cache is None or self.cache.max_len < min(params.max_length, len(ids) + budget):
+            self.cache = vlm.model.new_cache(1, params.max_length)
+            self._tokens, self._positions = [], []
+        shared = min(_common_prefix(self._tokens, ids), len(ids) - 1)  # feed >= 1 token for logits
+        self._tokens = self._tokens[:shared]  # true even if this turn is interrupted
+        self.cache.length = shared
+        if shared == 0:  # first turn: the only prefill with the image
+            logits = vlm.model(full, self.cache, last_only=True)
+        else:
+            new = torch.tensor([ids[shared:]])
+            logits = vlm.model(continuation_chunk(new, torch.tensor([positions[shared]])), self.cache,
+                               last_only=True)
+        decoder = BatchDecoder(vlm.model, self.cache, logits, torch.tensor([positions[-1] + 1]), [params],
+                               torch.tensor([ids]), [budget])
+        for _, piece in decoder.run([TextStream(vlm.tokenizer, params.stop)]):
+            yield piece
+        generated = decoder.generated[0]
+        fed = generated if decoder.finished_by_eos[0] else generated[:-1]
+        self._tokens = ids + fed
+        self.cache.length = len(self._tokens)
+        self.history.append((query, final_text(vlm.tokenizer, generated, params.stop)))
+
+    def clear(self) -> None:
+        """Forget the history (the image and its cached encoding stay)."""
+        self.history = []
+        keep = 1 + (self.vlm.config.image_tokens if self.pixels is not None else 0)
+        self._tokens = self._tokens[:keep]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,264 @@
+"""Decoding: sampling parameters, the batched decode loop over a preallocated KV cache, and
+incremental detokenization that always yields valid UTF-8.
+
+Everything that talks to users (API, CLI, web demo, server, captioning) goes through
+`BatchDecoder` and `TextStream`; none of them decodes on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .model import CogVLMForCausalLM, KVCache
+from .prompt import continuation_chunk
+from .tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt leaves no room to generate within `max_length`."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The authors' defaults: top-k 1 makes it greedy; max_length counts image slots too."""
+
+    temperature: float = 0.8
+    top_k: int = 1
+    top_p: float = 0.4
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    max_length: int = 2048
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = no limit, 1 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            ("max_new_tokens", self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1), "must be an integer >= 1"),
+            ("max_length", isinstance(self.max_length, int) and self.max_length >= 2, "must be an integer >= 2"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
+    @classmethod
+    def build(cls, base: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """`base` with the given keyword overrides; None values mean "keep the default"."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        return replace(base or cls(), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor,
+           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from (B, V) float32 logits, each row with its own parameters."""
+    device = logits.device
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if (penalty != 1).any():
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    tokens = logits.argmax(-1)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        return tokens
+    sub = [params[i] for i in random_rows]
+    x = logits[random_rows] / torch.tensor([p.temperature for p in sub], device=device)[:, None]
+    x, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(x.shape[-1], device=device)[None]
+    top_k = torch.tensor([p.top_k or x.shape[-1] for p in sub], device=device)[:, None]
+    x = x.masked_fill(rank >= top_k, float("-inf"))
+    probs = x.softmax(-1)
+    beyond_p = probs.cumsum(-1) - probs >= torch.tensor([p.top_p for p in sub], device=device)[:, None]
+    probs = x.masked_fill(beyond_p, float("-inf")).softmax(-1)
+    for j, row in enumerate(random_rows):
+        pick = torch.multinomial(probs[j], 1, generator=generators[row])
+        tokens[row] = order[j, pick[0]]
+    return tokens
+
+
+class TextStream:
+    """Turns one row's token ids into text pieces as they arrive.
+
+    Pieces are released only when they are complete UTF-8 (byte-fallback tokens can split a
+    character) and cannot be the start of a stop string; surrounding white space is dropped. So
+    the pieces always join to exactly `final_text(tokenizer, ids, stop)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # decode window, so each step decodes a few tokens only
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its other bytes
+        self.text += now[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        hit = _find_stop(self.text, self.stop, max(0, self._emitted - max(map(len, self.stop), default=0)))
+        if hit is not None:
+            self.text, self.stopped = self.text[:hit], True
+            return self._release(len(self.text.rstrip()))
+        held = self.text.rstrip()
+        return self._release(len(held[:len(held) - _stop_prefix_len(held, self.stop)].rstrip()))
+
+    def finish(self) -> str:
+        """Whatever is held back once generation has ended."""
+        tail = self.tokenizer.decode(self.ids[self._prefix:])[len(self.tokenizer.decode(self.ids[self._prefix:self._read])):]
+        if tail and not self.stopped:
+            self.text += tail
+            hit = _find_stop(self.text, self.stop, 0)
+            if hit is not None:
+                self.text = self.text[:hit]
+        self._prefix = self._read = len(self.ids)
+        return self._release(len(self.text.rstrip()))
+
+    def _release(self, end: int) -> str:
+        start = self._emitted
+        if start == 0:
+            start = len(self.text) - len(self.text.lstrip())  # no leading white space
+            if start >= end:
+                return ""
+        if end <= start:
+            return ""
+        self._emitted = end
+        return self.text[start:end]
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that a stop string starts with."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def final_text(tokenizer: Tokenizer, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+    """The answer: decoded, cut at the first stop string, stripped (spec section 5)."""
+    text = tokenizer.decode(list(ids))
+    hit = _find_stop(text, stop, 0)
+    return (text if hit is None else text[:hit]).strip()
+
+
+class BatchDecoder:
+    """Decodes a batch after its prefill, one token per row per `step()`.
+
+    Rows end at `</s>`, at their token budget, or when the caller calls `finish(row)` (a stop
+    string). Ended rows are dropped from the cache, so they stop costing work.
+    """
+
+    def __init__(self, model: CogVLMForCausalLM, cache: KVCache, logits: torch.Tensor,
+                 next_positions: torch.Tensor, params: Sequence[SamplingParams],
+                 prompt_ids: torch.Tensor, budgets: Sequence[int]) -> None:
+        self.model, self.cache, self.params = model, cache, list(params)
+        self.logits = logits  # (B_active, V): logits for the next token of each active row
+        self.next_positions = next_positions.to(model.device)
+        self.budgets = list(budgets)
+        self.active = list(range(len(params)))  # original row index of each cache row
+        self.generated: list[list[int]] = [[] for _ in params]
+        self.finished_by_eos = [False] * len(params)
+        self.seen = torch.zeros(len(params), model.config.vocab_size, dtype=torch.bool, device=model.device)
+        self.seen.scatter_(1, prompt_ids.to(model.device).clamp(0, model.config.vocab_size - 1), True)
+        self.generators = [None if p.seed is None else torch.Generator(model.device).manual_seed(p.seed)
+                           for p in params]
+        self._last: torch.Tensor | None = None  # tokens sampled at the previous step, not fed yet
+        self._ending: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def finish(self, row: int) -> None:
+        self._ending.add(row)
+
+    @torch.no_grad()
+    def step(self) -> dict[int, int]:
+        """Sample one token for every active row; returns {row: token} (`</s>` excluded)."""
+        if self._last is not None:
+            self._advance()
+        if self.done:
+            return {}
+        params = [self.params[r] for r in self.active]
+        tokens = sample(self.logits, params, self.seen, [self.generators[r] for r in self.active])
+        self.seen.scatter_(1, tokens[:, None], True)
+        out = {}
+        eos = self.model.config.eos_token_id
+        for row, tok in zip(self.active, tokens.tolist()):
+            if tok == eos:
+                self.finished_by_eos[row] = True
+                self._ending.add(row)
+                continue
+            out[row] = tok
+            self.generated[row].append(tok)
+            if len(self.generated[row]) >= self.budgets[row]:
+                self._ending.add(row)
+        self._last = tokens
+        return out
+
+    def _advance(self) -> None:
+        """Drop ended rows, then feed the last sampled tokens to get the next logits."""
+        tokens = self._last
+        self._last = None
+        if self._ending:
+            keep = [i for i, r in enumerate(self.active) if r not in self._ending]
+            self.active = [self.active[i] for i in keep]
+            self._ending.clear()
+            if not keep:
+                return
+            idx = torch.tensor(keep, device=self.model.device)
+            self.cache.keep_rows(idx)
+            tokens, self.seen = tokens[idx], self.seen[idx]
+            self.next_positions = self.next_positions[idx]
+        chunk = continuation_chunk(tokens[:, None], self.next_positions)
+        self.logits = self.model(chunk, self.cache, last_only=True)
+        self.next_positions = self.next_positions + 1
+
+    def run(self, streams: Sequence[TextStream] | None = None) -> Iterable[tuple[int, str]]:
+        """Decode to the end, yielding (row, text piece) as pieces become ready."""
+        while not self.done:
+            for row, tok in self.step().items():
+                if streams is None:
+                    continue
+                piece = streams[row].push(tok)
+                if streams[row].stopped:
+                    self.finish(row)
+                if piece:
+                    yield row, piece
+            if streams is not None:
+                for row in list(self._ending):
+                    piece = streams[row].finish()
+                    if piece:
+                        yield row, piece
