@@ -1,0 +1,151 @@
+"""Generation speed on CPU: ours vs Hugging Face transformers' LlamaForCausalLM, side by side.
+
+A mid-size random CogVLM (language hidden 1024, 8 layers, 16 heads; ViT 12 layers at 224 px).
+The peer is a LlamaForCausalLM with the same language weights (SDPA attention, static cache),
+decoding the same text-only prompt; both are greedy and must produce the same tokens. Decode
+speed is measured the same way for both: time(prefill + 1 + N tokens) - time(prefill + 1 token).
+Also printed: our decode as a share of the machine's memory-bandwidth bound (weight bytes read
+per step / copy bandwidth measured in this run).
+
+    pip install -e '.[bench]' && python benchmarks/generate.py [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from cogvlm.config import CogVLMConfig, VisionConfig
+from cogvlm.generate import BatchDecoder, SamplingParams
+from cogvlm.model import CogVLMForCausalLM
+from cogvlm.prompt import PromptTokens, layout_batch
+
+# eos_token_id=-1: neither side ever stops early, so both decode exactly N tokens
+CONFIG = CogVLMConfig(eos_token_id=-1, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
+                      vision=VisionConfig(image_size=224, hidden_size=768, num_layers=12, num_heads=12,
+                                          intermediate_size=3072))
+PROMPT_LEN = 16
+
+
+def random_model(dtype: torch.dtype) -> CogVLMForCausalLM:
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(CONFIG)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name and p.ndim == 1 else torch.randn_like(p) * 0.02)
+    return model.to(dtype).eval()
+
+
+def hf_peer(model: CogVLMForCausalLM):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
+                      rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=2048,
+                      tie_word_embeddings=False, attn_implementation="sdpa", bos_token_id=1, eos_token_id=None,
+                      pad_token_id=0)
+    peer = LlamaForCausalLM(cfg).to(model.dtype).eval()
+    sd = model.state_dict()
+    state = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        q, k, v = sd[p + "self_attn.language_expert_query_key_value.weight"].chunk(3)
+        state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v,
+                      p + "self_attn.o_proj.weight": sd[p + "self_attn.language_expert_dense.weight"],
+                      p + "input_layernorm.weight": sd[p + "input_layernorm.weight"],
+                      p + "post_attention_layernorm.weight": sd[p + "post_attention_layernorm.weight"]})
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            state[p + f"mlp.{name}.weight"] = sd[p + f"mlp.language_mlp.{name}.weight"]
+    peer.load_state_dict(state, strict=False)
+    return peer
+
+
+def timed(fn, repeats: int = 3):
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+@torch.no_grad()
+def ours_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    prompts = [PromptTokens(None, row.tolist()) for row in ids]
+    chunk = layout_batch(prompts, model.config)
+    cache = model.new_cache(len(prompts), chunk.input_ids.shape[1] + new_tokens)
+    logits = model(chunk, cache, last_only=True)
+    params = [SamplingParams(max_new_tokens=new_tokens)] * len(prompts)
+    decoder = BatchDecoder(model, cache, logits, chunk.position_ids[:, -1] + 1, params, chunk.input_ids,
+                           [new_tokens] * len(prompts))
+    while not decoder.done:
+        decoder.step()
+    return torch.tensor(decoder.generated)
+
+
+@torch.no_grad()
+def hf_generate(peer, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    full = torch.cat([torch.ones(ids.shape[0], 1, dtype=torch.long), ids], 1)  # <s> + text
+    out = peer.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=new_tokens,
+                        do_sample=False, eos_token_id=None, cache_implementation="static",
+                        pad_token_id=0)
+    return out[:, full.shape[1]:]
+
+
+def decode_rate(gen, model, ids, new_tokens) -> tuple[float, torch.Tensor]:
+    t_one, _ = timed(lambda: gen(model, ids, 1))
+    t_all, tokens = timed(lambda: gen(model, ids, new_tokens + 1))
+    return ids.shape[0] * new_tokens / (t_all - t_one), tokens
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth as a decode step sees it: one pass over a matrix far larger than the caches
+    (a matrix-vector product, the operation that dominates batch-1 decoding)."""
+    w = torch.randn(16384, 8192)  # 512 MiB
+    x = torch.randn(8192)
+    t, _ = timed(lambda: torch.mv(w, x), repeats=7)
+    return w.numel() * 4 / t / 1e9
+
+
+def weight_bytes_per_decode_step(model: CogVLMForCausalLM) -> int:
+    """Everything one text token reads: language experts, norms, lm_head (not the visual expert)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if not n.startswith("model.vision") and "vision" not in n and "embed_tokens" not in n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    import transformers
+
+    bw = bandwidth_gbs()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"copy bandwidth {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens\n")
+    print(f"| dtype | image prefill ms | batch | ours tok/s | HF Llama tok/s | ours / HF | ours % of bandwidth bound | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model(dtype)
+        peer = hf_peer(model)
+        image = PromptTokens(torch.randn(3, 224, 224), list(range(10, 10 + PROMPT_LEN)))
+        chunk = layout_batch([image], CONFIG)
+        with torch.no_grad():
+            t_prefill, _ = timed(lambda: model(chunk, model.new_cache(1, chunk.input_ids.shape[1]), last_only=True))
+        bound = bw * 1e9 / weight_bytes_per_decode_step(model)
+        for batch in (1, 8):
+            ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+            ours, ours_tokens = decode_rate(ours_generate, model, ids, args.new_tokens)
+            theirs, hf_tokens = decode_rate(hf_generate, peer, ids, args.new_tokens)
+            same = torch.equal(ours_tokens, hf_tokens)
+            print(f"| {str(dtype).removeprefix('torch.')} | {t_prefill * 1e3:.0f} | {batch} | {ours:.1f} | {theirs:.1f} | "
+                  f"{ours / theirs:.2f}x | {100 * ours / (bound * batch):.0f}% | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
