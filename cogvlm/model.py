@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import CogVLMConfig, VisionConfig
 
@@ -81,11 +82,19 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = _run(layer, self.gradient_checkpointing and self.training, x)
         return x
+
+
+def _run(layer: nn.Module, recompute: bool, *args: object) -> torch.Tensor:
+    """Call `layer`, recomputing its activations in the backward pass when `recompute` (saves memory)."""
+    if recompute:
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 class GLUAdapter(nn.Module):
@@ -286,6 +295,11 @@ class CogVLMForCausalLM(nn.Module):
         self.model = CogVLMModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", self.rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+        self.model.vision.transformer.gradient_checkpointing = enabled
 
     @staticmethod
     def rope_inv_freq(cfg: CogVLMConfig) -> torch.Tensor:
@@ -355,8 +369,9 @@ class CogVLMForCausalLM(nn.Module):
             span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
         rope = self._rope(chunk.position_ids)
         mask = self._mask(chunk, cache)
+        recompute = self.gradient_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, span, i, cache, mask)
+            x = _run(layer, recompute, x, rope, span, i, cache, mask)
         if cache is not None:
             cache.length += n
         if last_only and chunk.attention_mask is None:
