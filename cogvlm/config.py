@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATES = ("base", "chat", "vqa")
+DEFAULT_MODEL = "cogvlm-tiny"  # shipped inside the package: every surface works offline
 
 
 class ConfigError(ValueError):

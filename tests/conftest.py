@@ -55,3 +55,20 @@ def tiny_config() -> CogVLMConfig:
 @pytest.fixture
 def tiny_model(tiny_config: CogVLMConfig) -> CogVLMForCausalLM:
     return randomize(CogVLMForCausalLM(tiny_config)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, sp_model_path: Path) -> Path:
+    """A random tiny model saved in the Hugging Face layout with its tokenizer: what
+    `CogVLM.from_pretrained(folder)` and every `--model folder` flag take."""
+    import shutil
+
+    from cogvlm.checkpoint import save_hf
+
+    model = randomize(CogVLMForCausalLM(tiny_test_config(vocab_size=400, template="chat")), seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] -= 0.5  # answers of a few tokens, not endless ones
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_hf(model.state_dict(), model.config, out)
+    shutil.copy(sp_model_path, out / "tokenizer.model")
+    return out
