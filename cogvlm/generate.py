@@ -196,10 +196,39 @@ class BatchDecoder:
                            for p in params]
         self._last: torch.Tensor | None = None  # tokens sampled at the previous step, not fed yet
         self._ending: set[int] = set()
+        self._joining: list[tuple[BatchDecoder, int]] = []
 
     @property
     def done(self) -> bool:
-        return not self.active
+        return not self.active and not self._joining
+
+    def join(self, other: BatchDecoder) -> list[int]:
+        """Decode `other`'s rows (freshly prefilled) together with this batch from the next step
+        on: continuous batching. Returns the row ids they get here."""
+        base = len(self.params)
+        self.params += other.params
+        self.budgets += other.budgets
+        self.generated += other.generated
+        self.finished_by_eos += other.finished_by_eos
+        self.generators += other.generators
+        self._joining.append((other, base))
+        return list(range(base, base + len(other.params)))
+
+    def _merge_joining(self) -> None:
+        for other, base in self._joining:
+            rows = [base + r for r in other.active]
+            if not self.active:  # nothing running: adopt the newcomer's state
+                self.cache, self.logits, self.seen = other.cache, other.logits, other.seen
+                self.next_positions, self.active = other.next_positions, rows
+                continue
+            remaining = max(self.budgets[r] - len(self.generated[r]) for r in self.active + rows)
+            capacity = max(self.cache.length, other.cache.length) + remaining
+            self.cache = KVCache.concat(self.cache, other.cache, capacity)
+            self.logits = torch.cat([self.logits, other.logits])
+            self.seen = torch.cat([self.seen, other.seen])
+            self.next_positions = torch.cat([self.next_positions, other.next_positions])
+            self.active += rows
+        self._joining = []
 
     def finish(self, row: int) -> None:
         self._ending.add(row)
@@ -209,7 +238,9 @@ class BatchDecoder:
         """Sample one token for every active row; returns {row: token} (`</s>` excluded)."""
         if self._last is not None:
             self._advance()
-        if self.done:
+        if self._joining:
+            self._merge_joining()
+        if not self.active:
             return {}
         params = [self.params[r] for r in self.active]
         tokens = sample(self.logits, params, self.seen, [self.generators[r] for r in self.active])

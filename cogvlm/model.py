@@ -215,6 +215,26 @@ class KVCache:
         self.v = [t.index_select(0, rows) for t in self.v]
         self.valid = self.valid.index_select(0, rows)
 
+    @staticmethod
+    def concat(a: KVCache, b: KVCache, capacity: int) -> KVCache:
+        """Stack two caches' rows, right-aligned at the longer one's length (the shorter one is
+        left-padded with invalid slots), with `capacity` slots per row."""
+        length = max(a.length, b.length)
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = [], []
+        for src_a, src_b, dst in ((a.k, b.k, out.k), (a.v, b.v, out.v)):
+            for ta, tb in zip(src_a, src_b):
+                t = ta.new_zeros(ta.shape[0] + tb.shape[0], ta.shape[1], capacity, ta.shape[3])
+                t[:ta.shape[0], :, length - a.length:length] = ta[:, :, :a.length]
+                t[ta.shape[0]:, :, length - b.length:length] = tb[:, :, :b.length]
+                dst.append(t)
+        out.valid = a.valid.new_zeros(a.batch_size + b.batch_size, capacity)
+        out.valid[:a.batch_size, length - a.length:length] = a.valid[:, :a.length]
+        out.valid[a.batch_size:, length - b.length:length] = b.valid[:, :b.length]
+        out.length = length
+        out.padded = a.padded or b.padded or a.length != b.length
+        return out
+
 
 class VisionExpertAttention(nn.Module):
     def __init__(self, cfg: CogVLMConfig) -> None:

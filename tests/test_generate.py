@@ -203,3 +203,52 @@ def test_repetition_penalty_changes_greedy_output(vlm):
 def test_default_sampling_is_the_authors():
     p = SamplingParams()
     assert (p.temperature, p.top_k, p.top_p, p.max_length, p.greedy) == (0.8, 1, 0.4, 2048, True)
+
+
+def test_rows_joining_a_running_batch_decode_as_if_alone(vlm):
+    params = vlm.sampling(max_new_tokens=10, **GREEDY)
+    first = [vlm.prompt_tokens(image(6), "What is in the image?")]
+    later = [vlm.prompt_tokens(None, "Tell me a long story about three cats"),
+             vlm.prompt_tokens(image(7), "How many?", [("What?", "a red circle")])]
+    running = vlm._decoder(first, [params])
+    for _ in range(3):
+        running.step()
+    ids = running.join(vlm._decoder(later, [params, vlm.sampling(max_new_tokens=4, **GREEDY)]))
+    assert ids == [1, 2]
+    sizes = []
+    while not running.done:
+        running.step()
+        sizes.append(running.cache.batch_size)
+    assert 3 in sizes  # the newcomers really decoded in the same batch
+    for row, prompt in enumerate(first + later):
+        alone = vlm._decoder([prompt], [params if row < 2 else vlm.sampling(max_new_tokens=4, **GREEDY)])
+        list(alone.run())
+        assert running.generated[row] == alone.generated[0], row
+
+
+def test_scheduler_batches_concurrent_requests_and_cancels(vlm):
+    import threading
+
+    from cogvlm.scheduler import Scheduler
+
+    sched = Scheduler(vlm, max_batch=8)
+    try:
+        params = vlm.sampling(max_new_tokens=12, **GREEDY)
+        requests = [(image(i) if i % 2 else None, f"question number {i}?") for i in range(6)]
+        jobs = [sched.submit(vlm.prompt_tokens(img, q), params) for img, q in requests]
+        slow = sched.submit(vlm.prompt_tokens(None, "cancel me"), vlm.sampling(max_new_tokens=500, max_length=600))
+        slow.cancel()
+        answers = [j.result(timeout=60) for j in jobs]
+        want = [vlm.chat(img, q, max_new_tokens=12, **GREEDY)[0] for img, q in requests]
+        assert answers == want
+        assert all(j.finish_reason in ("stop", "length") and j.completion_tokens > 0 for j in jobs)
+        assert sched.max_batch_seen > 1
+        slow.result(timeout=60)
+        assert slow.finish_reason == "cancelled" or slow.completion_tokens < 500
+        streamed = sched.submit(vlm.prompt_tokens(None, "stream please"), params)
+        assert "".join(streamed.pieces(timeout=60)) == streamed.answer
+        with pytest.raises(ContextLengthError):
+            sched.submit(vlm.prompt_tokens(None, "x " * 50), vlm.sampling(max_length=20))
+    finally:
+        sched.close()
+    assert not any(t.name == "cogvlm-scheduler" for t in threading.enumerate())
