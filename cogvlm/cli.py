@@ -26,6 +26,79 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+FINETUNE_HELP = {
+    "data": "training JSONL (docs/data-format.md)",
+    "out": "output folder: final/ (the model), checkpoints/step-N/, log.jsonl",
+    "model": "start from these weights: folder, registry name or hub id",
+    "init_config": "start from random weights with this config.json (needs --tokenizer)",
+    "tokenizer": "sentencepiece tokenizer.model (default: the one next to the weights)",
+    "eval_data": "held-out JSONL for periodic evaluation loss",
+    "train": "what trains: 'all' or a comma list of vision_expert, adapter, vit, language",
+    "lora": "train LoRA adapters (peft) on the chosen parts instead of the weights themselves",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
+    "steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
+    "grad_accum": "micro-batches per optimizer step", "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "cosine schedule ends at lr x this", "warmup": "linear warmup steps",
+    "weight_decay": "AdamW weight decay on matrices", "dtype": "fp32, or bf16 autocast",
+    "grad_checkpointing": "recompute activations in backward to save memory",
+    "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
+    "seed": "seed for init and data order",
+    "resume": "continue from the newest checkpoint under OUT/checkpoints",
+    "fsdp": "with torchrun: shard parameters with FSDP instead of replicating them (DDP)",
+    "save_dtype": "dtype of the final weights: fp32, bf16 or fp16",
+    "max_length": "longest example in tokens (image slots included); longer records are reported and skipped",
+    "progress": "show a progress bar",
+}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import TrainArgs, finetune
+
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
+    out = finetune(TrainArgs(**fields))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from .finetune import merge_lora
+
+    print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import CogVLM
+    from .evaluate import evaluate, format_table, write_json
+
+    vlm = CogVLM.from_pretrained(args.model, device=args.device, tokenizer=args.tokenizer)
+    result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
+    print(format_table(result))
+    if args.output:
+        write_json(result, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+    """One flag per dataclass field, so the CLI and the Python API cannot drift apart."""
+    from dataclasses import MISSING, fields
+    from pathlib import Path
+
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is MISSING
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(type(f.default).__name__, str)
+        if "Path" in str(f.type):
+            kind = Path
+        parser.add_argument(flag, dest=f.name, type=kind, default=None if required else f.default,
+                            required=required, help=(helps.get(f.name, "") + ("" if required else f" (default: {f.default})")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm", description="Run, serve and fine-tune CogVLM models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -38,6 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder (replaced atomically if it exists)")
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
     p.set_defaults(func=cmd_convert)
+
+    from .finetune import TrainArgs
+
+    p = verbs.add_parser("finetune", help="train a model on a JSONL data set (full or LoRA; torchrun for several processes)",
+                         description="Fine-tune (or train from scratch) on JSONL conversations; loss on answers only. "
+                                     "Run under torchrun --nproc_per_node N for data parallelism.")
+    add_dataclass_flags(p, TrainArgs, FINETUNE_HELP)
+    p.set_defaults(func=cmd_finetune)
+
+    p = verbs.add_parser("merge-lora", help="fold a LoRA adapter into its base weights",
+                         description="Base checkpoint + LoRA adapter folder (from finetune --lora) -> one Hugging Face-layout checkpoint.")
+    p.add_argument("base", help="base checkpoint folder, registry name or hub id")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(func=cmd_merge_lora)
+
+    from .config import DEFAULT_MODEL
+
+    p = verbs.add_parser("eval", help="score a model on a JSONL set: VQA accuracy, REC Acc@0.5, caption match",
+                         description="Greedy answers for every turn of a JSONL set (training format); prints a "
+                                     "table of metrics and optionally writes them with every prediction as JSON.")
+    p.add_argument("data", help="JSONL file (docs/data-format.md)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, hub id or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: next to the weights)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
+    p.add_argument("--limit", type=int, help="only the first N records")
+    p.add_argument("--output", help="write metrics and predictions to this JSON file")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -7,7 +7,6 @@ maps our short names to the published checkpoints, so `load_model("cogvlm-chat-v
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,15 +248,11 @@ REGISTRY: dict[str, ModelEntry] = {
 
 def tiny_test_config(**overrides: Any) -> CogVLMConfig:
     """A few-thousand-parameter config with every structural feature of the real one, for tests."""
-    vision_overrides = overrides.pop("vision", {})
-    vision = VisionConfig(image_size=28, patch_size=14, hidden_size=32, num_layers=2, num_heads=4,
-                          intermediate_size=64, **vision_overrides)
+    vision_args = dict(image_size=28, patch_size=14, hidden_size=32, num_layers=2, num_heads=4,
+                       intermediate_size=64)
+    vision_args.update(overrides.pop("vision", {}))
+    vision = VisionConfig(**vision_args)
     base: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
                                 num_heads=4, max_position_embeddings=256, vision=vision)
     base.update(overrides)
     return CogVLMConfig(**base)
-
-
-def replace(config: CogVLMConfig, **changes: Any) -> CogVLMConfig:
-    """`dataclasses.replace`, re-exported so callers need not know configs are dataclasses."""
-    return dataclasses.replace(config, **changes)

@@ -1,0 +1,139 @@
+"""Evaluation on a JSONL set in the training format: VQA accuracy, referring-expression
+Acc@0.5, caption object-set match (spec section 8 metric definitions).
+
+Each turn is scored by the task its prompt shows: the vqa template → VQA accuracy; a box-only
+reference answer → REC (IoU ≥ 0.5); an empty base query → caption object set; a grounded-caption
+prompt → object set and boxes; anything else → normalized exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from .data.records import read_records
+from .grounding import iou, parse_boxes
+
+# --- VQAv2 answer normalization (the official evaluation's rules) ---------------------------
+_CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
+                 "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't",
+                 "isnt": "isn't", "its": "it's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
+                 "theyre": "they're", "wasnt": "wasn't", "werent": "weren't", "whats": "what's", "wont": "won't",
+                 "wouldnt": "wouldn't", "youre": "you're"}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_NUM = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_answer(answer: str) -> str:
+    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_NUM.search(text):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = _PERIOD.sub("", text)
+    words = []
+    for w in text.split():
+        w = _NUMBERS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
+    """min(#annotators who gave it / 3, 1), averaged over the leave-one-out subsets; with a
+    single reference answer (our synthetic sets) this is normalized exact match."""
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in annotator_answers]
+    if len(gts) == 1:
+        return float(pred == gts[0])
+    scores = [min(1.0, sum(g == pred for g in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))]
+    return sum(scores) / len(scores)
+
+
+def object_set(caption: str) -> frozenset[str]:
+    """'a large red circle and a small blue square.' → {'large red circle', 'small blue square'}."""
+    text = parse_boxes(caption).clean_text.lower().strip().rstrip(".")
+    parts = re.split(r",\s*(?:and\s+)?|\s+and\s+", text)
+    return frozenset(normalize_answer(p) for p in parts if p.strip())
+
+
+def task_of(template: str, query: str, reference: str) -> str:
+    ref_boxes = parse_boxes(reference)
+    if template == "vqa":
+        return "vqa"
+    if template == "base" and not query.strip():
+        return "caption"
+    if ref_boxes.boxes and not ref_boxes.clean_text.strip(" ."):
+        return "rec"
+    if ref_boxes.boxes:
+        return "grounded_caption"
+    return "exact"
+
+
+def score(task: str, prediction: str, reference: str) -> dict[str, float]:
+    if task == "vqa":
+        return {"vqa_accuracy": vqa_accuracy(prediction, [reference])}
+    if task == "rec":
+        predicted = parse_boxes(prediction).boxes
+        hit = bool(predicted) and iou(predicted[0], parse_boxes(reference).boxes[0]) >= 0.5
+        return {"rec_acc@0.5": float(hit)}
+    if task == "caption":
+        return {"caption_object_match": float(object_set(prediction) == object_set(reference))}
+    if task == "grounded_caption":
+        ref, pred = parse_boxes(reference), parse_boxes(prediction)
+        hits = [any(iou(p, b) >= 0.5 for p in pred.boxes) for b in ref.boxes]
+        return {"grounded_object_match": float(object_set(prediction) == object_set(reference)),
+                "grounded_box_recall@0.5": sum(hits) / len(hits)}
+    return {"exact_match": float(normalize_answer(prediction) == normalize_answer(reference))}
+
+
+def evaluate(vlm, path: str | Path, batch_size: int = 16, limit: int | None = None,
+             progress: bool = True) -> dict:
+    """Greedy answers for every turn (earlier turns as history) and the mean of each metric."""
+    from tqdm.auto import tqdm
+
+    records, errors = read_records(Path(path))
+    items = []
+    for rec in records[:limit]:
+        for i, (query, answer) in enumerate(rec.turns):
+            items.append((rec, i, query, answer))
+    by_template: dict[str, list] = defaultdict(list)
+    for item in items:  # one template per generate() call
+        by_template[item[0].template].append(item)
+    sums: dict[str, list[float]] = defaultdict(list)
+    examples = []
+    bar = tqdm(total=len(items), desc="eval", unit="answer", disable=not progress)
+    for template, group in by_template.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            requests = [(rec.image, q, rec.turns[:i]) for rec, i, q, _ in batch]
+            answers = vlm.generate(requests, template=template, top_k=1)
+            for (rec, i, q, ref), pred in zip(batch, answers):
+                task = task_of(template, q, ref)
+                for name, value in score(task, pred, ref).items():
+                    sums[name].append(value)
+                examples.append({"line": rec.line, "task": task, "query": q, "reference": ref, "prediction": pred})
+            bar.update(len(batch))
+    bar.close()
+    metrics = {name: sum(v) / len(v) for name, v in sorted(sums.items())}
+    counts = {name: len(v) for name, v in sorted(sums.items())}
+    return {"metrics": metrics, "counts": counts, "skipped_records": len(errors), "examples": examples}
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'metric':<28} {'score':>7} {'n':>6}"]
+    for name, value in result["metrics"].items():
+        rows.append(f"{name:<28} {value:>7.3f} {result['counts'][name]:>6}")
+    return "\n".join(rows)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,435 @@
+"""Fine-tuning: full-parameter or LoRA, one process or several with torchrun (DDP, or FSDP).
+
+The data order is a pure function of (seed, step), and every checkpoint carries the optimizer,
+scheduler and step, so `--resume` continues with exactly the losses an uninterrupted run has.
+Checkpoints are Hugging Face-layout folders that `CogVLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import load_weights, read_config, resolve, save_hf
+from .config import CogVLMConfig, from_hf_config
+from .data.records import Record, RecordError, read_records
+from .image import preprocess
+from .model import CogVLMForCausalLM
+from .prompt import PromptTokens, build_prompt, layout_batch
+from .tokenizer import TOKENIZER_FILE, Tokenizer
+
+IGNORE = -100
+STATE_FILE = "trainer_state.pt"
+# What `--train` can name: parameter-name tests for each part of the model.
+PARTS = {
+    "vision_expert": lambda n: n.startswith("model.layers.") and ("vision_expert" in n or "vision_mlp" in n),
+    "language": lambda n: not n.startswith("model.vision.") and "vision_expert" not in n and "vision_mlp" not in n,
+    "adapter": lambda n: n.startswith(("model.vision.linear_proj.", "model.vision.boi", "model.vision.eoi")),
+    "vit": lambda n: n.startswith(("model.vision.patch_embedding.", "model.vision.transformer.")),
+}
+# Linear layers LoRA adapts for each part (regexes over module names, as peft takes them).
+LORA_TARGETS = {
+    "vision_expert": r"model\.layers\.\d+\.(self_attn\.vision_expert_\w+|mlp\.vision_mlp\.\w+)",
+    "language": r"model\.layers\.\d+\.(self_attn\.language_expert_\w+|mlp\.language_mlp\.\w+)",
+    "adapter": r"model\.vision\.linear_proj\.(linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
+    "vit": r"model\.vision\.transformer\.layers\.\d+\.(attention\.query_key_value|attention\.dense|mlp\.fc1|mlp\.fc2)",
+}
+
+
+@dataclass
+class TrainArgs:
+    data: Path
+    out: Path
+    model: str | None = None  # start from these weights (folder, registry name or hub id) ...
+    init_config: Path | None = None  # ... or from random weights with this config.json
+    tokenizer: Path | None = None
+    eval_data: Path | None = None
+    train: str = "vision_expert,adapter"  # the paper's choice; "all" trains everything
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.0
+    dtype: str = "fp32"  # bf16: autocast with fp32 master weights
+    grad_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    resume: bool = False
+    fsdp: bool = False
+    save_dtype: str = "fp32"
+    max_length: int = 2048
+    progress: bool = True
+
+
+@dataclass
+class Example:
+    image: Path | None
+    prompt_ids: list[int]
+    answer_ids: list[int]  # answer + </s>: the only tokens with a loss
+    line: int
+
+
+def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMConfig,
+                  max_length: int) -> tuple[list[Example], list[RecordError]]:
+    """One example per turn (earlier turns become its history, as at inference)."""
+    examples, errors = [], []
+    for rec in records:
+        for i, (query, answer) in enumerate(rec.turns):
+            prompt = tokenizer.encode(build_prompt(query, rec.turns[:i], rec.template))
+            ans = tokenizer.encode(answer) + [cfg.eos_token_id]
+            length = 1 + (cfg.image_tokens if rec.image else 0) + len(prompt) + len(ans)
+            if length > max_length:
+                errors.append(RecordError(rec.line, f"turn {i + 1} needs {length} tokens, over max_length {max_length}"))
+                break
+            examples.append(Example(rec.image, prompt, ans, rec.line))
+    return examples, errors
+
+
+def collate(batch: Sequence[Example], cfg: CogVLMConfig):
+    """The inference layout (`layout_batch`) plus next-token labels on the answer tokens only."""
+    prompts = [PromptTokens(None if ex.image is None else preprocess(ex.image, cfg.vision.image_size),
+                            ex.prompt_ids + ex.answer_ids) for ex in batch]
+    chunk = layout_batch(prompts, cfg)
+    labels = torch.full_like(chunk.input_ids, IGNORE)
+    width = chunk.input_ids.shape[1]
+    for row, ex in enumerate(batch):
+        n = len(ex.answer_ids)  # text is right-aligned: the answer ends the row
+        labels[row, width - 1 - n:width - 1] = chunk.input_ids[row, width - n:]
+    return chunk, labels
+
+
+def loss_fn(model: torch.nn.Module, chunk, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = model(chunk)
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total, int((labels != IGNORE).sum())
+
+
+def batch_indices(step: int, n: int, args: TrainArgs, rank: int, world: int) -> Iterator[list[int]]:
+    """The micro-batches of optimizer step `step` for `rank`: a function of (seed, step) only."""
+    per_step = args.batch_size * args.grad_accum * world
+    for micro in range(args.grad_accum):
+        start = step * per_step + (micro * world + rank) * args.batch_size
+        out = []
+        for pos in range(start, start + args.batch_size):
+            epoch, within = divmod(pos, n)
+            perm = _permutation(n, args.seed + epoch)
+            out.append(perm[within])
+        yield out
+
+
+_PERMS: dict[tuple[int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    if (n, seed) not in _PERMS:
+        _PERMS.clear()
+        _PERMS[(n, seed)] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _PERMS[(n, seed)]
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio × lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def parse_parts(spec: str) -> list[str]:
+    parts = list(PARTS) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--train takes 'all' or a comma list of {sorted(PARTS)}; got {spec!r}")
+    return parts
+
+
+def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(PARTS[part](name) for part in parts))
+
+
+def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
+    from peft import LoraConfig, get_peft_model
+
+    target = "|".join(f"(?:{LORA_TARGETS[p]})" for p in parts)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$"))
+
+
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
+    from peft import PeftModel
+
+    folder = resolve(base)
+    model = load_weights(folder, read_config(folder), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
+    extra = tuple(p for p in [folder / TOKENIZER_FILE, Path(adapter) / TOKENIZER_FILE] if p.is_file())[:1]
+    return save_hf(state, merged.config, out, extra_files=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs) -> None:
+        self.args = args
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.parts = parse_parts(args.train)
+        self.base, self.tokenizer, self.base_folder = self._load_base()
+        self.cfg = self.base.config
+        self.examples, self.errors = self._load(args.data)
+        if not self.examples:
+            raise ValueError(f"{args.data} holds no usable training examples")
+        self.eval_examples = self._load(args.eval_data)[0] if args.eval_data else []
+        torch.manual_seed(args.seed)
+        self.model = self._prepare_model()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        self.step = 0
+        self.log_path = args.out / "log.jsonl"
+        if args.resume:
+            self._resume()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _load_base(self) -> tuple[CogVLMForCausalLM, Tokenizer, Path | None]:
+        a = self.args
+        if (a.model is None) == (a.init_config is None):
+            raise ValueError("give exactly one of --model (start from weights) or --init-config (random start)")
+        if a.model is not None:
+            folder = resolve(a.model)
+            model = load_weights(folder, read_config(folder), torch.float32, "cpu")
+        else:
+            folder = None
+            torch.manual_seed(self.args.seed)
+            model = CogVLMForCausalLM(from_hf_config(a.init_config))
+            init_weights(model)
+        tok_path = a.tokenizer or (folder / TOKENIZER_FILE if folder else None)
+        if tok_path is None:
+            raise ValueError("--init-config needs --tokenizer PATH")
+        return model, Tokenizer(tok_path), folder
+
+    def _load(self, path: Path) -> tuple[list[Example], list[RecordError]]:
+        records, errors = read_records(path)
+        examples, more = make_examples(records, self.tokenizer, self.cfg, self.args.max_length)
+        errors += more
+        if self.is_main:
+            for e in errors:
+                print(f"{path}:{e.line}: skipped: {e.message}")
+        return examples, errors
+
+    def _prepare_model(self) -> torch.nn.Module:
+        model = self.base.to(self.device).train()
+        model.set_gradient_checkpointing(self.args.grad_checkpointing)
+        if self.args.lora:
+            model.requires_grad_(False)
+            model = apply_lora(model, self.parts, self.args.lora_r, self.args.lora_alpha)
+        else:
+            set_trainable(model, self.parts)
+        self.inner = model
+        if self.world > 1 and self.args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.base.model.layers:
+                fully_shard(layer)
+            return fully_shard(model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(model, find_unused_parameters=True)
+        return model
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def autocast(self):
+        if self.args.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self) -> float:
+        a = self.args
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, a)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = list(batch_indices(self.step, len(self.examples), a, self.rank, self.world))
+        batches = [collate([self.examples[i] for i in idx], self.cfg) for idx in micro]
+        tokens = torch.tensor(float(sum(int((lab != IGNORE).sum()) for _, lab in batches)))
+        if self.world > 1:
+            dist.all_reduce(tokens)
+        loss_sum = 0.0
+        for chunk, labels in batches:
+            with self.autocast():
+                total, _ = loss_fn(self.model, chunk, labels)
+            (total * self.world / tokens).backward()  # DDP averages over ranks: mean per token overall
+            loss_sum += total.item()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.step += 1
+        stat = torch.tensor([loss_sum])
+        if self.world > 1:
+            dist.all_reduce(stat)
+        return stat.item() / tokens.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2)
+        mine = self.eval_examples[self.rank::self.world]
+        for i in range(0, len(mine), self.args.batch_size):
+            with self.autocast():
+                loss, n = loss_fn(self.model, *collate(mine[i:i + self.args.batch_size], self.cfg))
+            total += torch.tensor([loss.item(), n])
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def fit(self) -> Path:
+        a = self.args
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=a.steps, initial=self.step, disable=not (self.is_main and a.progress),
+                   desc="finetune", unit="step")
+        t0, seen = time.perf_counter(), 0
+        while self.step < a.steps:
+            loss = self.train_step()
+            seen += a.batch_size * a.grad_accum * self.world
+            record = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, a)}
+            if a.eval_every and self.step % a.eval_every == 0 and self.eval_examples:
+                record["eval_loss"] = self.evaluate()
+            if self.is_main:
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}",
+                                **({"eval": f"{record['eval_loss']:.4f}"} if "eval_loss" in record else {}))
+            bar.update(1)
+            if a.save_every and self.step % a.save_every == 0 and self.step < a.steps:
+                self.save(a.out / "checkpoints" / f"step-{self.step:07d}")
+        bar.close()
+        if self.world > 1 and not a.fsdp:  # FSDP shards are different by design
+            self._check_ranks_agree()
+        return self.save(a.out / "final", final=True)
+
+    def _check_ranks_agree(self) -> None:
+        """Data-parallel replicas must end identical; say so, or fail loudly."""
+        with torch.no_grad():
+            digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                  for p in self.model.parameters()]).cpu()
+        gathered = [torch.empty_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        if not all(torch.equal(gathered[0], g) for g in gathered):
+            raise RuntimeError("data-parallel ranks ended with different weights")
+        if self.is_main:
+            print(f"weights identical on all {self.world} ranks")
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, folder: Path, final: bool = False) -> Path:
+        """Weights (HF layout, or a LoRA adapter) + trainer state, written by rank 0 only."""
+        state = self.model.state_dict() if not self.args.fsdp else _full_state(self.model)
+        if self.is_main:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.args.lora:
+                tmp.mkdir(parents=True)
+                self.inner.save_pretrained(str(tmp))
+                shutil.copy2(self.tokenizer.path, tmp / TOKENIZER_FILE)
+            else:
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+                    self.args.save_dtype if final else "fp32"]
+                weights = {k.removeprefix("module."): v.detach().to("cpu", dtype) for k, v in state.items()}
+                save_hf(weights, self.cfg, tmp, extra_files=(self.tokenizer.path,))
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "args": _jsonable(self.args)},
+                       tmp / STATE_FILE)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        if self.world > 1:
+            dist.barrier()
+        return folder
+
+    def _resume(self) -> None:
+        found = sorted((self.args.out / "checkpoints").glob("step-*"))
+        found = [f for f in found if (f / STATE_FILE).is_file()]
+        if not found:
+            if self.is_main:
+                print(f"--resume: no checkpoint under {self.args.out / 'checkpoints'}; starting fresh")
+            return
+        last = found[-1]
+        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        if self.args.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.inner, load_file(last / "adapter_model.safetensors"))
+        else:
+            weights = load_weights(last, self.cfg, torch.float32, "cpu").state_dict()
+            self.inner.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        if self.is_main:  # keep the log consistent with the resumed step
+            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+            kept = [l for l in lines if json.loads(l)["step"] <= self.step]
+            self.log_path.write_text("".join(l + "\n" for l in kept))
+            print(f"resumed from {last} at step {self.step}")
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _jsonable(args: TrainArgs) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
+
+
+def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
+    """GPT-style init for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+
+def finetune(args: TrainArgs) -> Path:
+    trainer = Trainer(args)
+    if trainer.is_main:
+        n_img = sum(ex.image is not None for ex in trainer.examples)
+        params = sum(p.numel() for p in trainer.trainable)
+        print(f"{len(trainer.examples)} training examples ({n_img} with images), {len(trainer.errors)} skipped; "
+              f"training {params:,} parameters ({'LoRA on ' if args.lora else ''}{', '.join(trainer.parts)}) "
+              f"on {trainer.world} process(es)")
+    out = trainer.fit()
+    if trainer.world > 1:
+        dist.destroy_process_group()
+    return out
+

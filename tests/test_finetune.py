@@ -1,0 +1,145 @@
+"""The fine-tuning pipeline on a tiny model and a small synthetic data set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvlm.checkpoint import load_model
+from cogvlm.config import tiny_test_config
+from cogvlm.data.synthetic import make_dataset
+from cogvlm.finetune import TrainArgs, Trainer, finetune
+from cogvlm.prompt import PromptTokens, layout_batch
+
+IMAGE_SIZE = 56  # 4x4 patches: small enough for many steps in seconds
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    train = make_dataset(root / "train", n_images=40, seed=1, image_size=IMAGE_SIZE)
+    held = make_dataset(root / "held", n_images=10, seed=2, image_size=IMAGE_SIZE)
+    config = root / "config.json"
+    cfg = tiny_test_config(vocab_size=400, template="vqa", vision={"image_size": IMAGE_SIZE})
+    config.write_text(json.dumps(cfg.to_hf_dict()))
+    return {"train": _jsonl(train), "held": _jsonl(held), "config": config}
+
+
+def _jsonl(path: Path) -> Path:
+    return path if path.suffix == ".jsonl" else path / "data.jsonl"
+
+
+def args(data, sp_model_path, out, **kw) -> TrainArgs:
+    base = dict(data=data["train"], out=out, init_config=data["config"], tokenizer=sp_model_path, train="all",
+                steps=12, batch_size=4, lr=3e-3, warmup=2, progress=False, seed=0)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_training_lowers_held_out_loss(data, sp_model_path, tmp_path):
+    a = args(data, sp_model_path, tmp_path / "run", eval_data=data["held"], steps=40, eval_every=40)
+    trainer = Trainer(a)
+    before = trainer.evaluate()
+    trainer.fit()
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["eval_loss"] < 0.8 * before
+    assert log[-1]["loss"] < log[0]["loss"]
+    final, _ = load_model(tmp_path / "run" / "final")  # a checkpoint CogVLM.from_pretrained loads
+    assert (tmp_path / "run" / "final" / "tokenizer.model").is_file()
+    inner = trainer.inner.state_dict()
+    assert all(torch.equal(v, inner[k]) for k, v in final.state_dict().items())
+
+
+def _cli(a: TrainArgs) -> list[str]:
+    cmd = [sys.executable, "-m", "cogvlm", "finetune", "--no-progress"]
+    for k, v in vars(a).items():
+        if v is None or isinstance(v, bool):
+            continue
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    return cmd
+
+
+def test_resume_after_a_kill_continues_exactly(data, sp_model_path, tmp_path):
+    full = args(data, sp_model_path, tmp_path / "full", steps=10)
+    finetune(full)
+    stopped = args(data, sp_model_path, tmp_path / "stopped", steps=10, save_every=4)
+    proc = subprocess.Popen(_cli(stopped), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "stopped" / "checkpoints" / "step-0000004"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), proc.stderr.read().decode()
+    assert len(losses(tmp_path / "stopped")) < 10  # it really stopped early
+    out = subprocess.run(_cli(stopped) + ["--resume"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "full")
+
+
+def test_lora_merged_equals_lora_applied(data, sp_model_path, tmp_path):
+    base = finetune(args(data, sp_model_path, tmp_path / "base", steps=3))
+    lora = args(data, sp_model_path, tmp_path / "lora", steps=6, lr=1e-2, lora=True, lora_r=4,
+                train="vision_expert,language", init_config=None, model=str(base))
+    trainer = Trainer(lora)
+    trainer.fit()
+    adapter = tmp_path / "lora" / "final"
+    assert (adapter / "adapter_config.json").is_file()
+    out = subprocess.run([sys.executable, "-m", "cogvlm", "merge-lora", str(base), str(adapter),
+                          str(tmp_path / "merged")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    merged, _ = load_model(tmp_path / "merged")
+    plain, _ = load_model(base)
+    g = torch.Generator().manual_seed(0)
+    chunk = layout_batch([PromptTokens(torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g), [5, 6, 7, 8])], merged.config)
+    trainer.model.eval()
+    with torch.no_grad():
+        applied, got, before = trainer.model(chunk), merged(chunk), plain(chunk)
+    assert (applied - before).abs().max() > 1e-3  # the adapter really changed the model
+    assert (applied - got).abs().max() <= 1e-5
+
+
+def test_two_process_torchrun_matches_one_process(data, sp_model_path, tmp_path):
+    one = args(data, sp_model_path, tmp_path / "one", steps=5, batch_size=4)
+    finetune(one)
+    two = args(data, sp_model_path, tmp_path / "two", steps=5, batch_size=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cogvlm"] + _cli(two)[3:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in out.stdout
+    assert "on 2 process(es)" in out.stdout
+    # Same global batch (2 ranks x 2 = 1 x 4), so the same losses up to summation order. Adam's
+    # early updates are ~lr * sign(grad), which turns rounding noise in near-zero gradients into
+    # lr-sized steps, so only the first steps can be held to 1e-4; later ones drift slowly.
+    two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert two_losses[:3] == pytest.approx(one_losses[:3], rel=1e-4)
+    assert two_losses == pytest.approx(one_losses, rel=1e-2)
+
+
+def test_bad_records_are_reported_with_line_numbers(data, sp_model_path, tmp_path):
+    lines = data["train"].read_text().splitlines()[:6]
+    lines.insert(1, "{not json")
+    lines.insert(3, json.dumps({"image": "images/missing.png", "template": "vqa",
+                                "turns": [{"query": "q", "answer": "a"}]}))
+    bad = data["train"].parent / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(_cli(args({**data, "train": bad}, sp_model_path, tmp_path / "bad", steps=1)),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{bad}:2: skipped:" in out.stdout and f"{bad}:4: skipped:" in out.stdout
+    assert "2 skipped" in out.stdout
