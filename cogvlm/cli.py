@@ -15,7 +15,7 @@ from .config import ConfigError
 from .image import ImageError
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError, ImportError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -80,6 +80,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .data.records import read_records
+    from .prompt import build_prompt
+    from .tokenizer import train_tokenizer
+
+    texts = []
+    for path in args.data:
+        records, _ = read_records(path, check_images=False)
+        for rec in records:  # the exact prompt strings the model will see, and the answers
+            texts += [build_prompt(q, rec.turns[:i], t) for i, (q, _) in enumerate(rec.turns) for t in ("base", "chat", "vqa")]
+            texts += [a for _, a in rec.turns]
+    print(f"wrote {train_tokenizer(texts, args.out, args.vocab_size)}")
+    return 0
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
     """One flag per dataclass field, so the CLI and the Python API cannot drift apart."""
     from dataclasses import MISSING, fields
@@ -140,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--output", help="write metrics and predictions to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("train-tokenizer", help="train a LLaMA-style sentencepiece tokenizer on JSONL data",
+                         description="Train a sentencepiece BPE tokenizer with LLaMA-2's settings (byte fallback, "
+                                     "split digits, <unk>/<s>/</s> = 0/1/2) on the prompts and answers of JSONL sets: "
+                                     "for models trained from scratch.")
+    p.add_argument("data", nargs="+", help="JSONL files (docs/data-format.md)")
+    p.add_argument("out", help="output tokenizer.model path")
+    p.add_argument("--vocab-size", type=int, default=512, help="pieces (default 512)")
+    p.set_defaults(func=cmd_train_tokenizer)
     return parser
 
 

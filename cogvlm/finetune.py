@@ -166,20 +166,27 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
         p.requires_grad_(any(PARTS[part](name) for part in parts))
 
 
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install 'cogvlm[train]'") from None
+    return peft
+
+
 def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
-    from peft import LoraConfig, get_peft_model
+    peft = _peft()
 
     target = "|".join(f"(?:{LORA_TARGETS[p]})" for p in parts)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$"))
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$"))
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
-    from peft import PeftModel
-
+    peft = _peft()
     folder = resolve(base)
     model = load_weights(folder, read_config(folder), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
     extra = tuple(p for p in [folder / TOKENIZER_FILE, Path(adapter) / TOKENIZER_FILE] if p.is_file())[:1]
     return save_hf(state, merged.config, out, extra_files=extra)

@@ -15,6 +15,26 @@ class TokenizerError(ValueError):
     pass
 
 
+def train_tokenizer(texts: list[str], out_file: str | Path, vocab_size: int) -> Path:
+    """Train a sentencepiece model with LLaMA-2's settings: BPE, byte fallback, digits split,
+    <unk>=0 <s>=1 </s>=2, no pad, a leading "▁" prefix, no text normalization."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    corpus = out_file.with_suffix(".corpus.txt")
+    corpus.write_text("\n".join(texts))
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(out_file.with_suffix("")), model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+            pad_id=-1, add_dummy_prefix=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, character_coverage=1.0, hard_vocab_limit=False,
+            minloglevel=2, num_threads=1)
+    finally:
+        corpus.unlink(missing_ok=True)
+    out_file.with_suffix(".vocab").unlink(missing_ok=True)
+    return out_file
+
+
 class Tokenizer:
     def __init__(self, model_file: str | Path) -> None:
         path = Path(model_file)
