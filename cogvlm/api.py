@@ -8,7 +8,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, resolve
+from .checkpoint import load_model, resolve
+from .config import DEFAULT_MODEL
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
 from .image import ImageInput, preprocess
 from .model import CogVLMForCausalLM, KVCache
@@ -56,9 +57,9 @@ class CogVLM:
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
                         tokenizer: str | Path | None = None) -> CogVLM:
-        """A registry name, hub id or local folder (SAT or Hugging Face layout)."""
-        if name_or_path is None:
-            raise CheckpointError("no default model is shipped yet; pass a registry name, hub id or folder")
+        """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
+        shipped cogvlm-tiny, which needs no download."""
+        name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
         device = torch.device(device or default_device())
         if isinstance(dtype, str):
             dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

@@ -49,6 +49,12 @@ def resolve(name_or_path: str | Path) -> Path:
                                   f"(with {HF_CONFIG} or {SAT_CONFIG})")
         return path
     name = str(name_or_path)
+    if name in REGISTRY and REGISTRY[name].local_dir is not None:
+        local = REGISTRY[name].local_dir
+        if not (local / HF_CONFIG).is_file():
+            raise CheckpointError(f"{name} should ship inside the package at {local}, but it is missing; "
+                                  f"reinstall cogvlm (pip install .) or pass --model FOLDER")
+        return local
     repo = REGISTRY[name].hf_repo if name in REGISTRY else name
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo or ""):
         known = ", ".join(REGISTRY)

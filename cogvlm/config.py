@@ -217,12 +217,19 @@ def _read_json(path: str | Path) -> dict[str, Any]:
 
 # ---- registry ---------------------------------------------------------------------------
 
+SHIPPED_DIR = Path(__file__).parent / "weights"  # models that install with the package
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    hf_repo: str | None
-    config: CogVLMConfig
+    hf_repo: str | None  # published on the Hugging Face hub; None: shipped in SHIPPED_DIR
+    config: CogVLMConfig | None  # None: read from the shipped config.json
     use: str
+
+    @property
+    def local_dir(self) -> Path | None:
+        return None if self.hf_repo else SHIPPED_DIR / self.name
 
 
 def _published(image_size: int, template: str) -> CogVLMConfig:
@@ -242,6 +249,8 @@ REGISTRY: dict[str, ModelEntry] = {
                    _published(490, "base"), "REC, grounded captioning, box-to-caption"),
         ModelEntry("cogvlm-grounding-base", "THUDM/cogvlm-grounding-base-hf",
                    _published(490, "base"), "grounding, base"),
+        ModelEntry("cogvlm-tiny", None, None,
+                   "9 M-parameter CogVLM trained on synthetic shapes; ships with the package (the default)"),
     )
 }
 
