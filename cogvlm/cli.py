@@ -10,12 +10,14 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from .chat_cli import UsageError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError, ImportError)
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError, ImportError,
+               UsageError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -164,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output tokenizer.model path")
     p.add_argument("--vocab-size", type=int, default=512, help="pieces (default 512)")
     p.set_defaults(func=cmd_train_tokenizer)
+
+    from .chat_cli import add_chat_verb
+    from .web import add_web_verb
+
+    add_chat_verb(verbs)
+    add_web_verb(verbs)
+
     return parser
 
 

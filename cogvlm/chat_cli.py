@@ -1,0 +1,303 @@
+"""`cogvlm chat`: the seed's command-line chat (interactive, answers streamed) plus a one-shot
+mode for scripts (`--image X --query Q`, `--json`).
+
+Prompting and decoding stay in the API (`CogVLM.session`); this module is only the surface:
+flags, the prompts in two languages, Ctrl-C handling and saving grounding drawings. It also
+holds what `cogvlm web` shares with it: the model and sampling flags and their checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
+
+from PIL import Image
+
+from .config import DEFAULT_MODEL, TEMPLATES
+from .generate import ContextLengthError, SamplingParams
+from .grounding import GroundedPhrase, draw_boxes, parse_boxes
+from .image import ImageError, load_image
+
+if TYPE_CHECKING:
+    from .api import ChatSession, CogVLM
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_length", "seed")
+SAMPLING_HELP = {
+    "temperature": "sampling temperature (0 = greedy)", "top_p": "nucleus sampling mass",
+    "top_k": "sample among the k likeliest tokens (1 = greedy, 0 = no limit)",
+    "max_new_tokens": "longest answer in tokens (default: until max_length)",
+    "max_length": "longest prompt + answer in tokens, image slots included", "seed": "random seed for sampling",
+}
+
+
+class UsageError(Exception):
+    """A flag value or combination the user can fix: one line on stderr and exit code 2."""
+
+
+# ---- flags and checks shared with `cogvlm web` ------------------------------------------------
+
+def _spellings(name: str) -> list[str]:
+    """The seed's underscore flag name and its dashed twin, so both habits work."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model to load, how, and the default sampling settings."""
+    parser.add_argument(*_spellings("model"), *_spellings("from_pretrained"), dest="model", default=DEFAULT_MODEL,
+                        metavar="NAME_OR_PATH", help=f"registry name, hub id or folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--template", "--version", choices=TEMPLATES, help="prompt template (default: the model's)")
+    dtype = parser.add_mutually_exclusive_group()
+    dtype.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="bfloat16 weights")
+    dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")
+    parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    parser.add_argument("--tokenizer", *_spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
+                        help="sentencepiece tokenizer.model (default: the one next to the weights)")
+    defaults = SamplingParams()
+    for name in SAMPLING_FLAGS:
+        kind = float if name in ("temperature", "top_p") else int
+        default = getattr(defaults, name)
+        parser.add_argument(*_spellings(name), type=kind, metavar="N",
+                            help=SAMPLING_HELP[name] + ("" if default is None else f" (default {default})"))
+
+
+def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keywords given on the command line, checked before the (slow) model load."""
+    chosen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    try:
+        SamplingParams.build(**chosen)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return chosen
+
+
+def load_model(args: argparse.Namespace) -> CogVLM:
+    """The model the flags name, once the device and quantization requests make sense."""
+    import torch
+
+    from .api import CogVLM, default_device
+
+    try:
+        device = torch.device(args.device or default_device())
+    except RuntimeError:
+        raise UsageError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("no CUDA GPU is available here; use --device cpu")
+    if args.quant and device.type != "cuda":
+        raise UsageError("quantization needs a CUDA GPU")
+    if args.quant:
+        raise UsageError(f"--quant {args.quant} is not supported yet; run without it (bf16 by default on CUDA)")
+    return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer)
+
+
+# ---- grounding drawings -----------------------------------------------------------------------
+
+def turn_boxes(query: str, answer: str) -> list[GroundedPhrase]:
+    """What to draw for one turn: boxes the question points at (unlabelled), then the answer's."""
+    asked = [GroundedPhrase("", p.boxes, p.span) for p in parse_boxes(query).phrases]
+    return asked + parse_boxes(answer).phrases
+
+
+def save_drawing(image: Image.Image, phrases: list[GroundedPhrase], out_dir: Path, stem: str) -> Path:
+    """Write a copy of `image` with the boxes drawn as a new PNG in `out_dir`, atomically."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (out_dir / f"{stem}-boxes-{n}.png").exists():
+            n += 1
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".", suffix=".png.part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                draw_boxes(image, phrases).save(f, "PNG")
+            target = out_dir / f"{stem}-boxes-{n}.png"
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write the box drawing into {out_dir}: {e.strerror or e}") from None
+    return target
+
+
+def _stem(source: str) -> str:
+    """A file-name stem for drawings of an image given as a path or URL."""
+    return Path(urllib.parse.urlparse(source).path).stem or "image"
+
+
+def _draw_turn(args: argparse.Namespace, image: Image.Image | None, source: str, query: str,
+               answer: str) -> Path | None:
+    phrases = turn_boxes(query, answer) if image is not None and not args.no_draw else []
+    return save_drawing(image, phrases, args.draw_dir, _stem(source)) if phrases else None
+
+
+# ---- the interactive chat ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Strings:
+    """What the interactive chat prints, in one interface language."""
+
+    welcome: str
+    image: str
+    query: str
+    answer: str
+    drawn: str
+    stopped: str
+    need_image: str
+
+
+STRINGS = {
+    "en": Strings(
+        welcome="Type 'clear' to start over with a new image, 'stop' to quit. Ctrl-C stops an answer.",
+        image="Please enter the image path or URL (press Enter for plain text chat): ",
+        query="Human: ", answer="CogVLM: ", drawn="(boxes drawn: {})", stopped="[stopped]",
+        need_image="--no_prompt writes captions: enter an image path or URL, or 'stop'."),
+    "zh": Strings(
+        welcome="输入 clear 换一张图像重新开始，输入 stop 退出。按 Ctrl-C 可中止当前回答。",
+        image="请输入图像路径或URL（回车进入纯文本对话）：",
+        query="用户：", answer="CogVLM：", drawn="（已画出框：{}）", stopped="[已中止]",
+        need_image="--no_prompt 用于图像描述：请输入图像路径或URL，或输入 stop 退出。"),
+}
+
+
+def print_stream(pieces: Iterable[str], out: TextIO) -> bool:
+    """Print answer pieces as they come; False when Ctrl-C stopped the answer."""
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        return False
+    return True
+
+
+def _read(prompt: str) -> str | None:
+    """One stripped input line; None at end of input (Ctrl-D)."""
+    try:
+        return input(prompt).strip()
+    except EOFError:
+        print()
+        return None
+
+
+def _turn(args: argparse.Namespace, text: Strings, session: ChatSession, query: str,
+          image: Image.Image | None, source: str) -> None:
+    print(text.answer, end="", flush=True)
+    try:
+        finished = print_stream(session.stream(query), sys.stdout)
+    except ContextLengthError as e:
+        print(f"\n{e}")
+        return
+    print("" if finished else f" {text.stopped}")
+    if finished:
+        try:
+            drawn = _draw_turn(args, image, source, query, session.history[-1][1])
+        except UsageError as e:
+            print(e)
+            return
+        if drawn:
+            print(text.drawn.format(drawn))
+
+
+def interactive(vlm: CogVLM, args: argparse.Namespace, sampling: dict[str, Any]) -> int:
+    """The seed's loop: an image (or none), then questions until `clear` (new image) or `stop`."""
+    try:
+        import readline  # noqa: F401 -- gives input() line editing and history
+    except ImportError:
+        pass
+    text = STRINGS[args.lang]
+    print(text.welcome)
+    first = args.image  # `--image X` without `--query`: the first conversation is about X
+    while True:
+        source, first = (first, None) if first else (_read(text.image), None)
+        if source is None or source == "stop":
+            return 0
+        if args.no_prompt and not source:
+            print(text.need_image)
+            continue
+        try:
+            image = load_image(source) if source else None
+        except ImageError as e:
+            print(e)
+            continue
+        if args.no_prompt:
+            _turn(args, text, vlm.session(image, "base", **sampling), "", image, source)
+            continue
+        session = vlm.session(image, args.template, **sampling)
+        while True:
+            query = _read(text.query)
+            if query is None or query == "stop":
+                return 0
+            if query == "clear":
+                break
+            if query or session.template == "base":  # an empty query only means something to base
+                _turn(args, text, session, query, image, source)
+
+
+# ---- one-shot mode and the verb ----------------------------------------------------------------
+
+def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None,
+             sampling: dict[str, Any]) -> int:
+    """Answer --query (or caption with --no_prompt), print it or a JSON record, and exit."""
+    query = "" if args.no_prompt else args.query
+    session = vlm.session(image, "base" if args.no_prompt else args.template, **sampling)
+    start = time.perf_counter()
+    try:
+        for piece in session.stream(query):
+            if not args.json:
+                print(piece, end="", flush=True)
+    except ContextLengthError as e:
+        raise UsageError(str(e)) from None
+    seconds = time.perf_counter() - start
+    answer = session.history[-1][1]
+    drawn = _draw_turn(args, image, args.image or "", query, answer)
+    if args.json:
+        boxes = [{"phrase": p.phrase, "box": [b.x0, b.y0, b.x1, b.y1]}
+                 for p in parse_boxes(answer).phrases for b in p.boxes]
+        print(json.dumps({"answer": answer, "boxes": boxes, "drawn": drawn and str(drawn),
+                          "seconds": round(seconds, 3)}, ensure_ascii=False))
+    else:
+        print()
+        if drawn:
+            print(f"boxes drawn: {drawn}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.query is not None and args.no_prompt:
+        raise UsageError("--no_prompt captions with an empty query; drop --query")
+    oneshot = args.query is not None or (args.image is not None and args.no_prompt)
+    if args.json and not oneshot:
+        raise UsageError("--json needs --query, or --image with --no_prompt")
+    sampling = sampling_flags(args)
+    image = load_image(args.image) if args.image else None  # a bad path fails before the slow load
+    vlm = load_model(args)
+    return one_shot(vlm, args, image, sampling) if oneshot else interactive(vlm, args, sampling)
+
+
+def add_chat_verb(verbs: Any) -> None:
+    """Register `cogvlm chat` on the top-level parser's subcommands."""
+    p = verbs.add_parser("chat", help="chat about images in the terminal (or answer one question)",
+                         description="Interactive chat with streamed answers; with --query it answers once "
+                                     "and exits. Boxes in a turn are drawn on a copy of the image.")
+    add_model_flags(p)
+    lang = p.add_mutually_exclusive_group()
+    lang.add_argument("--english", dest="lang", action="store_const", const="en", help="English prompts (default)")
+    lang.add_argument("--chinese", dest="lang", action="store_const", const="zh", help="Chinese prompts")
+    p.set_defaults(lang="en")
+    p.add_argument(*_spellings("no_prompt"), action="store_true",
+                   help="captioning: the base template with an empty query, one caption per image")
+    p.add_argument("--image", metavar="PATH_OR_URL",
+                   help="the image to ask about: with --query one answer and exit, else chat about it")
+    p.add_argument("--query", help="one-shot mode: the question; prints the answer and exits")
+    p.add_argument("--json", action="store_true", help='one-shot mode: print {"answer", "boxes", "drawn", "seconds"}')
+    p.add_argument("--draw-dir", "--draw_dir", type=Path, default=Path("cogvlm-boxes"), metavar="DIR",
+                   help="where images with the turn's boxes drawn are saved (default: ./cogvlm-boxes)")
+    p.add_argument("--no-draw", "--no_draw", action="store_true", help="do not save box drawings")
+    p.set_defaults(func=cmd_chat)

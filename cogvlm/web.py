@@ -1,0 +1,167 @@
+"""`cogvlm web`: the Gradio demo. Upload or paste an image (or none), chat with streamed answers,
+pick the template and sampling settings, and see the turn's grounding boxes drawn on the image.
+
+Gradio is an optional extra (`pip install 'cogvlm[web]'`), imported only when the demo starts.
+Prompting and decoding stay in the API: each browser tab holds one `ChatSession`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from PIL import Image
+
+from .chat_cli import UsageError, add_model_flags, load_model, sampling_flags, turn_boxes
+from .config import TEMPLATES
+from .grounding import draw_boxes
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from .api import ChatSession, CogVLM
+
+EXAMPLES = Path(__file__).with_name("web_examples")
+INTRO = ("# CogVLM\nUpload or paste an image (or none, for text-only chat) and ask about it. Boxes written "
+         "as `[[x0,y0,x1,y1]]` (thousandths of the image size) in a question or an answer are drawn on "
+         "the image below it. Changing the image or the template starts a new conversation.")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One clickable example: an image, a prompt, the template it suits and a short label."""
+
+    image: Path
+    prompt: str
+    template: str
+    label: str
+
+
+def load_examples(folder: Path) -> list[Example]:
+    """The entries of `folder/examples.json`, checked so a broken folder fails at start-up."""
+    index = folder / "examples.json"
+    try:
+        rows = json.loads(index.read_text())
+        examples = [Example(folder / r["image"], r["prompt"], r["template"], r["label"]) for r in rows]
+    except FileNotFoundError:
+        raise UsageError(f"no examples.json in {folder}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{index} must be a JSON list of {{image, prompt, template, label}} objects ({e!r})") from None
+    for ex in examples:
+        if not ex.image.is_file():
+            raise UsageError(f"{index}: image not found: {ex.image}")
+        if ex.template not in TEMPLATES:
+            raise UsageError(f"{index}: unknown template {ex.template!r}; expected one of {TEMPLATES}")
+    return examples
+
+
+@dataclass
+class Conversation:
+    """One browser tab's chat and what it was started for (an image digest and a template)."""
+
+    session: ChatSession
+    key: tuple[str, str]
+
+
+def _image_key(image: Image.Image | None) -> str:
+    return "none" if image is None else f"{image.size}:{hashlib.sha1(image.tobytes()).hexdigest()}"
+
+
+def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
+
+
+def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
+              sampling: dict[str, Any] | None = None) -> gr.Blocks:
+    """The demo's page; `sampling` (from the flags) sets the starting values of the controls."""
+    import gradio as gr
+
+    sampling = sampling or {}
+    start = vlm.sampling(**sampling)
+
+    def respond(image: Image.Image | None, query: str, convo: Conversation | None, template: str,
+                temperature: float, top_p: float, top_k: float, max_new_tokens: float) -> Iterator[tuple]:
+        query = query.strip()
+        if not query and template != "base":
+            raise gr.Error("Type a question first (an empty prompt means captioning, with the base template).")
+        key = (_image_key(image), template)
+        if convo is None or convo.key != key:
+            convo = Conversation(vlm.session(image, template, **sampling), key)
+        session = convo.session
+        chat = _messages(session.history) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+        settings = dict(temperature=temperature, top_p=top_p, top_k=int(top_k),
+                        max_new_tokens=int(max_new_tokens) or None)
+        try:
+            for piece in session.stream(query, **settings):
+                chat[-1]["content"] += piece
+                yield chat, convo, None, ""
+        except ValueError as e:  # no room left in max_length, or a bad setting
+            raise gr.Error(str(e)) from None
+        phrases = turn_boxes(query, session.history[-1][1]) if image is not None else []
+        yield _messages(session.history), convo, draw_boxes(image, phrases) if phrases else None, ""
+
+    with gr.Blocks(title="CogVLM", analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        convo = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image", elem_id="image")
+                boxes = gr.Image(type="pil", format="png", label="Boxes", interactive=False, elem_id="boxes")
+                template_box = gr.Dropdown(list(TEMPLATES), value=template or vlm.config.template,
+                                           label="Template", elem_id="template")
+                with gr.Accordion("Sampling", open=False):
+                    temperature = gr.Slider(0, 2, value=start.temperature, step=0.05, label="temperature",
+                                            info="0 = greedy")
+                    top_p = gr.Slider(0.01, 1, value=start.top_p, step=0.01, label="top_p")
+                    top_k = gr.Slider(0, 100, value=start.top_k, step=1, label="top_k", info="1 = greedy, 0 = no limit")
+                    max_new = gr.Slider(0, start.max_length, value=start.max_new_tokens or 0, step=1,
+                                        label="max_new_tokens", info="0 = until max_length")
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, height=420)
+                query = gr.Textbox(placeholder="Ask about the image…", show_label=False, elem_id="query")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear = gr.Button("Clear", elem_id="clear")
+        shown = gr.Examples([[str(e.image), e.prompt, e.template] for e in examples],
+                            inputs=[image, query, template_box], example_labels=[e.label for e in examples])
+
+        inputs = [image, query, convo, template_box, temperature, top_p, top_k, max_new]
+        outputs = [chat, convo, boxes, query]
+        # one shared queue: answers are generated one at a time, whichever way they were asked for
+        send.click(respond, inputs, outputs, concurrency_id="answer")
+        query.submit(respond, inputs, outputs, concurrency_id="answer")
+        shown.load_input_event.then(respond, inputs, outputs, concurrency_id="answer")  # one click answers
+        for event in (clear.click, image.upload):
+            event(lambda: ([], None, None), outputs=[chat, convo, boxes])
+    return app
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the web demo needs Gradio: pip install 'cogvlm[web]'") from None
+    examples = load_examples(args.examples)
+    sampling = sampling_flags(args)
+    app = build_app(load_model(args), examples, args.template, sampling)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    return 0
+
+
+def add_web_verb(verbs: Any) -> None:
+    """Register `cogvlm web` on the top-level parser's subcommands."""
+    p = verbs.add_parser("web", help="the Gradio web demo (pip install 'cogvlm[web]')",
+                         description="Serve a chat page: upload or paste an image, streamed answers, template "
+                                     "and sampling controls, grounding boxes drawn on the image.")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--examples", type=Path, default=EXAMPLES, metavar="DIR",
+                   help="folder with examples.json and its images, shown as one-click examples "
+                        "(default: the shipped ones)")
+    p.set_defaults(func=cmd_web)

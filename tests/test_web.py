@@ -1,0 +1,144 @@
+"""`cogvlm web` in a real headless Chromium (Debian's, driven by Playwright): answers streamed
+into the page must equal the API's greedy answers, and boxes must be drawn on the image."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from PIL import Image
+
+from cogvlm import CogVLM
+from cogvlm.cli import main
+from cogvlm.grounding import PALETTE
+from cogvlm.web import EXAMPLES, load_examples
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GREEDY = {"top_k": 1, "max_new_tokens": 8}
+BOX_QUERY = "Tell me what you see within the designated area [[100,200,500,600]] in the picture."
+
+
+def test_shipped_examples_are_small_and_complete():
+    examples = load_examples(EXAMPLES)
+    assert len(examples) >= 3
+    assert {e.template for e in examples} >= {"base", "vqa"}
+    assert all(e.label for e in examples)
+    assert sum(p.stat().st_size for p in EXAMPLES.iterdir()) < 50_000
+
+
+def test_a_broken_examples_folder_exits_2(tmp_path, capsys):
+    assert main(["web", "--examples", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"cogvlm web: error: no examples.json in {tmp_path}\n"
+    (tmp_path / "examples.json").write_text('[{"image": "gone.png", "prompt": "", "template": "base", "label": "x"}]')
+    assert main(["web", "--examples", str(tmp_path)]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+def test_without_gradio_the_message_says_what_to_install(tiny_checkpoint):
+    hide_gradio = "import sys; sys.modules['gradio'] = None; from cogvlm.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", hide_gradio, "web", "--model", str(tiny_checkpoint)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == "cogvlm web: error: the web demo needs Gradio: pip install 'cogvlm[web]'\n"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        if os.geteuid() != 0:
+            pytest.skip("Chromium is missing and installing it needs root: sudo scripts/install-test-deps.sh")
+        subprocess.run(["bash", str(ROOT / "scripts" / "install-test-deps.sh")], check=True, timeout=600)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
+    """`cogvlm web` on a free loopback port, greedy; yields its URL."""
+    pytest.importorskip("gradio", reason="pip install 'cogvlm[web]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(log.parent / "gradio"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cogvlm", "web", "--model", str(tiny_checkpoint),
+                                 "--port", str(port), "--top_k", "1", "--max_new_tokens", "8"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"the server stopped:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install 'cogvlm[test]'")
+    vlm = CogVLM.from_pretrained(tiny_checkpoint)
+    image = EXAMPLES / "shapes-4.png"
+    session = vlm.session(image, **GREEDY)
+    expected = [session.ask("Describe the image."), session.ask(BOX_QUERY)]
+    count = next(e for e in load_examples(EXAMPLES) if e.label == "Count the objects")
+    expected_example = vlm.session(count.image, count.template, **GREEDY).ask(count.prompt)
+    outside: list[str] = []
+
+    def loopback_only(route):
+        url = route.request.url
+        if url.startswith((server, "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.route("**/*", loopback_only)
+            page.goto(server)
+            bot = page.locator('#chat [data-testid="bot"]')
+            query = page.locator("#query textarea")
+            page.locator("#image input[type=file]").set_input_files(str(image))
+            page.locator("#image img").wait_for()
+            for i, question in enumerate(["Describe the image.", BOX_QUERY]):
+                query.fill(question)
+                page.locator("#send").click()
+                sync_api.expect(bot).to_have_count(i + 1, timeout=30_000)
+                sync_api.expect(bot.nth(i)).to_have_text(expected[i], timeout=30_000)
+
+            drawn_img = page.locator("#boxes img")
+            drawn_img.wait_for(timeout=30_000)
+            drawn = Image.open(io.BytesIO(page.request.get(drawn_img.get_attribute("src")).body()))
+            w, h = drawn.size
+            assert (w, h) == Image.open(image).size
+            assert drawn.convert("RGB").getpixel((round(0.1 * w), round(0.4 * h))) == PALETTE[0]
+
+            page.get_by_role("button", name="Count the objects").click()  # another template: a new chat
+            sync_api.expect(page.locator('#chat [data-testid="user"]')).to_have_text([count.prompt], timeout=30_000)
+            sync_api.expect(bot).to_have_text([expected_example], timeout=30_000)
+            (ROOT / "test-artifacts").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "test-artifacts" / "web.png"), full_page=True)
+
+            page.locator("#clear").click()
+            sync_api.expect(bot).to_have_count(0, timeout=10_000)
+        finally:
+            browser.close()
+    assert outside == [], "the page must work offline"
