@@ -416,13 +416,25 @@ def _jsonable(args: TrainArgs) -> dict:
 
 
 def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
-    """GPT-style init for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+    """Initialization for training from scratch.
+
+    GPT-style normal(0, std) matrices, unit norms, zero biases, with two exceptions for the
+    EVA encoder. Its layers add *normalized* branch outputs to the stream, and at init attention
+    is near-uniform, so every layer would add the same unit-size vector to every patch and bury
+    what tells patches apart (a model trained that way learns to ignore the image). So the
+    branch norms start at 0.1 (like layer scale), and the patch embedding at 1/sqrt(fan_in) so
+    each patch starts with a unit-size, image-dependent vector.
+    """
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
+            elif name.startswith("model.vision.transformer.") and name.endswith("layernorm.weight"):
+                p.fill_(0.1)
             elif "norm" in name and p.ndim == 1:
                 p.fill_(1.0)
+            elif name == "model.vision.patch_embedding.proj.weight":
+                p.normal_(0.0, p[0].numel() ** -0.5)
             else:
                 p.normal_(0.0, std)
 
