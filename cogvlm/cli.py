@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_verb(verbs)
     add_web_verb(verbs)
 
+    from .caption import add_caption_verb
+    from .server import add_serve_verb
+
+    add_serve_verb(verbs)
+    add_caption_verb(verbs)
     return parser
 
 

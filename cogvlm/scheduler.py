@@ -110,7 +110,8 @@ class Scheduler:
                         self._end(job, decoder, row, "error")
                 decoder, jobs = None, {}
                 continue
-            self.batch_sizes[len(decoder.active)] += 1
+            if decoder.active:  # the step after the last row ended samples nothing
+                self.batch_sizes[len(decoder.active)] += 1
             for row, token in tokens.items():
                 job, stream = jobs[row]
                 piece = stream.push(token)

@@ -1,0 +1,514 @@
+"""`cogvlm serve`: an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+
+Every request goes through one `Scheduler`, so concurrent requests decode together in one batch
+instead of queueing. Client mistakes get OpenAI-style error bodies with 4xx codes, so that
+OpenAI client libraries raise their usual exceptions; a 500 always means a bug or an engine failure.
+
+FastAPI and uvicorn are an optional extra (`pip install 'cogvlm[serve]'`): they are imported
+inside `create_app`/`cmd_serve`, so the rest of the CLI works without them. (No `from __future__
+import annotations` here: FastAPI reads the route functions' annotations at run time.)
+"""
+
+import argparse
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from PIL import Image, UnidentifiedImageError
+
+from .api import CogVLM
+from .chat_cli import UsageError, add_model_flags, load_model, sampling_flags
+from .generate import ContextLengthError, SamplingParams
+from .image import ImageError, load_image
+from .prompt import PromptTokens
+from .scheduler import Job, Scheduler
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+
+IMAGE_SOURCES_HINT = ("send the image inline as a data: URL (data:image/png;base64,...); "
+                      "http(s) URLs need --allow-remote-images, local paths need --allow-local-files")
+API_NAMES = {"max_new_tokens": "max_tokens"}  # engine name -> OpenAI request field
+# refused when set: silently ignoring them would mislead the client
+UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the server accepts; the defaults are the safe ones (no remote or local file reads)."""
+
+    model_name: str
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    allow_local_files: bool = False
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 40_000_000
+    template: str | None = None  # None: the model's own
+
+    @property
+    def max_body_bytes(self) -> int:
+        """A base64 image grows by 4/3; 1 MiB on top is ample for the text of a conversation."""
+        return self.max_image_bytes * 4 // 3 + 2**20
+
+
+class APIError(Exception):
+    """A request the server refuses, rendered as OpenAI's error JSON."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int = 400, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---- request parsing (no web framework here) ----------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A checked request, ready for `Scheduler.submit`."""
+
+    prompt: PromptTokens
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def prepare(vlm: CogVLM, opts: ServeOptions, body: Any) -> Prepared:
+    """Check a chat completion request and turn it into prompt tokens and sampling parameters.
+    Blocking (image download and decoding): call it in a worker thread."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != opts.model_name:
+        raise APIError(f"model {model!r} does not exist; this server serves {opts.model_name!r} "
+                       f"(see GET /v1/models)", "model", "model_not_found", status=404)
+    for key in UNSUPPORTED:
+        if body.get(key):
+            raise APIError(f"{key} is not supported by this server", key, "unsupported_parameter")
+    if _field(body, "n", int, "an integer") not in (None, 1):
+        raise APIError("only n=1 is supported", "n", "unsupported_parameter")
+    params = sampling_params(vlm, body)
+    image_url, query, history = parse_messages(body.get("messages"))
+    image = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
+    stream = bool(_field(body, "stream", bool, "true or false"))
+    stream_options = _field(body, "stream_options", dict, "an object") or {}
+    return Prepared(vlm.prompt_tokens(image, query, history, opts.template), params, stream,
+                    stream and bool(stream_options.get("include_usage")))
+
+
+def _field(body: dict, key: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    """body[key] (None when absent) after a type check; JSON true is not a number here."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        raise APIError(f"{key} must be {what}, not {json.dumps(value)[:60]}", key, "invalid_type")
+    return value
+
+
+def sampling_params(vlm: CogVLM, body: dict) -> SamplingParams:
+    """OpenAI's knobs mapped to the engine's, on top of `vlm.defaults` (the authors' settings
+    unless `cogvlm serve` got sampling flags). temperature 0: greedy. Otherwise OpenAI semantics: sample from the whole
+    distribution (top_k 0), temperature and top_p default to 1. `top_k` and `repetition_penalty`
+    are accepted as extensions, as vLLM does."""
+    number = (int, float)
+    temperature = _field(body, "temperature", number, "a number")
+    top_p = _field(body, "top_p", number, "a number")
+    kw: dict[str, Any] = {}
+    if temperature is not None or top_p is not None:
+        kw = {"top_k": 0, "temperature": 1.0 if temperature is None else temperature,
+              "top_p": 1.0 if top_p is None else top_p}
+    top_k = _field(body, "top_k", int, "an integer")
+    if top_k is not None:
+        kw["top_k"] = top_k
+    max_tokens = _field(body, "max_completion_tokens", int, "an integer")
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", int, "an integer")
+    stop = _field(body, "stop", (str, list), "a string or a list of strings")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise APIError("stop must be a string or a list of strings", "stop", "invalid_type")
+    kw.update(max_new_tokens=max_tokens, stop=stop,
+              seed=_field(body, "seed", int, "an integer"),
+              repetition_penalty=_field(body, "repetition_penalty", number, "a number"))
+    try:
+        return vlm.sampling(**kw)
+    except ValueError as e:  # "invalid NAME=VALUE: why"
+        name = re.match(r"invalid (\w+)=", str(e))
+        api = API_NAMES.get(name.group(1), name.group(1)) if name else None
+        message = str(e).replace(f"{name.group(1)}=", f"{api}=", 1) if name else str(e)
+        raise APIError(message, api, "invalid_value") from None
+
+
+def parse_messages(messages: Any) -> tuple[tuple[str, str] | None, str, list[tuple[str, str]]]:
+    """OpenAI messages -> ((image URL, its param path) or None, query, history pairs).
+
+    CogVLM has no system prompt, so system/developer messages are ignored; the rest must
+    alternate user/assistant and end with the user's question. One image per conversation."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list", "messages")
+    turns: list[tuple[str, str]] = []
+    images: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise APIError(f"{where} must be an object with role and content", where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            continue
+        if role not in ("user", "assistant"):
+            raise APIError(f"{where} has role {role!r}; CogVLM takes user and assistant messages "
+                           f"(system messages are ignored)", f"{where}.role")
+        text, urls = _content(message.get("content"), f"{where}.content")
+        if role == "assistant" and urls:
+            raise APIError("images go in user messages", f"{where}.content")
+        images += urls
+        turns.append((role, text))
+    if not any(role == "user" for role, _ in turns):
+        raise APIError("the request has no user message", "messages", "missing_user_message")
+    roles = [role for role, _ in turns]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise APIError("messages must alternate user and assistant, starting and ending with a user "
+                       "message", "messages", "invalid_message_order")
+    if len(images) > 1:
+        raise APIError(f"CogVLM takes one image per conversation; this request has {len(images)}",
+                       images[1][1], "too_many_images")
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    return (images[0] if images else None), turns[-1][1], history
+
+
+def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
+    """A message's text (parts joined by newlines) and its image URLs with their param paths."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise APIError(f"{where} must be a string or a list of content parts", where)
+    texts, urls = [], []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise APIError(f"{at}.image_url must be {{\"url\": \"...\"}}", f"{at}.image_url")
+            urls.append((url, f"{at}.image_url"))
+        else:
+            raise APIError(f"{at} must be {{\"type\": \"text\", \"text\": ...}} or "
+                           f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", at)
+    return "\n".join(texts), urls
+
+
+def fetch_image(url: str, where: str, opts: ServeOptions) -> Image.Image:
+    """The image behind a data:, http(s) or local URL, within the size limits."""
+    limit = opts.max_image_bytes
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise APIError("image data URLs must be base64: data:image/png;base64,...", where, "invalid_image_url")
+        payload = "".join(payload.split())
+        if len(payload) // 4 * 3 > limit + 3:
+            raise _too_big(f"the image is about {len(payload) // 4 * 3} bytes", where, "--max-image-bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError("the image data URL is not valid base64", where, "invalid_base64") from None
+    elif url.startswith(("http://", "https://")):
+        if not opts.allow_remote_images:
+            raise APIError(f"remote image URLs are off on this server: {IMAGE_SOURCES_HINT}", where,
+                           "image_url_not_allowed")
+        data = _download(url, where, limit)
+    else:
+        if not opts.allow_local_files:
+            raise APIError(f"local image paths are off on this server: {IMAGE_SOURCES_HINT}", where,
+                           "image_url_not_allowed")
+        data = _read_local(Path(url.removeprefix("file://")).expanduser(), where, limit)
+    if len(data) > limit:
+        raise _too_big(f"the image is {len(data)} bytes", where, "--max-image-bytes")
+    return _decode(data, where, opts.max_image_pixels)
+
+
+def _too_big(what: str, where: str, flag: str) -> APIError:
+    return APIError(f"{what}, over this server's limit ({flag})", where, "image_too_large", status=413)
+
+
+def _download(url: str, where: str, limit: int) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            return response.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise APIError(f"could not download the image {url}: {e}", where, "image_download_failed") from None
+
+
+def _read_local(path: Path, where: str, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise _too_big(f"{path} is {size} bytes", where, "--max-image-bytes")
+        return path.read_bytes()
+    except OSError as e:
+        raise APIError(f"could not read the image {path}: {e.strerror or e}", where, "image_not_found") from None
+
+
+def _decode(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """Check the pixel count from the header *before* decoding: a small file can hold a huge bitmap."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise _too_big(str(e).split(" could")[0], where, "--max-image-pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        width = height = 0  # not an image: load_image below says why
+    if width * height > max_pixels:
+        raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
+    try:
+        return load_image(data)
+    except ImageError as e:
+        raise APIError(str(e).replace("the given bytes", "the image"), where, "invalid_image") from None
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+def usage(job: Job) -> dict[str, int]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class RequestLog:
+    """Requests submitted through this server, counted by how they ended (for /metrics). Only the
+    event loop thread touches it; finished jobs are folded into the counts on the next call."""
+
+    def __init__(self) -> None:
+        self.live: list[Job] = []
+        self.ended: Counter[str] = Counter()
+        self.completion_tokens = 0
+
+    def add(self, job: Job) -> None:
+        self._fold()
+        self.live.append(job)
+
+    def snapshot(self) -> dict[str, Any]:
+        self._fold()
+        return {"running": len(self.live), "finished": dict(self.ended),
+                "completion_tokens": self.completion_tokens}
+
+    def _fold(self) -> None:
+        running = []
+        for job in self.live:
+            if job.finish_reason is None:
+                running.append(job)
+            else:
+                self.ended[job.finish_reason] += 1
+                self.completion_tokens += job.completion_tokens
+        self.live = running
+
+
+def _settle(job: Job) -> None:
+    """Wait for the job to end; its error, if any, stays on `job.error`."""
+    with contextlib.suppress(Exception):
+        job.result()
+
+
+def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI":
+    """The ASGI app. Its scheduler thread is closed when the app shuts down."""
+    import anyio
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    scheduler = Scheduler(vlm, max_batch)
+    requests = RequestLog()
+
+    def require_key(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
+            raise APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", status=401)
+
+    protected = [Depends(require_key)]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="cogvlm", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse(APIError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        body = APIError(f"internal error ({type(e).__name__}); see the server log", kind="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": opts.model_name}
+
+    @app.get("/v1/models", dependencies=protected)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": opts.model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "cogvlm"}]}
+
+    @app.get("/metrics", dependencies=protected)
+    async def metrics() -> dict[str, Any]:
+        # dict() is one C-level copy while the scheduler thread keeps counting; size 0 counts the
+        # last step of a batch, after its rows ended: not a batch
+        sizes = dict(scheduler.batch_sizes)
+        return {"max_batch": scheduler.max_batch, "max_batch_seen": max(sizes, default=0),
+                "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)}, "requests": requests.snapshot()}
+
+    @app.post("/v1/chat/completions", dependencies=protected, response_model=None)
+    async def chat_completions(request: Request) -> Any:
+        body = await _read_json(request, opts.max_body_bytes)
+        ready = await run_in_threadpool(prepare, vlm, opts, body)
+        try:
+            job = scheduler.submit(ready.prompt, ready.params)
+        except ContextLengthError as e:
+            raise APIError(str(e), "messages", "context_length_exceeded") from None
+        requests.add(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": opts.model_name}
+        if ready.stream:
+            return StreamingResponse(_events(job, head, ready.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        await _wait(request, job)
+        if job.error is not None:
+            raise APIError(f"generation failed: {job.error}", kind="server_error", status=500)
+        return {**head, "object": "chat.completion", "usage": usage(job),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.answer},
+                             "finish_reason": job.finish_reason, "logprobs": None}]}
+
+    async def _wait(request: Request, job: Job) -> None:
+        """Wait for a non-streamed answer; a client that hangs up cancels its job."""
+        async def cancel_on_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(cancel_on_disconnect)
+            await anyio.to_thread.run_sync(_settle, job, abandon_on_cancel=True)
+            tasks.cancel_scope.cancel()
+
+    async def _events(job: Job, head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+        """OpenAI chunks as server-sent events. When the client goes away, Starlette cancels
+        this generator at its await: `finally` cancels the job and frees its batch slot."""
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            return sse({**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        pieces = job.pieces()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
+                yield chunk({"content": piece})
+            yield chunk({}, job.finish_reason)
+            if include_usage:
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(job)})
+        except Exception as e:  # the engine failed mid-answer: tell the client in-band
+            yield sse(APIError(f"generation failed: {e}", kind="server_error").body())
+        finally:
+            job.cancel()  # no-op for a finished job
+        yield sse("[DONE]")
+
+    return app
+
+
+async def _read_json(request: "Request", limit: int) -> Any:
+    """The body as JSON, refusing oversized bodies before reading them whole."""
+    declared = request.headers.get("content-length", "")
+    too_big = APIError(f"the request body is over {limit} bytes (raise --max-image-bytes for bigger images)",
+                       code="request_too_large", status=413)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise too_big
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def add_serve_verb(verbs: Any) -> None:
+    """Register `cogvlm serve` on the top-level parser's subcommands."""
+    p = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (pip install 'cogvlm[serve]')",
+                         description="OpenAI-compatible chat completions (streaming included) for one model; "
+                                     "concurrent requests are decoded together in one batch. The sampling flags "
+                                     "set the defaults for requests that do not choose. See docs/serve.md.")
+    add_model_flags(p)
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY; unset: no auth)")
+    p.add_argument("--max-batch", type=_positive, default=16, metavar="N",
+                   help="most requests decoded together (default 16)")
+    p.add_argument("--allow-remote-images", action="store_true", help="let requests name http(s) image URLs")
+    p.add_argument("--allow-local-files", action="store_true", help="let requests name image files on this machine")
+    p.add_argument("--max-image-bytes", type=_positive, default=ServeOptions.max_image_bytes, metavar="N",
+                   help=f"largest image file (default {ServeOptions.max_image_bytes})")
+    p.add_argument("--max-image-pixels", type=_positive, default=ServeOptions.max_image_pixels, metavar="N",
+                   help=f"largest image, width x height (default {ServeOptions.max_image_pixels})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401  (create_app needs it: fail now, not after loading the model)
+        import uvicorn
+    except ImportError:
+        raise UsageError("the server needs FastAPI and uvicorn: pip install 'cogvlm[serve]'") from None
+    sampling = sampling_flags(args)
+    vlm = load_model(args)
+    vlm.defaults = vlm.sampling(**sampling)
+    opts = ServeOptions(args.served_model_name or args.model, args.api_key, args.allow_remote_images,
+                        args.allow_local_files, args.max_image_bytes, args.max_image_pixels, args.template)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and opts.api_key is None:
+        print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
+              f"can use it", file=sys.stderr)
+    uvicorn.run(create_app(vlm, opts, args.max_batch), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

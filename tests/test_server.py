@@ -1,0 +1,319 @@
+"""`cogvlm serve`: a real uvicorn server in a subprocess on a free loopback port, called with the
+official openai client and with httpx. Answers must equal the API's (`CogVLM.chat`, greedy) for
+the same inputs; every client mistake must get a 4xx code and an OpenAI-style error body."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from cogvlm import CogVLM
+from cogvlm.data.synthetic import make_scene
+from tests.test_caption import ENV, ROOT, talkative_copy
+
+CONTEXT = 2048  # --max_length of the servers: room for an answer that outlasts a hang-up
+MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS = 60_000, 250_000
+KEY = "sekret"
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def scene(seed: int) -> bytes:
+    return png(make_scene(seed, 48).image)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(text: str, *urls: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}]
+            + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
+    """`python -m cogvlm serve` in a subprocess; yields its URL once /health answers."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cogvlm", "serve", "--model", str(model), "--port", str(port),
+                                 "--max_length", str(CONTEXT), "--log-level", "warning", *flags],
+                                cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the server died:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return talkative_copy(tiny_checkpoint, tmp_path_factory.mktemp("talkative") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def vlm(model: Path) -> CogVLM:
+    return CogVLM.from_pretrained(model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serving(model, tmp_path_factory.mktemp("log") / "server.log", "--max-image-bytes", str(MAX_IMAGE_BYTES),
+                 "--max-image-pixels", str(MAX_IMAGE_PIXELS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def open_server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """With an API key, and allowed to fetch remote images and read local files."""
+    with serving(model, tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY,
+                 "--allow-remote-images", "--allow-local-files") as url:
+        yield url
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def reference(vlm: CogVLM, image: bytes | None, query: str, history=None, **sampling) -> str:
+    return vlm.chat(image, query, history, top_k=1, max_length=CONTEXT, **sampling)[0]
+
+
+def test_chat_completion_with_an_image(server, model, vlm):
+    image = scene(1)
+    reply = client(server).chat.completions.create(
+        model=str(model), messages=[user("What is in the image?", data_url(image))], temperature=0, max_tokens=12)
+    assert reply.choices[0].message.content == reference(vlm, image, "What is in the image?", max_new_tokens=12)
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
+    prompt = vlm.prompt_length(vlm.prompt_tokens(image, "What is in the image?"))
+    counts = reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens
+    assert counts == (prompt, 12, prompt + 12)
+    assert reply.model == str(model) and reply.object == "chat.completion"
+
+
+def test_streamed_chunks_join_to_the_answer(server, model):
+    request = dict(model=str(model), messages=[user("Describe it.", data_url(scene(2)))], temperature=0, max_tokens=20)
+    whole = client(server).chat.completions.create(**request)
+    chunks = list(client(server).chat.completions.create(**request, stream=True,
+                                                         stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1, "the answer should arrive in several pieces"
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_two_turn_conversation(server, model, vlm):
+    image = scene(3)
+    first = reference(vlm, image, "What is this?", max_new_tokens=6)
+    reply = client(server).chat.completions.create(
+        model=str(model), temperature=0, max_tokens=10,
+        messages=[{"role": "system", "content": "ignored: CogVLM has no system prompt"},
+                  user("What is this?", data_url(image)), {"role": "assistant", "content": first},
+                  {"role": "user", "content": "And what colour is it?"}])
+    want = reference(vlm, image, "And what colour is it?", [("What is this?", first)], max_new_tokens=10)
+    assert reply.choices[0].message.content == want
+
+
+def test_stop_strings_and_seeded_sampling(server, model, vlm):
+    chat = client(server).chat.completions
+    full = reference(vlm, None, "Tell me a story", max_new_tokens=30)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    reply = chat.create(model=str(model), messages=[user("Tell me a story")], temperature=0, max_tokens=30, stop=[stop])
+    assert reply.choices[0].message.content == reference(vlm, None, "Tell me a story", max_new_tokens=30, stop=[stop])
+    assert reply.choices[0].finish_reason == "stop" and len(reply.choices[0].message.content) < len(full)
+    sampled = [chat.create(model=str(model), messages=[user("Tell me a story")], temperature=1.0, max_tokens=20,
+                           seed=seed).choices[0].message.content for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_models_health_and_metrics(server, model):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == [str(model)]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": str(model)}
+    metrics = httpx.get(f"{server}/metrics").json()
+    assert metrics["max_batch"] == 16 and set(metrics) >= {"max_batch_seen", "batch_sizes", "requests"}
+    wrong_method = httpx.get(f"{server}/v1/chat/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
+
+
+def test_api_key(open_server, model):
+    with pytest.raises(openai.AuthenticationError):
+        client(open_server).chat.completions.create(model=str(model), messages=[user("hi")], max_tokens=2)
+    reply = client(open_server, KEY).chat.completions.create(model=str(model), messages=[user("hi")], max_tokens=2)
+    assert reply.choices[0].message.content
+    for path in ("/v1/models", "/metrics"):
+        denied = httpx.get(f"{open_server}{path}", headers={"Authorization": "Bearer wrong"})
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{open_server}/health").status_code == 200  # for load balancers: no key needed
+
+
+def test_remote_and_local_images_when_allowed(open_server, model, vlm, tmp_path):
+    image = scene(4)
+    (tmp_path / "scene.png").write_bytes(image)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as files:
+        threading.Thread(target=files.serve_forever, daemon=True).start()
+        try:
+            urls = [f"http://127.0.0.1:{files.server_address[1]}/scene.png", str(tmp_path / "scene.png"),
+                    f"file://{tmp_path / 'scene.png'}"]
+            answers = [client(open_server, KEY).chat.completions.create(
+                model=str(model), messages=[user("What is it?", url)], temperature=0, max_tokens=8,
+            ).choices[0].message.content for url in urls]
+        finally:
+            files.shutdown()
+    assert answers == [reference(vlm, image, "What is it?", max_new_tokens=8)] * 3
+
+
+def _request(**overrides) -> dict:
+    return {"messages": [user("What is in the image?", data_url(scene(5)))], "max_tokens": 4, **overrides}
+
+
+def _noise_png(side: int) -> bytes:
+    return png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)))
+
+
+BAD_REQUESTS = {  # name: (body, status, param, code)
+    "bad json": (b'{"messages": [', 400, None, "invalid_json"),
+    "not an object": ([1, 2], 400, None, None),
+    "unknown model": (_request(model="gpt-4o"), 404, "model", "model_not_found"),
+    "no messages": ({"max_tokens": 4}, 400, "messages", None),
+    "no user message": (_request(messages=[{"role": "system", "content": "hi"}]), 400, "messages",
+                        "missing_user_message"),
+    "two user messages in a row": (_request(messages=[user("a"), user("b")]), 400, "messages", "invalid_message_order"),
+    "tool role": (_request(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
+    "bad content part": (_request(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400,
+                         "messages[0].content[0]", None),
+    "two images": (_request(messages=[user("a", data_url(scene(1)), data_url(scene(2)))]), 400,
+                   "messages[0].content[2].image_url", "too_many_images"),
+    "undecodable base64": (_request(messages=[user("a", "data:image/png;base64,@@not-base64@@")]), 400,
+                           "messages[0].content[1].image_url", "invalid_base64"),
+    "not an image": (_request(messages=[user("a", data_url(b"hello, I am text"))]), 400,
+                     "messages[0].content[1].image_url", "invalid_image"),
+    "image over --max-image-bytes": (_request(messages=[user("a", data_url(_noise_png(200)))]), 413,
+                                     "messages[0].content[1].image_url", "image_too_large"),
+    "image over --max-image-pixels": (_request(messages=[user("a", data_url(png(Image.new("RGB", (600, 600)))))]),
+                                      413, "messages[0].content[1].image_url", "image_too_large"),
+    "remote image not allowed": (_request(messages=[user("a", "http://127.0.0.1:9/x.png")]), 400,
+                                 "messages[0].content[1].image_url", "image_url_not_allowed"),
+    "local file not allowed": (_request(messages=[user("a", "/etc/hostname")]), 400,
+                               "messages[0].content[1].image_url", "image_url_not_allowed"),
+    "body over the limit": (_request(padding="x" * (MAX_IMAGE_BYTES * 2 + 2**20)), 413, None, "request_too_large"),
+    "prompt over the context": (_request(messages=[user("word " * CONTEXT)]), 400, "messages",
+                                "context_length_exceeded"),
+    "negative temperature": (_request(temperature=-1), 400, "temperature", "invalid_value"),
+    "temperature not a number": (_request(temperature="hot"), 400, "temperature", "invalid_type"),
+    "top_p over 1": (_request(top_p=1.5), 400, "top_p", "invalid_value"),
+    "max_tokens 0": (_request(max_tokens=0), 400, "max_tokens", "invalid_value"),
+    "stop not strings": (_request(stop=[1]), 400, "stop", "invalid_type"),
+    "n=2": (_request(n=2), 400, "n", "unsupported_parameter"),
+    "tools": (_request(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_4xx_and_openai_errors(server, name):
+    body, status, param, code = BAD_REQUESTS[name]
+    content = body if isinstance(body, bytes) else None
+    response = httpx.post(f"{server}/v1/chat/completions", content=content, json=None if content else body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+def _metrics(url: str) -> dict:
+    return httpx.get(f"{url}/metrics").json()
+
+
+def test_concurrent_requests_decode_together(server, model, vlm):
+    before = _metrics(server)["batch_sizes"]
+    greedy = [(scene(10 + i) if i % 2 else None, f"question number {i}?") for i in range(4)]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        if i < 4:
+            image, query = greedy[i]
+            messages, sampling = [user(query, *([data_url(image)] if image else []))], {"temperature": 0}
+        else:  # sampled, long answers: they keep the batch busy while the others arrive
+            messages, sampling = [user(f"story {i}")], {"temperature": 1.0, "seed": i}
+        results[i] = client(server).chat.completions.create(
+            model=str(model), messages=messages, max_tokens=16 if i < 4 else 64, **sampling).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8)) and all(results.values())
+    assert [results[i] for i in range(4)] == [reference(vlm, img, q, max_new_tokens=16) for img, q in greedy]
+    after = _metrics(server)
+    together = {int(k): n - before.get(k, 0) for k, n in after["batch_sizes"].items()}
+    assert max(k for k, n in together.items() if n > 0) > 1 and after["max_batch_seen"] > 1
+
+
+def test_clients_that_hang_up_free_their_slots(server, model, vlm):
+    cancelled = _metrics(server)["requests"]["finished"].get("cancelled", 0)
+    long = _request(messages=[user("Tell me a very long story")], max_tokens=CONTEXT - 20, temperature=0)
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # one real piece arrived: hang up mid-stream
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(f"{server}/v1/chat/completions", json=long, timeout=httpx.Timeout(60, read=0.3))
+    others = [client(server).chat.completions.create(model=str(model), messages=[user(f"quick {i}")], temperature=0,
+                                                     max_tokens=8).choices[0].message.content for i in range(3)]
+    assert others == [reference(vlm, None, f"quick {i}", max_new_tokens=8) for i in range(3)]
+    deadline = time.monotonic() + 30
+    while _metrics(server)["requests"]["finished"].get("cancelled", 0) < cancelled + 2:
+        assert time.monotonic() < deadline, "an abandoned request was never cancelled"
+        time.sleep(0.1)
+    assert _metrics(server)["requests"]["running"] == 0
+
+
+def test_missing_serve_extra_gets_a_clear_message(monkeypatch, capsys):
+    from cogvlm.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # what an install without [serve] looks like
+    assert main(["serve", "--model", "unused"]) == 2
+    assert "pip install 'cogvlm[serve]'" in capsys.readouterr().err
