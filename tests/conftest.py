@@ -72,3 +72,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, sp_model_path: Pat
     save_hf(model.state_dict(), model.config, out)
     shutil.copy(sp_model_path, out / "tokenizer.model")
     return out
+
+
+@pytest.fixture(scope="session")
+def talkative_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with its </s> logits zeroed: it talks until max_new_tokens, so each
+    image gets an answer of its own (the original answers nothing for most images)."""
+    import shutil
+
+    from cogvlm.checkpoint import load_model, save_hf
+
+    model, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = 0
+    out = tmp_path_factory.mktemp("talkative") / "ckpt"
+    save_hf(model.state_dict(), model.config, out)
+    shutil.copy(tiny_checkpoint / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def talkative_vlm(talkative_checkpoint: Path):
+    from cogvlm import CogVLM
+
+    return CogVLM.from_pretrained(talkative_checkpoint, device="cpu")

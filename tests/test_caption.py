@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cogvlm import CogVLM
 from cogvlm.caption import RecordFile, caption_images
-from cogvlm.checkpoint import load_model, save_hf
 from cogvlm.cli import main
 from cogvlm.data.synthetic import make_scene
 
@@ -32,25 +30,14 @@ GREEDY_FLAGS = ["--top_k", "1", "--max_new_tokens", str(NEW_TOKENS)]
 FAILURES = ("corrupt.png", "truncated.jpg")
 
 
-def talkative_copy(src: Path, dst: Path) -> Path:
-    """The tiny checkpoint with its </s> logits zeroed: it talks until max_new_tokens, so each
-    image gets a caption of its own (the original answers nothing for most images)."""
-    model, _ = load_model(src)
-    with torch.no_grad():
-        model.lm_head.weight[model.config.eos_token_id] = 0
-    save_hf(model.state_dict(), model.config, dst)
-    shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
-    return dst
+@pytest.fixture(scope="module")
+def model(talkative_checkpoint: Path) -> Path:
+    return talkative_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return talkative_copy(tiny_checkpoint, tmp_path_factory.mktemp("talkative") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def vlm(model: Path) -> CogVLM:
-    return CogVLM.from_pretrained(model, device="cpu")
+def vlm(talkative_vlm: CogVLM) -> CogVLM:
+    return talkative_vlm
 
 
 @pytest.fixture(scope="module")

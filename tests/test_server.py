@@ -25,7 +25,7 @@ from PIL import Image
 
 from cogvlm import CogVLM
 from cogvlm.data.synthetic import make_scene
-from tests.test_caption import ENV, ROOT, talkative_copy
+from tests.test_caption import ENV, ROOT
 
 CONTEXT = 2048  # --max_length of the servers: room for an answer that outlasts a hang-up
 MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS = 60_000, 250_000
@@ -87,13 +87,13 @@ def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return talkative_copy(tiny_checkpoint, tmp_path_factory.mktemp("talkative") / "ckpt")
+def model(talkative_checkpoint: Path) -> Path:
+    return talkative_checkpoint
 
 
 @pytest.fixture(scope="module")
-def vlm(model: Path) -> CogVLM:
-    return CogVLM.from_pretrained(model, device="cpu")
+def vlm(talkative_vlm: CogVLM) -> CogVLM:
+    return talkative_vlm
 
 
 @pytest.fixture(scope="module")
