@@ -92,10 +92,15 @@ def load_model(args: argparse.Namespace) -> CogVLM:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("no CUDA GPU is available here; use --device cpu")
     if args.quant and device.type != "cuda":
-        raise UsageError("quantization needs a CUDA GPU")
-    if args.quant:
-        raise UsageError(f"--quant {args.quant} is not supported yet; run without it (bf16 by default on CUDA)")
-    return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer)
+        raise UsageError("quantization needs a CUDA GPU (as in the authors' demo); run without --quant on CPU")
+    if not args.quant:
+        return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer)
+    from .quantize import quantize_model
+
+    # quantize in host memory first, so the GPU only ever holds the small weights
+    vlm = CogVLM.from_pretrained(args.model, dtype=args.dtype or "bf16", device="cpu", tokenizer=args.tokenizer)
+    vlm.model = quantize_model(vlm.model, args.quant).to(device)
+    return vlm
 
 
 # ---- grounding drawings -----------------------------------------------------------------------

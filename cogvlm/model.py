@@ -329,11 +329,11 @@ class CogVLMForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype  # (the head may be quantized)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(batch, max_len, self.config, self.dtype, self.device)

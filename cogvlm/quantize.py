@@ -1,0 +1,61 @@
+"""Weight-only quantization of the language decoder (the authors' `--quant 4|8`), in plain PyTorch.
+
+Decoding reads every weight once per token, so storing the decoder's linear layers in 8 or 4
+bits cuts memory (17.6 B parameters: ~35 GB in bf16, ~20 GB with 8-bit, ~14 GB with 4-bit
+decoder weights) and the bytes each step reads. Weights are dequantized on the fly to the
+activation dtype; the vision encoder and adapter stay in full precision (they run once per image).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import CogVLMForCausalLM
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear with int8 (one scale per output row) or int4 weights (one scale per
+    group of `group_size` inputs, two values packed per byte)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 64) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.bits, self.out_features, self.in_features = bits, weight.shape[0], weight.shape[1]
+        self.dtype = weight.dtype
+        w = weight.detach().float()
+        if bits == 8:
+            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+        else:
+            if self.in_features % group_size:
+                group_size = self.in_features  # one group per row when the width does not divide
+            groups = w.view(self.out_features, -1, group_size)
+            scale = groups.abs().amax(2, keepdim=True).clamp_min(1e-8) / 7
+            q = (torch.round(groups / scale).clamp(-8, 7) + 8).to(torch.uint8).view(self.out_features, -1)
+            q = q[:, 0::2] | (q[:, 1::2] << 4)  # pack two 4-bit values per byte
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(self.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.qweight.to(self.scale.dtype) * self.scale
+        low, high = self.qweight & 0xF, self.qweight >> 4
+        q = torch.stack([low, high], dim=-1).view(self.out_features, -1).to(self.scale.dtype) - 8
+        return (q.view(*self.scale.shape[:2], -1) * self.scale).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
+def quantize_model(model: CogVLMForCausalLM, bits: int) -> CogVLMForCausalLM:
+    """Replace every Linear of the decoder layers (both experts) and the output head in place."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (name.startswith("model.layers.") or name == "lm_head")]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear(linear.weight, bits).to(linear.weight.device))
+    return model
