@@ -108,10 +108,12 @@ def collate(batch: Sequence[Example], cfg: CogVLMConfig):
                             ex.prompt_ids + ex.answer_ids) for ex in batch]
     chunk = layout_batch(prompts, cfg)
     labels = torch.full_like(chunk.input_ids, IGNORE)
-    width = chunk.input_ids.shape[1]
     for row, ex in enumerate(batch):
-        n = len(ex.answer_ids)  # text is right-aligned: the answer ends the row
-        labels[row, width - 1 - n:width - 1] = chunk.input_ids[row, width - n:]
+        # The answer ends the row; each of its tokens is predicted at the real token before it,
+        # which for an empty prompt (captioning) is eoi, with padding in between.
+        real = chunk.attention_mask[row].nonzero().squeeze(1)
+        n = len(ex.answer_ids)
+        labels[row, real[-n - 1:-1]] = chunk.input_ids[row, real[-n:]]
     return chunk, labels
 
 

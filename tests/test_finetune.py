@@ -48,6 +48,20 @@ def losses(out: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
+def test_labels_sit_on_the_token_before_each_answer_token(tiny_config):
+    from cogvlm.finetune import Example, collate
+
+    image = Path(__file__).resolve().parent.parent / "cogvlm" / "web_examples" / "shapes-0.png"
+    caption = Example(image, [], [40, 41, 2], 1)  # empty prompt: eoi predicts the first answer token
+    vqa = Example(image, [7, 8, 9, 10, 11], [42, 2], 2)
+    chunk, labels = collate([caption, vqa], tiny_config)
+    eoi = 1 + tiny_config.image_tokens - 1
+    assert labels[0].tolist().count(-100) == labels.shape[1] - 3
+    assert labels[0, eoi].item() == 40 and labels[0, -3:-1].tolist() == [41, 2]
+    assert not chunk.attention_mask[0, eoi + 1:-3].any()  # padding between eoi and the answer
+    assert labels[1, -3:-1].tolist() == [42, 2] and labels[1, -1].item() == -100
+
+
 def test_short_training_lowers_held_out_loss(data, sp_model_path, tmp_path):
     a = args(data, sp_model_path, tmp_path / "run", eval_data=data["held"], steps=40, eval_every=40)
     trainer = Trainer(a)
