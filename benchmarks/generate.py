@@ -127,7 +127,7 @@ def main() -> None:
 
     bw = bandwidth_gbs()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"copy bandwidth {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens\n")
+          f"read bandwidth (matrix-vector) {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens\n")
     print(f"| dtype | image prefill ms | batch | ours tok/s | HF Llama tok/s | ours / HF | ours % of bandwidth bound | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
