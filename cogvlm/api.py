@@ -152,7 +152,6 @@ class ChatSession:
         self.history: list[tuple[str, str]] = []
         self.cache: KVCache | None = None
         self._tokens: list[int] = []  # token ids in the cache, image placeholders included
-        self._positions: list[int] = []
 
     def ask(self, query: str, **sampling: Any) -> str:
         for _ in self.stream(query, **sampling):
@@ -170,7 +169,7 @@ class ChatSession:
         budget = vlm._budget(len(ids), params)
         if self.cache is None or self.cache.max_len < min(params.max_length, len(ids) + budget):
             self.cache = vlm.model.new_cache(1, params.max_length)
-            self._tokens, self._positions = [], []
+            self._tokens = []
         shared = min(_common_prefix(self._tokens, ids), len(ids) - 1)  # feed >= 1 token for logits
         self._tokens = self._tokens[:shared]  # true even if this turn is interrupted
         self.cache.length = shared

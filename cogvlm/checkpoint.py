@@ -203,12 +203,13 @@ def sat_to_hf_name(name: str) -> str | None:
 
 def split_rule(hf_name: str) -> str:
     """How a tensor is split across model-parallel ranks: 'qkv', 'dim0', 'dim1' or 'replicated'."""
+    if hf_name.startswith("model.vision.linear_proj."):
+        return "replicated"  # the adapter is not split
     if hf_name.endswith(("query_key_value.weight", "query_key_value.bias")):
         return "qkv"
     if hf_name in ("model.embed_tokens.weight", "lm_head.weight") or re.search(
             r"(gate_proj|up_proj)\.weight$|mlp\.fc1\.(weight|bias)$", hf_name):
-        if "linear_proj" not in hf_name:
-            return "dim0"
+        return "dim0"
     if re.search(r"(expert_dense|down_proj|attention\.dense|mlp\.fc2)\.weight$", hf_name):
         return "dim1"
     return "replicated"
