@@ -14,6 +14,7 @@ from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStre
 from .image import ImageInput, preprocess
 from .model import CogVLMForCausalLM, KVCache
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, layout_batch
+from .quantize import can_prepack, prepack_model
 from .tokenizer import TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError
 
 Request = tuple[ImageInput | None, str, History | None]
@@ -56,9 +57,11 @@ class CogVLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
-                        tokenizer: str | Path | None = None) -> CogVLM:
+                        tokenizer: str | Path | None = None, prepack: bool | None = None) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
-        shipped cogvlm-tiny, which needs no download."""
+        shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
+        linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster;
+        turn it off to change or save the weights after loading."""
         name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
         device = torch.device(device or default_device())
         if isinstance(dtype, str):
@@ -67,6 +70,10 @@ class CogVLM:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         folder = resolve(name_or_path)
         model, folder = load_model(folder, dtype=dtype, device=device)
+        if prepack is None:
+            prepack = can_prepack(device, dtype)
+        if prepack:
+            model = prepack_model(model)
         return cls(model, _find_tokenizer(folder, tokenizer))
 
     # ---- building prompts ----------------------------------------------------------------

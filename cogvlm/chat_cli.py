@@ -98,7 +98,8 @@ def load_model(args: argparse.Namespace) -> CogVLM:
     from .quantize import quantize_model
 
     # quantize in host memory first, so the GPU only ever holds the small weights
-    vlm = CogVLM.from_pretrained(args.model, dtype=args.dtype or "bf16", device="cpu", tokenizer=args.tokenizer)
+    vlm = CogVLM.from_pretrained(args.model, dtype=args.dtype or "bf16", device="cpu", tokenizer=args.tokenizer,
+                              prepack=False)
     vlm.model = quantize_model(vlm.model, args.quant).to(device)
     return vlm
 

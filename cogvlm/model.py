@@ -143,9 +143,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        # in float32 whatever the model's dtype; torch's fused kernel: one op per call
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -251,10 +250,10 @@ class VisionExpertAttention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = routed(x, self.language_expert_query_key_value, self.vision_expert_query_key_value, span)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+        qkv = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
         cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = qkv[:2] * cos + rotate_half(qkv[:2]) * sin  # rotate q and k in one go
+        v = qkv[2]
         if cache is not None:
             start, end = cache.length, cache.length + n
             cache.k[layer][:, :, start:end] = k

@@ -1,4 +1,5 @@
-"""Weight-only quantization of the language decoder (the authors' `--quant 4|8`), in plain PyTorch.
+"""Inference-only weight formats: weight-only quantization of the language decoder (the authors'
+`--quant 4|8`), and oneDNN-prepacked weights for CPU, both in plain PyTorch.
 
 Decoding reads every weight once per token, so storing the decoder's linear layers in 8 or 4
 bits cuts memory (17.6 B parameters: ~35 GB in bf16, ~20 GB with 8-bit, ~14 GB with 4-bit
@@ -12,7 +13,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CogVLMForCausalLM
+from .model import CogVLMForCausalLM, GatedMLP
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is stored once, in oneDNN's blocked layout, for CPU inference.
+
+    A plain `F.linear` on CPU repacks the whole weight on every call when a few rows come in
+    (batched decoding reads each weight twice and writes it once: ~2x slower at 4-16 rows);
+    packing it up front makes the per-step cost one read. Same values, no extra memory.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # the row count (8) only tunes oneDNN's choice of layout; any number of rows works
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8),
+                             persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class PackedGatedMLP(nn.Module):
+    """The decoder's MLP with gate and up packed as one weight: one matmul instead of two,
+    which is ~15% faster when a single row comes in (batch-1 decoding)."""
+
+    def __init__(self, mlp: GatedMLP) -> None:
+        super().__init__()
+        self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down_proj = PackedLinear(mlp.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packing helps plain fp32/bf16 inference on CPU builds that have it."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
+def prepack_model(model: CogVLMForCausalLM) -> CogVLMForCausalLM:
+    """Replace every Linear (vision encoder, adapter, both experts, output head) in place.
+    Inference only: the packed weights take no gradient and are left out of `state_dict`."""
+    _replace(model, GatedMLP, lambda name: True, PackedGatedMLP)
+    _replace(model, nn.Linear, lambda name: True, lambda linear: PackedLinear(linear.weight, linear.bias))
+    return model
 
 
 class QuantLinear(nn.Module):
@@ -52,10 +101,15 @@ class QuantLinear(nn.Module):
 
 def quantize_model(model: CogVLMForCausalLM, bits: int) -> CogVLMForCausalLM:
     """Replace every Linear of the decoder layers (both experts) and the output head in place."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (name.startswith("model.layers.") or name == "lm_head")]
-    for name, linear in targets:
+    _replace(model, nn.Linear, lambda name: name.startswith("model.layers.") or name == "lm_head",
+             lambda linear: QuantLinear(linear.weight, bits).to(linear.weight.device))
+    return model
+
+
+def _replace(model: nn.Module, kind: type[nn.Module], selected, make) -> None:
+    """Swap each selected module of type `kind` (by module name) for `make(module)`."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, kind) and selected(name)]
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(linear.weight, bits).to(linear.weight.device))
-    return model
+        setattr(parent, child, make(module))

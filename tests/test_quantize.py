@@ -1,4 +1,5 @@
-"""Weight-only quantization keeps the model's answers close and its decoder weights small."""
+"""Inference weight formats: weight-only quantization keeps the model's answers close and its
+decoder weights small; oneDNN prepacking keeps them the same."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import torch
 
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
-from cogvlm.quantize import QuantLinear, quantize_model
+from cogvlm.quantize import PackedLinear, QuantLinear, can_prepack, prepack_model, quantize_model
+
+needs_onednn = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
+                                  reason="this torch build has no oneDNN")
 
 
 @pytest.mark.parametrize("bits, tol", [(8, 0.01), (4, 0.15)])
@@ -42,3 +46,47 @@ def test_quantized_model_stays_close(tiny_model, bits, tol):
                if n.startswith("model.layers.") and n.endswith("weight") and p.ndim == 2)
     full += tiny_model.lm_head.weight.numel() * 4
     assert size == full // (4 if bits == 8 else 8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+def test_prepacked_model_gives_the_same_logits(tiny_model, dtype, tol):
+    # Same weights, only the memory layout and the kernels' summation order change: fp32 logits
+    # agree to float rounding; bf16 to a few bf16 steps of the logits' scale.
+    g = torch.Generator().manual_seed(2)
+    prompts = [PromptTokens(torch.randn(3, 28, 28, generator=g), [5, 6, 7, 8]), PromptTokens(None, [9, 10])]
+    chunk = layout_batch(prompts, tiny_model.config)
+    plain = tiny_model.to(dtype)
+    packed = CogVLMForCausalLM(tiny_model.config).to(dtype)
+    packed.load_state_dict(plain.state_dict())
+    prepack_model(packed.eval())
+    with torch.no_grad():
+        want, got = plain(chunk).float(), packed(chunk).float()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    n_mlp = 2 * tiny_model.config.num_layers  # each MLP's gate and up become one packed weight
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == n_linear - n_mlp
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@needs_onednn
+def test_from_pretrained_prepacks_on_cpu_and_answers_the_same(talkative_checkpoint):
+    from cogvlm import CogVLM
+
+    packed = CogVLM.from_pretrained(talkative_checkpoint, device="cpu")
+    plain = CogVLM.from_pretrained(talkative_checkpoint, device="cpu", prepack=False)
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    g = torch.Generator().manual_seed(3)
+    requests = [(torch.rand(3, 64, 64, generator=g), "what is it?", None), (None, "hello", None),
+                (torch.rand(3, 64, 64, generator=g), "and this?", None)]
+    requests = [(None if img is None else _pil(img), q, h) for img, q, h in requests]
+    want = plain.generate(requests, top_k=1, max_new_tokens=12)
+    assert packed.generate(requests, top_k=1, max_new_tokens=12) == want
+    assert all(want)
+
+
+def _pil(pixels: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).astype("uint8"))
