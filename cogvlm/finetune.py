@@ -420,12 +420,16 @@ def _jsonable(args: TrainArgs) -> dict:
 def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
     """Initialization for training from scratch.
 
-    GPT-style normal(0, std) matrices, unit norms, zero biases, with two exceptions for the
+    GPT-style normal(0, std) matrices, unit norms, zero biases, with three exceptions for the
     EVA encoder. Its layers add *normalized* branch outputs to the stream, and at init attention
     is near-uniform, so every layer would add the same unit-size vector to every patch and bury
     what tells patches apart (a model trained that way learns to ignore the image). So the
     branch norms start at 0.1 (like layer scale), and the patch embedding at 1/sqrt(fan_in) so
-    each patch starts with a unit-size, image-dependent vector.
+    each patch starts with a unit-size, image-dependent vector. And where a patch is matters as
+    much (boxes, left-to-right captions) but reaches the decoder only through the ViT's position
+    embedding (CogVLM gives all patches one position id), so that starts as 2-D sin-cos
+    features of the patch's row and column, as large as the patch vectors, not as noise 50x
+    smaller.
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -437,8 +441,26 @@ def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
                 p.fill_(1.0)
             elif name == "model.vision.patch_embedding.proj.weight":
                 p.normal_(0.0, p[0].numel() ** -0.5)
+            elif name == "model.vision.patch_embedding.position_embedding.weight":
+                v = model.config.vision
+                p.copy_(sincos_2d(v.image_size // v.patch_size, p.shape[1]))
             else:
                 p.normal_(0.0, std)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(1 + grid*grid, dim) position features: a zero row for the CLS token, then for each patch
+    (row-major, as the patch embedding flattens them) sin and cos of its row and of its column
+    at dim/4 frequencies from 1 to 1/10000 (the MAE / "ViT-S/16 baselines" initialization)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos features need a width divisible by 4, not {dim}")
+    freqs = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat(parts, dim=1)]).float()
 
 
 def finetune(args: TrainArgs) -> Path:

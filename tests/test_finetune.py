@@ -62,6 +62,28 @@ def test_labels_sit_on_the_token_before_each_answer_token(tiny_config):
     assert labels[1, -3:-1].tolist() == [42, 2] and labels[1, -1].item() == -100
 
 
+def test_init_gives_each_patch_position_features_as_large_as_its_content():
+    from cogvlm.finetune import init_weights
+    from cogvlm.model import CogVLMForCausalLM
+
+    cfg = tiny_test_config(vision={"image_size": 56})  # a 4 x 4 patch grid
+    model = CogVLMForCausalLM(cfg)
+    init_weights(model)
+    emb = model.model.vision.patch_embedding
+    pos = emb.position_embedding.weight.detach()
+    assert not pos[0].any()  # CLS
+    quarter = cfg.vision.hidden_size // 4
+    for index, (row, col) in [(1, (0, 0)), (1 + 4 * 2 + 3, (2, 3)), (16, (3, 3))]:
+        f = 10000.0 ** (-torch.arange(quarter) / quarter)
+        want = torch.cat([(row * f).sin(), (row * f).cos(), (col * f).sin(), (col * f).cos()])
+        assert torch.allclose(pos[index], want, atol=1e-6)
+    assert len({tuple(r.tolist()) for r in pos}) == pos.shape[0]  # every patch tells where it is
+    with torch.no_grad():
+        content = emb.proj(torch.randn(2, 3, 56, 56)).flatten(2).transpose(1, 2)
+    ratio = pos[1:].pow(2).mean().sqrt() / content.pow(2).mean().sqrt()
+    assert 0.3 < ratio < 3, ratio  # not buried under the patch vectors (std 0.02 gave ~0.02)
+
+
 def test_short_training_lowers_held_out_loss(data, sp_model_path, tmp_path):
     a = args(data, sp_model_path, tmp_path / "run", eval_data=data["held"], steps=40, eval_every=40)
     trainer = Trainer(a)
