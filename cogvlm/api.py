@@ -49,7 +49,9 @@ class CogVLM:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.defaults = defaults or SamplingParams()
+        # the authors' max_length (2048) is the real model's context; smaller models have less
+        self.defaults = defaults or SamplingParams(
+            max_length=min(SamplingParams.max_length, model.config.max_position_embeddings))
         if tokenizer.vocab_size > model.config.vocab_size:
             raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
                                  f"{model.config.vocab_size} embeddings; wrong tokenizer?")
@@ -90,6 +92,10 @@ class CogVLM:
         return 1 + (self.config.image_tokens if prompt.pixels is not None else 0) + len(prompt.text_ids)
 
     def _budget(self, prompt_len: int, params: SamplingParams) -> int:
+        positions = self.config.max_position_embeddings
+        if params.max_length > positions:
+            raise ValueError(f"invalid max_length={params.max_length}: this model has {positions} "
+                             f"positions; use at most {positions}")
         room = params.max_length - prompt_len
         if room < 1:
             raise ContextLengthError(

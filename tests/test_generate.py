@@ -192,6 +192,10 @@ def test_errors(vlm, tmp_path):
     with pytest.raises(ContextLengthError):
         s = vlm.session(None, max_length=12)
         s.ask("a b c d e f g h i j k l m n o p")
+    positions = vlm.config.max_position_embeddings
+    assert vlm.defaults.max_length == min(2048, positions)  # the authors' 2048, or all the model has
+    with pytest.raises(ValueError, match=f"invalid max_length={positions + 1}: this model has {positions} positions"):
+        vlm.chat(None, "hi", max_length=positions + 1)
 
 
 def test_repetition_penalty_changes_greedy_output(vlm):
@@ -236,7 +240,7 @@ def test_scheduler_batches_concurrent_requests_and_cancels(vlm):
         params = vlm.sampling(max_new_tokens=12, **GREEDY)
         requests = [(image(i) if i % 2 else None, f"question number {i}?") for i in range(6)]
         jobs = [sched.submit(vlm.prompt_tokens(img, q), params) for img, q in requests]
-        slow = sched.submit(vlm.prompt_tokens(None, "cancel me"), vlm.sampling(max_new_tokens=500, max_length=600))
+        slow = sched.submit(vlm.prompt_tokens(None, "cancel me"), vlm.sampling(max_new_tokens=200, max_length=250))
         slow.cancel()
         answers = [j.result(timeout=60) for j in jobs]
         want = [vlm.chat(img, q, max_new_tokens=12, **GREEDY)[0] for img, q in requests]
