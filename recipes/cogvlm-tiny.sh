@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped cogvlm-tiny from scratch with `cogvlm finetune`, then scores it.
-#   bash recipes/cogvlm-tiny.sh [OUT]        (about 50 minutes on 2 otherwise idle CPU cores)
+#   bash recipes/cogvlm-tiny.sh [OUT]        (about 95 minutes on 2 CPU cores)
 # Afterwards: copy OUT/run/final/{config.json,*.safetensors,*.json,tokenizer.model}
 # into cogvlm/weights/cogvlm-tiny/ to ship it.
 set -euo pipefail
