@@ -65,7 +65,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, sp_model_path: Pat
 
     from cogvlm.checkpoint import save_hf
 
-    model = randomize(CogVLMForCausalLM(tiny_test_config(vocab_size=400, template="chat")), seed=5)
+    # 2048 positions, as the real checkpoints: the server tests need answers long enough to hang up on
+    config = tiny_test_config(vocab_size=400, template="chat", max_position_embeddings=2048)
+    model = randomize(CogVLMForCausalLM(config), seed=5)
     with torch.no_grad():
         model.lm_head.weight[model.config.eos_token_id] -= 0.5  # answers of a few tokens, not endless ones
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
