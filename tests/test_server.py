@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ from PIL import Image
 
 from cogvlm import CogVLM
 from cogvlm.data.synthetic import make_scene
+from tests.processes import free_port, running
 from tests.test_caption import ENV, ROOT
 
 CONTEXT = 2048  # --max_length of the servers: room for an answer that outlasts a hang-up
@@ -51,39 +50,21 @@ def user(text: str, *urls: str) -> dict:
             + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
     """`python -m cogvlm serve` in a subprocess; yields its URL once /health answers."""
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cogvlm", "serve", "--model", str(model), "--port", str(port),
-                                 "--max_length", str(CONTEXT), "--log-level", "warning", *flags],
-                                cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server died:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
+
+    def healthy() -> bool:
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with running(["serve", "--model", str(model), "--port", str(port), "--max_length", str(CONTEXT),
+                  "--log-level", "warning", *flags], log, healthy, timeout=120, cwd=ROOT, env=ENV):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +18,7 @@ from cogvlm import CogVLM
 from cogvlm.cli import main
 from cogvlm.grounding import PALETTE
 from cogvlm.web import EXAMPLES, load_examples
+from tests.processes import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,29 +65,20 @@ def chromium() -> Path:
 def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
     """`cogvlm web` on a free loopback port, greedy; yields its URL."""
     pytest.importorskip("gradio", reason="pip install 'cogvlm[web]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
     env = dict(os.environ, GRADIO_TEMP_DIR=str(log.parent / "gradio"))
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cogvlm", "web", "--model", str(tiny_checkpoint),
-                                 "--port", str(port), "--top_k", "1", "--max_new_tokens", "8"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the server stopped:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    with running(["web", "--model", str(tiny_checkpoint), "--port", str(port), "--top_k", "1",
+                  "--max_new_tokens", "8"], log, listening, timeout=90, env=env):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
