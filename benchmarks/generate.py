@@ -69,14 +69,14 @@ def hf_peer(model: CogVLMForCausalLM):
     return peer
 
 
-def timed(fn, repeats: int = 3):
-    """(best time, last result): the best of `repeats` is the least disturbed run."""
-    times, out = [], None
+def timed(fn, repeats: int = 3) -> float:
+    """Seconds: the best of `repeats`, the least disturbed run."""
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        out = fn()
+        fn()
         times.append(time.perf_counter() - t)
-    return min(times), out
+    return min(times)
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def bandwidth_gbs() -> float:
     a bound should be."""
     w = torch.randn(16384, 8192)  # 512 MiB
     x = torch.randn(8192)
-    t, _ = timed(lambda: torch.mv(w, x), repeats=9)
+    t = timed(lambda: torch.mv(w, x), repeats=9)
     return w.numel() * 4 / t / 1e9
 
 
@@ -158,7 +158,7 @@ def main() -> None:
         prefill = {}
         for name, m in (("ours", model), ("unpacked", unpacked)):
             with torch.no_grad():
-                prefill[name], _ = timed(lambda: m(chunk, m.new_cache(1, chunk.input_ids.shape[1]), last_only=True))
+                prefill[name] = timed(lambda: m(chunk, m.new_cache(1, chunk.input_ids.shape[1]), last_only=True))
         for batch in (1, 8):
             ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
             rates = decode_rates({"ours": (ours_generate, model), "unpacked": (ours_generate, unpacked),
