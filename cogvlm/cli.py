@@ -41,7 +41,9 @@ FINETUNE_HELP = {
     "steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
     "grad_accum": "micro-batches per optimizer step", "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "cosine schedule ends at lr x this", "warmup": "linear warmup steps",
-    "weight_decay": "AdamW weight decay on matrices", "dtype": "fp32, or bf16 autocast",
+    "weight_decay": "AdamW weight decay on matrices",
+    "loss_average": "'token': mean over all answer tokens; 'example': each example's mean, then the mean over "
+                    "examples (short answers weigh as much as long ones)", "dtype": "fp32, or bf16 autocast",
     "grad_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
     "seed": "seed for init and data order",
@@ -101,7 +103,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
     """One flag per dataclass field, so the CLI and the Python API cannot drift apart."""
     from dataclasses import MISSING, fields
     from pathlib import Path
+    from typing import Literal, get_args, get_origin, get_type_hints
 
+    hints = get_type_hints(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         required = f.default is MISSING
@@ -112,8 +116,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
         kind = {"int": int, "float": float}.get(type(f.default).__name__, str)
         if "Path" in str(f.type):
             kind = Path
+        choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None
         parser.add_argument(flag, dest=f.name, type=kind, default=None if required else f.default,
-                            required=required, help=(helps.get(f.name, "") + ("" if required else f" (default: {f.default})")))
+                            required=required, choices=choices, help=(helps.get(f.name, "") + ("" if required else f" (default: {f.default})")))
 
 
 def build_parser() -> argparse.ArgumentParser:

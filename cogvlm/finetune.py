@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,7 @@ class TrainArgs:
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.0
+    loss_average: Literal["token", "example"] = "token"  # "example": every example weighs the same, however long its answer
     dtype: str = "fp32"  # bf16: autocast with fp32 master weights
     grad_checkpointing: bool = False
     eval_every: int = 0
@@ -117,11 +118,29 @@ def collate(batch: Sequence[Example], cfg: CogVLMConfig):
     return chunk, labels
 
 
-def loss_fn(model: torch.nn.Module, chunk, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+LOSS_AVERAGES = ("token", "example")
+
+
+def loss_units(labels: torch.Tensor, average: str = "token") -> int:
+    """What the loss is averaged over: answer tokens, or examples (rows with an answer)."""
+    answer = labels != IGNORE
+    return int(answer.sum() if average == "token" else answer.any(1).sum())
+
+
+def loss_fn(model: torch.nn.Module, chunk, labels: torch.Tensor,
+            average: str = "token") -> tuple[torch.Tensor, int]:
+    """(summed loss, units): per-token losses summed, or with `average="example"` each row's
+    mean over its answer tokens summed, so a one-word answer counts as much as a long caption
+    (with token averaging, long answers take almost all of the gradient)."""
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
     logits = model(chunk)
     labels = labels.to(logits.device)
-    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total, int((labels != IGNORE).sum())
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(labels.shape)
+    if average == "example":
+        per_token = per_token / (labels != IGNORE).sum(1, keepdim=True).clamp_min(1)
+    return per_token.sum(), loss_units(labels, average)
 
 
 def batch_indices(step: int, n: int, args: TrainArgs, rank: int, world: int) -> Iterator[list[int]]:
@@ -208,6 +227,8 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         self.parts = parse_parts(args.train)
+        if args.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"--loss-average takes one of {LOSS_AVERAGES}, got {args.loss_average!r}")
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)
@@ -287,14 +308,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(batch_indices(self.step, len(self.examples), a, self.rank, self.world))
         batches = [collate([self.examples[i] for i in idx], self.cfg) for idx in micro]
-        tokens = torch.tensor(float(sum(int((lab != IGNORE).sum()) for _, lab in batches)))
+        units = torch.tensor(float(sum(loss_units(lab, a.loss_average) for _, lab in batches)))
         if self.world > 1:
-            dist.all_reduce(tokens)
+            dist.all_reduce(units)
         loss_sum = 0.0
         for chunk, labels in batches:
             with self.autocast():
-                total, _ = loss_fn(self.model, chunk, labels)
-            (total * self.world / tokens).backward()  # DDP averages over ranks: mean per token overall
+                total, _ = loss_fn(self.model, chunk, labels, a.loss_average)
+            (total * self.world / units).backward()  # DDP averages over ranks: mean per unit overall
             loss_sum += total.item()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
@@ -302,7 +323,7 @@ class Trainer:
         stat = torch.tensor([loss_sum])
         if self.world > 1:
             dist.all_reduce(stat)
-        return stat.item() / tokens.item()
+        return stat.item() / units.item()
 
     @torch.no_grad()
     def evaluate(self) -> float:

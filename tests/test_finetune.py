@@ -62,6 +62,31 @@ def test_labels_sit_on_the_token_before_each_answer_token(tiny_config):
     assert labels[1, -3:-1].tolist() == [42, 2] and labels[1, -1].item() == -100
 
 
+def test_example_averaging_weighs_each_answer_the_same(tiny_config):
+    """'token': the sum of per-token losses over all answer tokens; 'example': each row's
+    own mean, summed, and the units are rows. Checked against log-softmax by hand."""
+    from cogvlm.finetune import Example, collate, loss_fn
+    from cogvlm.model import CogVLMForCausalLM
+
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(tiny_config).eval()
+    image = Path(__file__).resolve().parent.parent / "cogvlm" / "web_examples" / "shapes-0.png"
+    long_answer = Example(image, [7, 8], [40, 41, 42, 43, 44, 45, 2], 1)
+    short_answer = Example(None, [7, 8, 9], [46, 2], 2)
+    chunk, labels = collate([long_answer, short_answer], tiny_config)
+    with torch.no_grad():
+        logp = model(chunk).log_softmax(-1)
+    answer = labels != -100
+    nll = -logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * answer
+    by_token, tokens = loss_fn(model, chunk, labels, "token")
+    by_example, rows = loss_fn(model, chunk, labels, "example")
+    assert (tokens, rows) == (9, 2)
+    assert torch.allclose(by_token, nll.sum(), rtol=1e-5)
+    assert torch.allclose(by_example, (nll.sum(1) / answer.sum(1)).sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="loss average must be one of"):
+        loss_fn(model, chunk, labels, "sentence")
+
+
 def test_init_gives_each_patch_position_features_as_large_as_its_content():
     from cogvlm.finetune import init_weights
     from cogvlm.model import CogVLMForCausalLM
