@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped cogvlm-tiny from scratch with `cogvlm finetune`, then scores it.
-#   bash recipes/cogvlm-tiny.sh [OUT]        (about 3 hours on 2 CPU cores: 96 + 80 minutes)
+#   bash recipes/cogvlm-tiny.sh [OUT]        (about 3 hours on 2 CPU cores: 96 + 91 minutes)
 # Stage 1 trains from random weights on 12,000 scenes with the loss averaged over answer tokens;
 # stage 2 continues on 12,000 new scenes with every example weighted the same, so one-word VQA
 # answers are not drowned out by long grounded captions.
