@@ -43,7 +43,8 @@ FINETUNE_HELP = {
     "min_lr_ratio": "cosine schedule ends at lr x this", "warmup": "linear warmup steps",
     "weight_decay": "AdamW weight decay on matrices",
     "loss_average": "'token': mean over all answer tokens; 'example': each example's mean, then the mean over "
-                    "examples (short answers weigh as much as long ones)", "dtype": "fp32, or bf16 autocast",
+                    "examples (short answers weigh as much as long ones)",
+    "dtype": "fp32, or bf16 autocast",
     "grad_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
     "seed": "seed for init and data order",

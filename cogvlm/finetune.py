@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ from .prompt import PromptTokens, build_prompt, layout_batch
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 IGNORE = -100
+LossAverage = Literal["token", "example"]
+LOSS_AVERAGES: tuple[str, ...] = get_args(LossAverage)
 STATE_FILE = "trainer_state.pt"
 # What `--train` can name: parameter-name tests for each part of the model.
 PARTS = {
@@ -66,7 +68,7 @@ class TrainArgs:
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.0
-    loss_average: Literal["token", "example"] = "token"  # "example": every example weighs the same, however long its answer
+    loss_average: LossAverage = "token"  # "example": every example weighs the same, however long its answer
     dtype: str = "fp32"  # bf16: autocast with fp32 master weights
     grad_checkpointing: bool = False
     eval_every: int = 0
@@ -118,11 +120,14 @@ def collate(batch: Sequence[Example], cfg: CogVLMConfig):
     return chunk, labels
 
 
-LOSS_AVERAGES = ("token", "example")
+def check_loss_average(average: str) -> None:
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
 
 
 def loss_units(labels: torch.Tensor, average: str = "token") -> int:
     """What the loss is averaged over: answer tokens, or examples (rows with an answer)."""
+    check_loss_average(average)
     answer = labels != IGNORE
     return int(answer.sum() if average == "token" else answer.any(1).sum())
 
@@ -132,15 +137,14 @@ def loss_fn(model: torch.nn.Module, chunk, labels: torch.Tensor,
     """(summed loss, units): per-token losses summed, or with `average="example"` each row's
     mean over its answer tokens summed, so a one-word answer counts as much as a long caption
     (with token averaging, long answers take almost all of the gradient)."""
-    if average not in LOSS_AVERAGES:
-        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
+    units = loss_units(labels, average)  # (checks `average` before the forward pass)
     logits = model(chunk)
     labels = labels.to(logits.device)
     per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                 reduction="none").view(labels.shape)
     if average == "example":
         per_token = per_token / (labels != IGNORE).sum(1, keepdim=True).clamp_min(1)
-    return per_token.sum(), loss_units(labels, average)
+    return per_token.sum(), units
 
 
 def batch_indices(step: int, n: int, args: TrainArgs, rank: int, world: int) -> Iterator[list[int]]:
@@ -227,8 +231,7 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         self.parts = parse_parts(args.train)
-        if args.loss_average not in LOSS_AVERAGES:
-            raise ValueError(f"--loss-average takes one of {LOSS_AVERAGES}, got {args.loss_average!r}")
+        check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)

@@ -209,3 +209,16 @@ def test_bad_records_are_reported_with_line_numbers(data, sp_model_path, tmp_pat
     assert out.returncode == 0, out.stderr
     assert f"{bad}:2: skipped:" in out.stdout and f"{bad}:4: skipped:" in out.stdout
     assert "2 skipped" in out.stdout
+
+
+def test_cli_offers_the_loss_averages_and_rejects_others(capsys):
+    from cogvlm.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--help"])
+    assert stop.value.code == 0 and "--loss-average {token,example}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--data", "d.jsonl", "--out", "o", "--loss-average", "sentence"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "argument --loss-average: invalid choice: 'sentence'" in err and "Traceback" not in err
