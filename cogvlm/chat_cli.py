@@ -59,6 +59,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")
     parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile: faster one-at-a-time decoding, "
+                             "after some seconds of compiling per new batch shape (needs a C++ compiler on CPU)")
     parser.add_argument("--tokenizer", *_spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
                         help="sentencepiece tokenizer.model (default: the one next to the weights)")
     defaults = SamplingParams()
@@ -93,8 +96,11 @@ def load_model(args: argparse.Namespace) -> CogVLM:
         raise UsageError("no CUDA GPU is available here; use --device cpu")
     if args.quant and device.type != "cuda":
         raise UsageError("quantization needs a CUDA GPU (as in the authors' demo); run without --quant on CPU")
+    if args.quant and args.compile:
+        raise UsageError("--compile and --quant do not combine; choose one")
     if not args.quant:
-        return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer)
+        return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
+                                      compile=args.compile)
     from .quantize import quantize_model
 
     # quantize in host memory first, so the GPU only ever holds the small weights

@@ -13,7 +13,6 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .model import CogVLMForCausalLM, KVCache
-from .prompt import continuation_chunk
 from .tokenizer import Tokenizer
 
 
@@ -273,8 +272,7 @@ class BatchDecoder:
             self.cache.keep_rows(idx)
             tokens, self.seen = tokens[idx], self.seen[idx]
             self.next_positions = self.next_positions[idx]
-        chunk = continuation_chunk(tokens[:, None], self.next_positions)
-        self.logits = self.model(chunk, self.cache, last_only=True)
+        self.logits = self.model.decode_step(tokens, self.next_positions, self.cache)
         self.next_positions = self.next_positions + 1
 
     def run(self, streams: Sequence[TextStream] | None = None) -> Iterable[tuple[int, str]]:

@@ -184,6 +184,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def split_qkv(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3*hidden) → rotated q, rotated k, v, each (B, H, N, hd)."""
+    b, n, _ = qkv.shape
+    qkv = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+    cos, sin = rope
+    q, k = qkv[:2] * cos + rotate_half(qkv[:2]) * sin  # rotate q and k in one go
+    return q, k, qkv[2]
+
+
+DECODE_WINDOW = 64  # decode attention reads the cache in multiples of this many slots
+
+
 class KVCache:
     """Keys and values for `max_len` slots per row, allocated once and written in place.
 
@@ -235,6 +248,17 @@ class KVCache:
         return out
 
 
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention for one query per row. SDPA, except in bf16/fp16 on CPU: there its kernel is
+    2-4x slower for a single query (measured, 16 heads x 128 slots) than the same math as fp32
+    matmuls, which is also how it accumulates, so the results agree to the output rounding."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
 class VisionExpertAttention(nn.Module):
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
@@ -250,10 +274,7 @@ class VisionExpertAttention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = routed(x, self.language_expert_query_key_value, self.vision_expert_query_key_value, span)
-        qkv = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        cos, sin = rope
-        q, k = qkv[:2] * cos + rotate_half(qkv[:2]) * sin  # rotate q and k in one go
-        v = qkv[2]
+        q, k, v = split_qkv(qkv, self.num_heads, rope)
         if cache is not None:
             start, end = cache.length, cache.length + n
             cache.k[layer][:, :, start:end] = k
@@ -262,6 +283,16 @@ class VisionExpertAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return routed(out, self.language_expert_dense, self.vision_expert_dense, span)
+
+    def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slot: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One text token per row (B, 1, hidden): written to cache slot `slot`, attending over the
+        cache window under `mask`. Language expert only: generated tokens are never image tokens."""
+        q, k, v = split_qkv(self.language_expert_query_key_value(x), self.num_heads, rope)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        out = attend_one(q, k_cache, v_cache, mask)
+        return self.language_expert_dense(out.transpose(1, 2).reshape(x.shape))
 
 
 class DecoderLayer(nn.Module):
@@ -277,6 +308,11 @@ class DecoderLayer(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, span, layer, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x), span)
+
+    def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slot: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), rope, slot, k_cache, v_cache, mask)
+        return x + self.mlp.language_mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
@@ -399,3 +435,38 @@ class CogVLMForCausalLM(nn.Module):
             last = (chunk.attention_mask.to(self.device) * torch.arange(n, device=self.device)).argmax(-1)
             x = x[torch.arange(x.shape[0], device=self.device), last]
         return self.lm_head(self.model.norm(x)).float()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The hot loop of generation: one text token per row, `tokens` and `positions` (B,), goes
+        to slot `cache.length`; returns float32 next-token logits (B, vocab).
+
+        Equal to `forward` on a one-token chunk, but lean and shape-stable: no expert routing,
+        no host syncs, and attention reads a window of the cache that grows in steps of
+        `DECODE_WINDOW` slots, so the compiled step (`compile_decode`) rarely sees a new shape."""
+        slot = cache.length
+        if slot >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; all are used")
+        window = min(cache.max_len, (slot // DECODE_WINDOW + 1) * DECODE_WINDOW)
+        cache.valid[:, slot] = True
+        logits = self._decode(tokens.to(self.device), positions.to(self.device),
+                              torch.tensor([slot], device=self.device),
+                              [k[:, :, :window] for k in cache.k], [v[:, :, :window] for v in cache.v],
+                              cache.valid[:, :window])
+        cache.length += 1
+        return logits
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)[:, None]
+        rope = self._rope(positions[:, None])
+        # slots past this one may hold a previous turn's tokens (a chat session rewinds)
+        mask = (valid & (torch.arange(valid.shape[1], device=valid.device) <= slot))[:, None, None]
+        for layer, k, v in zip(self.model.layers, k_cache, v_cache):
+            x = layer.decode(x, rope, slot, k, v, mask)
+        return self.lm_head(self.model.norm(x[:, 0])).float()
+
+    def compile_decode(self) -> None:
+        """Run `decode_step` through torch.compile (inductor, weights frozen as constants): fuses
+        the many small per-token ops, which dominate CPU decoding at batch 1. Costs some seconds
+        of compiling for each new batch-size/window family; inference only."""
+        self._decode = torch.compile(self._decode, options={"freezing": True})

@@ -50,9 +50,17 @@ def test_cached_decoding_equals_recomputation(vlm, with_image):
     assert steps == 16
 
 
-def test_chat_session_reuses_cache_and_matches_recomputation(vlm):
-    calls = []
+def test_chat_session_reuses_cache_and_matches_recomputation(vlm, monkeypatch):
+    calls = []  # (chunk, logits) of the prefill, then (None, logits) of each decode step
     hook = vlm.model.register_forward_hook(lambda m, args, out: calls.append((args[0], out[0].clone())))
+    decode_step = vlm.model.decode_step
+
+    def recording_decode_step(*args):
+        logits = decode_step(*args)
+        calls.append((None, logits[0].clone()))
+        return logits
+
+    monkeypatch.setattr(vlm.model, "decode_step", recording_decode_step)
     img = image(1)
     session = vlm.session(img, max_new_tokens=16, **GREEDY)
     for query in ("What is in the image?", "How many objects are there?", "Where is the red circle?"):
@@ -73,6 +81,37 @@ def test_chat_session_reuses_cache_and_matches_recomputation(vlm):
         assert answer == vlm.chat(img, query, history, max_new_tokens=16, **GREEDY)[0]
         assert len(recorded) == 16
     hook.remove()
+
+
+@torch.no_grad()
+def test_compiled_decode_step_matches_eager(vlm):
+    """torch.compile'd decode (compile=True) gives the eager logits, for a padded batch mixing an
+    image and a text-only row, across a growth of the attention window (a recompile)."""
+    from torch._dynamo.utils import counters
+
+    from cogvlm.model import DECODE_WINDOW
+
+    prompts = [vlm.prompt_tokens(image(0), "What is in the image?"), vlm.prompt_tokens(None, "Hi")]
+    chunk = layout_batch(prompts, vlm.config)
+    steps = DECODE_WINDOW + 8
+
+    def decode() -> torch.Tensor:
+        cache = vlm.model.new_cache(2, chunk.input_ids.shape[1] + steps)
+        logits, positions, out = vlm.model(chunk, cache, last_only=True), chunk.position_ids[:, -1] + 1, []
+        for _ in range(steps):
+            logits = vlm.model.decode_step(logits.argmax(-1), positions, cache)
+            positions = positions + 1
+            out.append(logits)
+        return torch.stack(out)
+
+    eager = decode()
+    vlm.model.compile_decode()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = decode()
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step did run
+    assert (compiled - eager).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="compile=True packs the weights itself"):
+        CogVLM.from_pretrained("not-loaded", compile=True, prepack=True)
 
 
 def test_session_encodes_image_once_for_three_turns(vlm):
