@@ -192,7 +192,7 @@ class ChatSession:
             self._tokens = []
         shared = min(_common_prefix(self._tokens, ids), len(ids) - 1)  # feed >= 1 token for logits
         self._tokens = self._tokens[:shared]  # true even if this turn is interrupted
-        self.cache.length = shared
+        self.cache.rewind(shared)
         if shared == 0:  # first turn: the only prefill with the image
             logits = vlm.model(full, self.cache, last_only=True)
         else:
@@ -206,7 +206,7 @@ class ChatSession:
         generated = decoder.generated[0]
         fed = generated if decoder.finished_by_eos[0] else generated[:-1]
         self._tokens = ids + fed
-        self.cache.length = len(self._tokens)
+        self.cache.rewind(len(self._tokens))
         self.history.append((query, final_text(vlm.tokenizer, generated, params.stop)))
 
     def clear(self) -> None:

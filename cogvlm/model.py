@@ -221,6 +221,12 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` slots: later ones become free (and invalid) again, so
+        attention over the cache never needs to know where its end was before."""
+        self.valid[:, length:] = False
+        self.length = length
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows so they stop costing work."""
         self.k = [t.index_select(0, rows) for t in self.k]
@@ -459,8 +465,7 @@ class CogVLMForCausalLM(nn.Module):
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(tokens)[:, None]
         rope = self._rope(positions[:, None])
-        # slots past this one may hold a previous turn's tokens (a chat session rewinds)
-        mask = (valid & (torch.arange(valid.shape[1], device=valid.device) <= slot))[:, None, None]
+        mask = valid[:, None, None]  # slots past this one are never valid (see KVCache.rewind)
         for layer, k, v in zip(self.model.layers, k_cache, v_cache):
             x = layer.decode(x, rope, slot, k, v, mask)
         return self.lm_head(self.model.norm(x[:, 0])).float()

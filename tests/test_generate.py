@@ -126,6 +126,17 @@ def test_session_encodes_image_once_for_three_turns(vlm):
     assert len(count) == 1 and len(session.history) == 1
 
 
+def test_session_after_clear_ignores_the_old_turns_slots(vlm):
+    """After `clear()` a short turn reuses cache slots the long earlier turns had filled; the
+    answer must equal a fresh chat's (nothing of the old turns may leak into attention)."""
+    img = image(5)
+    session = vlm.session(img, max_new_tokens=16, **GREEDY)
+    for q in ("What is in the image? Describe every object you see in detail.", "And what else?"):
+        session.ask(q)
+    session.clear()
+    assert session.ask("Hi") == vlm.chat(img, "Hi", max_new_tokens=16, **GREEDY)[0]
+
+
 def test_batch_equals_single(vlm):
     requests = [
         (image(3), "What is in the image?", None),
