@@ -292,13 +292,13 @@ class VisionExpertAttention(nn.Module):
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slot: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One text token per row (B, 1, hidden): written to cache slot `slot`, attending over the
+        """One text token per row (B, hidden): written to cache slot `slot`, attending over the
         cache window under `mask`. Language expert only: generated tokens are never image tokens."""
-        q, k, v = split_qkv(self.language_expert_query_key_value(x), self.num_heads, rope)
+        q, k, v = split_qkv(self.language_expert_query_key_value(x)[:, None], self.num_heads, rope)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v)
         out = attend_one(q, k_cache, v_cache, mask)
-        return self.language_expert_dense(out.transpose(1, 2).reshape(x.shape))
+        return self.language_expert_dense(out.reshape(x.shape))
 
 
 class DecoderLayer(nn.Module):
@@ -448,30 +448,44 @@ class CogVLMForCausalLM(nn.Module):
 
         Equal to `forward` on a one-token chunk, but lean and shape-stable: no expert routing,
         no host syncs, and attention reads a window of the cache that grows in steps of
-        `DECODE_WINDOW` slots, so the compiled step (`compile_decode`) rarely sees a new shape."""
+        `DECODE_WINDOW` slots."""
         slot = cache.length
         if slot >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots; all are used")
         window = min(cache.max_len, (slot // DECODE_WINDOW + 1) * DECODE_WINDOW)
         cache.valid[:, slot] = True
         logits = self._decode(tokens.to(self.device), positions.to(self.device),
-                              torch.tensor([slot], device=self.device),
-                              [k[:, :, :window] for k in cache.k], [v[:, :, :window] for v in cache.v],
-                              cache.valid[:, :window])
+                              torch.tensor([slot], device=self.device), cache.k, cache.v, cache.valid, window)
         cache.length += 1
         return logits
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(tokens)[:, None]
+                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor,
+                window: int) -> torch.Tensor:
+        # 2-D activations (B, hidden) throughout: inductor packs a linear layer's weight only
+        # when its input is a matrix
+        x = self.model.embed_tokens(tokens)
         rope = self._rope(positions[:, None])
-        mask = valid[:, None, None]  # slots past this one are never valid (see KVCache.rewind)
+        mask = valid[:, None, None, :window]  # slots past this one are never valid (see KVCache.rewind)
         for layer, k, v in zip(self.model.layers, k_cache, v_cache):
-            x = layer.decode(x, rope, slot, k, v, mask)
-        return self.lm_head(self.model.norm(x[:, 0])).float()
+            x = layer.decode(x, rope, slot, k[:, :, :window], v[:, :, :window], mask)
+        return self.lm_head(self.model.norm(x)).float()
 
     def compile_decode(self) -> None:
-        """Run `decode_step` through torch.compile (inductor, weights frozen as constants): fuses
-        the many small per-token ops, which dominate CPU decoding at batch 1. Costs some seconds
-        of compiling for each new batch-size/window family; inference only."""
-        self._decode = torch.compile(self._decode, options={"freezing": True})
+        """Run `decode_step` through torch.compile: inductor fuses the many small per-token ops
+        (they dominate CPU decoding at batch 1) and, with its weight freezing, keeps the decode
+        weights as constants in its packed matmul layout. Inference only. Shapes are compiled
+        dynamic, so there are at most two graphs for batch 1 and two for larger batches (a window
+        that spans the whole cache compiles separately), and each holds its own packed copy of the
+        language weights: memory, not speed, is what `compile` costs on CPU."""
+        from torch._inductor import config as inductor_config
+
+        step = torch.compile(self._decode, dynamic=True)
+
+        def frozen_step(*args: object) -> torch.Tensor:
+            # inductor decides on freezing from its global config when it compiles (the first
+            # call with new shapes); torch.compile's `options` reach it too late for that
+            with inductor_config.patch(freezing=True):
+                return step(*args)
+
+        self._decode = frozen_step

@@ -107,8 +107,11 @@ def test_compiled_decode_step_matches_eager(vlm):
     eager = decode()
     vlm.model.compile_decode()
     graphs = counters["stats"]["unique_graphs"]
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     compiled = decode()
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled step did run
+    if torch.backends.mkldnn.is_available():  # and with frozen weights, packed by inductor
+        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > packed
     assert (compiled - eager).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="compile=True packs the weights itself"):
         CogVLM.from_pretrained("not-loaded", compile=True, prepack=True)
