@@ -66,7 +66,8 @@ class CogVLM:
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster;
         turn it off to change or save the weights after loading. `compile` runs each decode
         step through torch.compile (it packs the weights itself, so it replaces `prepack`):
-        fastest at batch 1, after some seconds of compiling for each new batch shape."""
+        the fastest decoding, after some seconds of compiling, at the cost of a packed copy of
+        the language weights per compiled graph (see `compile_decode`)."""
         if compile and prepack:
             raise ValueError("compile=True packs the weights itself; leave prepack unset")
         name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path

@@ -60,8 +60,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the decode step with torch.compile: faster one-at-a-time decoding, "
-                             "after some seconds of compiling per new batch shape (needs a C++ compiler on CPU)")
+                        help="compile the decode step with torch.compile: faster decoding after some seconds of "
+                             "compiling; holds a packed copy of the language weights per compiled graph "
+                             "(needs a C++ compiler on CPU)")
     parser.add_argument("--tokenizer", *_spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
                         help="sentencepiece tokenizer.model (default: the one next to the weights)")
     defaults = SamplingParams()

@@ -86,7 +86,7 @@ def test_chat_session_reuses_cache_and_matches_recomputation(vlm, monkeypatch):
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager(vlm):
     """torch.compile'd decode (compile=True) gives the eager logits, for a padded batch mixing an
-    image and a text-only row, across a growth of the attention window (a recompile)."""
+    image and a text-only row, across a growth of the attention window."""
     from torch._dynamo.utils import counters
 
     from cogvlm.model import DECODE_WINDOW
