@@ -20,7 +20,9 @@ from cogvlm.grounding import parse_boxes
 
 # Training uses seed 0, its validation seed 1 and the recipe's test set seed 7; this seed is new.
 HELD_OUT_SEED = 2026
-N_SCENES = 60  # ~60 captions, ~150 referring expressions, ~120 VQA questions
+# 150 captions, ~380 referring expressions, ~290 VQA questions: with 60 scenes (116 questions)
+# one answer decided whether VQA accuracy reached 0.90; with ~290 the standard error is ~0.02.
+N_SCENES = 150
 VQA_WORDS = set(COLOURS) | set(SHAPES) | {"yes", "no"} | {str(n) for n in range(10)}
 # Not reached yet by the shipped weights (README, "cogvlm-tiny"): strict, so that the day a
 # retrained model reaches a target this fails and its marker has to go.
