@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped cogvlm-tiny from scratch with `cogvlm finetune`, then scores it.
-#   bash recipes/cogvlm-tiny.sh [OUT]        (about 3 1/2 hours on 2 CPU cores: 67 + 66 + 73 minutes)
+#   bash recipes/cogvlm-tiny.sh [OUT]        (about 3 3/4 hours on 2 CPU cores: 67 + 66 + ~85 minutes)
 # Stage 1 trains the decoder from random weights on 12,000 scenes with the loss averaged over
 # answer tokens; stage 2 continues on 12,000 new scenes, the ViT training too, with every example
 # weighted the same, so one-word VQA answers are not drowned out by long grounded captions;
