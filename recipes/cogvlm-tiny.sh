@@ -5,7 +5,7 @@
 # answer tokens; stage 2 continues on 12,000 new scenes, the ViT training too, with every example
 # weighted the same, so one-word VQA answers are not drowned out by long grounded captions;
 # stage 3 goes on the same way on 12,000 more new scenes at a lower learning rate.
-# The adapter stays frozen at its random initialization in both stages: training it erases
+# The adapter stays frozen at its random initialization in every stage: training it erases
 # the horizontal place of objects before the decoder learns to read it (README, cogvlm-tiny).
 # Afterwards: copy OUT/run3/final/{config.json,*.safetensors,*.json,tokenizer.model}
 # into cogvlm/weights/cogvlm-tiny/ to ship it.
