@@ -258,7 +258,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     """Attention for one query per row. SDPA, except on CPU in bf16/fp16 or inside torch.compile,
     where the same math as plain matmuls is faster: SDPA's CPU kernel is 2-4x slower in bf16 for a
     single query (measured, 16 heads x 128 slots), and compiled, inductor fuses the plain math
-    into the step (fp32 decoding +3-7% tok/s at batch 1, +24% at batch 8; benchmarks/generate.py).
+    into the step (fp32 decoding +3-7% tok/s at batch 1, +24% at batch 8, measured side by side).
     The math runs in fp32, as SDPA accumulates, so the results agree to the output rounding."""
     if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.compiler.is_compiling()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -14,6 +14,7 @@ OUT=${1:-runs/cogvlm-tiny}
 HERE=$(cd "$(dirname "$0")" && pwd)
 COMMON=(--batch-size 32 --min-lr-ratio 0.05 --weight-decay 0.01 --save-dtype bf16
         --eval-data "$OUT/data/held/data.jsonl" ${RESUME:+--resume})
+LATER=("${COMMON[@]}" --train vision_expert,language,vit --loss-average example)  # stages 2-4
 
 python -m cogvlm.data.synthetic "$OUT/data/train" --n 12000 --seed 0 --size 112
 python -m cogvlm.data.synthetic "$OUT/data/held" --n 150 --seed 1 --size 112
@@ -22,17 +23,14 @@ cogvlm finetune "${COMMON[@]}" --data "$OUT/data/train/data.jsonl" --init-config
   --train vision_expert,language --tokenizer "$OUT/tokenizer.model" --steps 4200 --lr 1e-3 --warmup 200 \
   --eval-every 600 --save-every 300 --seed 0 --out "$OUT/run"
 python -m cogvlm.data.synthetic "$OUT/data/train2" --n 12000 --seed 3 --size 112
-cogvlm finetune "${COMMON[@]}" --data "$OUT/data/train2/data.jsonl" --model "$OUT/run/final" \
-  --train vision_expert,language,vit --loss-average example --steps 3400 --lr 5e-4 --warmup 100 \
-  --eval-every 850 --save-every 425 --seed 1 --out "$OUT/run2"
+cogvlm finetune "${LATER[@]}" --data "$OUT/data/train2/data.jsonl" --model "$OUT/run/final" \
+  --steps 3400 --lr 5e-4 --warmup 100 --eval-every 850 --save-every 425 --seed 1 --out "$OUT/run2"
 python -m cogvlm.data.synthetic "$OUT/data/train3" --n 12000 --seed 4 --size 112
-cogvlm finetune "${COMMON[@]}" --data "$OUT/data/train3/data.jsonl" --model "$OUT/run2/final" \
-  --train vision_expert,language,vit --loss-average example --steps 4000 --lr 2e-4 --warmup 50 \
-  --eval-every 1000 --save-every 400 --seed 2 --out "$OUT/run3"
+cogvlm finetune "${LATER[@]}" --data "$OUT/data/train3/data.jsonl" --model "$OUT/run2/final" \
+  --steps 4000 --lr 2e-4 --warmup 50 --eval-every 1000 --save-every 400 --seed 2 --out "$OUT/run3"
 python -m cogvlm.data.synthetic "$OUT/data/train4" --n 12000 --seed 5 --size 112
-cogvlm finetune "${COMMON[@]}" --data "$OUT/data/train4/data.jsonl" --model "$OUT/run3/final" \
-  --train vision_expert,language,vit --loss-average example --steps 4400 --lr 1.5e-4 --warmup 50 \
-  --eval-every 1100 --save-every 400 --seed 3 --out "$OUT/run4"
+cogvlm finetune "${LATER[@]}" --data "$OUT/data/train4/data.jsonl" --model "$OUT/run3/final" \
+  --steps 4400 --lr 1.5e-4 --warmup 50 --eval-every 1100 --save-every 400 --seed 3 --out "$OUT/run4"
 # scores on scenes made with a seed never used in training
 python -m cogvlm.data.synthetic "$OUT/data/test" --n 200 --seed 7 --size 112
 cogvlm eval "$OUT/data/test/data.jsonl" --model "$OUT/run4/final" --output "$OUT/eval.json"
