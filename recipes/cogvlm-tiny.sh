@@ -22,18 +22,18 @@ cogvlm train-tokenizer "$OUT/data/train/data.jsonl" "$OUT/tokenizer.model" --voc
 cogvlm finetune "${COMMON[@]}" --data "$OUT/data/train/data.jsonl" --init-config "$HERE/cogvlm-tiny.json" \
   --train vision_expert,language --tokenizer "$OUT/tokenizer.model" --steps 4200 --lr 1e-3 --warmup 200 \
   --eval-every 600 --save-every 300 --seed 0 --out "$OUT/run"
-python -m cogvlm.data.synthetic "$OUT/data/train2" --n 12000 --seed 3 --size 112
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train2/data.jsonl" --model "$OUT/run/final" \
-  --steps 3400 --lr 5e-4 --warmup 100 --eval-every 850 --save-every 425 --seed 1 --out "$OUT/run2"
-python -m cogvlm.data.synthetic "$OUT/data/train3" --n 12000 --seed 4 --size 112
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train3/data.jsonl" --model "$OUT/run2/final" \
-  --steps 4000 --lr 2e-4 --warmup 50 --eval-every 1000 --save-every 400 --seed 2 --out "$OUT/run3"
-python -m cogvlm.data.synthetic "$OUT/data/train4" --n 12000 --seed 5 --size 112
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train4/data.jsonl" --model "$OUT/run3/final" \
-  --steps 4400 --lr 1.5e-4 --warmup 50 --eval-every 1100 --save-every 400 --seed 3 --out "$OUT/run4"
-python -m cogvlm.data.synthetic "$OUT/data/train5" --n 12000 --seed 6 --size 112
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train5/data.jsonl" --model "$OUT/run4/final" \
-  --steps 4400 --lr 1e-4 --warmup 50 --eval-every 1100 --save-every 400 --seed 4 --out "$OUT/run5"
+# later_stage N DATA_SEED FINETUNE_ARGS...: 12,000 new scenes, then train from stage N-1's weights
+later_stage() {
+  local n=$1 seed=$2 from=run$(( $1 - 1 )); shift 2
+  [ "$n" = 2 ] && from=run  # stage 1 wrote to OUT/run
+  python -m cogvlm.data.synthetic "$OUT/data/train$n" --n 12000 --seed "$seed" --size 112
+  cogvlm finetune "${LATER[@]}" --data "$OUT/data/train$n/data.jsonl" --model "$OUT/$from/final" \
+    --out "$OUT/run$n" "$@"
+}
+later_stage 2 3 --steps 3400 --lr 5e-4 --warmup 100 --eval-every 850 --save-every 425 --seed 1
+later_stage 3 4 --steps 4000 --lr 2e-4 --warmup 50 --eval-every 1000 --save-every 400 --seed 2
+later_stage 4 5 --steps 4400 --lr 1.5e-4 --warmup 50 --eval-every 1100 --save-every 400 --seed 3
+later_stage 5 6 --steps 4400 --lr 1e-4 --warmup 50 --eval-every 1100 --save-every 400 --seed 4
 # scores on scenes made with a seed never used in training
 python -m cogvlm.data.synthetic "$OUT/data/test" --n 200 --seed 7 --size 112
 cogvlm eval "$OUT/data/test/data.jsonl" --model "$OUT/run5/final" --output "$OUT/eval.json"
