@@ -229,6 +229,11 @@ class BatchDecoder:
             self.active += rows
         self._joining = []
 
+    @property
+    def ending(self) -> list[int]:
+        """Rows that ended at the last step (`</s>`, budget or `finish`): their final text is due now."""
+        return list(self._ending)
+
     def finish(self, row: int) -> None:
         self._ending.add(row)
 
@@ -287,7 +292,7 @@ class BatchDecoder:
                 if piece:
                     yield row, piece
             if streams is not None:
-                for row in list(self._ending):
+                for row in self.ending:
                     piece = streams[row].finish()
                     if piece:
                         yield row, piece

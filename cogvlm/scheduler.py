@@ -119,7 +119,7 @@ class Scheduler:
                     decoder.finish(row)
                 if piece:
                     job._queue.put(piece)
-            for row in list(decoder._ending):
+            for row in decoder.ending:
                 job, stream = jobs[row]
                 if job.finish_reason is None:
                     tail = stream.finish()
