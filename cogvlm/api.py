@@ -99,7 +99,9 @@ class CogVLM:
     def prompt_length(self, prompt: PromptTokens) -> int:
         return 1 + (self.config.image_tokens if prompt.pixels is not None else 0) + len(prompt.text_ids)
 
-    def _budget(self, prompt_len: int, params: SamplingParams) -> int:
+    def generation_budget(self, prompt_len: int, params: SamplingParams) -> int:
+        """How many tokens a prompt of `prompt_len` may generate; raises `ContextLengthError` (no
+        room) or `ValueError` (max_length past the model's positions) before any work is done."""
         positions = self.config.max_position_embeddings
         if params.max_length > positions:
             raise ValueError(f"invalid max_length={params.max_length}: this model has {positions} "
@@ -114,8 +116,10 @@ class CogVLM:
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
-    def _decoder(self, prompts: Sequence[PromptTokens], params: Sequence[SamplingParams]) -> BatchDecoder:
-        budgets = [self._budget(self.prompt_length(p), sp) for p, sp in zip(prompts, params)]
+    def decoder(self, prompts: Sequence[PromptTokens], params: Sequence[SamplingParams]) -> BatchDecoder:
+        """Prefill `prompts` as one padded batch into a KV cache sized for their budgets; step the
+        returned decoder (or `join` it to a running one, as the server's scheduler does)."""
+        budgets = [self.generation_budget(self.prompt_length(p), sp) for p, sp in zip(prompts, params)]
         chunk = layout_batch(prompts, self.config)
         cache = self.model.new_cache(len(prompts), chunk.input_ids.shape[1] + max(budgets))
         logits = self.model(chunk, cache, last_only=True)
@@ -129,7 +133,7 @@ class CogVLM:
         prompts = [self.prompt_tokens(img, q, h, template) for img, q, h in requests]
         if not prompts:
             return []
-        decoder = self._decoder(prompts, [params] * len(prompts))
+        decoder = self.decoder(prompts, [params] * len(prompts))
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
         for _ in decoder.run(streams):
             pass  # streams watch for stop strings; answers come from the full token lists
@@ -143,7 +147,7 @@ class CogVLM:
     def stream(self, image: ImageInput | None, query: str, history: History | None = None,
                template: str | None = None, **sampling: Any) -> Iterator[str]:
         params = self.sampling(**sampling)
-        decoder = self._decoder([self.prompt_tokens(image, query, history, template)], [params])
+        decoder = self.decoder([self.prompt_tokens(image, query, history, template)], [params])
         for _, piece in decoder.run([TextStream(self.tokenizer, params.stop)]):
             yield piece
 
@@ -187,7 +191,7 @@ class ChatSession:
         prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(build_prompt(query, self.history, self.template)))
         full = layout_batch([prompt], cfg)
         ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()
-        budget = vlm._budget(len(ids), params)
+        budget = vlm.generation_budget(len(ids), params)
         if self.cache is None or self.cache.max_len < min(params.max_length, len(ids) + budget):
             self.cache = vlm.model.new_cache(1, params.max_length)
             self._tokens = []

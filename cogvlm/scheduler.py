@@ -68,7 +68,7 @@ class Scheduler:
     def submit(self, prompt: PromptTokens, params: SamplingParams) -> Job:
         """Queue a request; raises ContextLengthError at once when it cannot fit."""
         length = self.vlm.prompt_length(prompt)
-        self.vlm._budget(length, params)  # validate now, in the caller's thread
+        self.vlm.generation_budget(length, params)  # validate now, in the caller's thread
         job = Job(prompt, params, length)
         self._pending.put(job)
         self._wake.set()
@@ -144,7 +144,7 @@ class Scheduler:
 
     def _admit(self, decoder: BatchDecoder | None, jobs: dict, newcomers: list[Job]) -> BatchDecoder | None:
         try:
-            fresh = self.vlm._decoder([j.prompt for j in newcomers], [j.params for j in newcomers])
+            fresh = self.vlm.decoder([j.prompt for j in newcomers], [j.params for j in newcomers])
         except Exception as e:  # surface to the waiting clients instead of killing the loop
             for job in newcomers:
                 job.error = e

@@ -34,7 +34,7 @@ def full_logits(vlm, prompt: PromptTokens, generated: list[int]) -> torch.Tensor
 @pytest.mark.parametrize("with_image", [True, False])
 def test_cached_decoding_equals_recomputation(vlm, with_image):
     prompt = vlm.prompt_tokens(image(0) if with_image else None, "What is in the image?")
-    decoder = vlm._decoder([prompt], [vlm.sampling(max_new_tokens=16, **GREEDY)])
+    decoder = vlm.decoder([prompt], [vlm.sampling(max_new_tokens=16, **GREEDY)])
     steps = 0
     while not decoder.done:
         used = decoder.logits[0].clone() if decoder._last is None else None
@@ -154,10 +154,10 @@ def test_batch_equals_single(vlm):
 
     prompts = [vlm.prompt_tokens(*r) for r in requests]
     params = [vlm.sampling(max_new_tokens=12, **GREEDY)]
-    batched = vlm._decoder(prompts, params * 4)
+    batched = vlm.decoder(prompts, params * 4)
     list(batched.run())
     for row, p in enumerate(prompts):
-        alone = vlm._decoder([p], params)
+        alone = vlm.decoder([p], params)
         list(alone.run())
         assert batched.generated[row] == alone.generated[0]
 
@@ -165,7 +165,7 @@ def test_batch_equals_single(vlm):
 def test_finished_rows_leave_the_batch(vlm):
     prompts = [vlm.prompt_tokens(None, "a"), vlm.prompt_tokens(None, "b c d")]
     budgets = [2, 6]
-    decoder = vlm._decoder(prompts, [vlm.sampling(max_new_tokens=b) for b in budgets])
+    decoder = vlm.decoder(prompts, [vlm.sampling(max_new_tokens=b) for b in budgets])
     sizes = []
     while not decoder.done:
         decoder.step()
@@ -267,10 +267,10 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(vlm):
     first = [vlm.prompt_tokens(image(6), "What is in the image?")]
     later = [vlm.prompt_tokens(None, "Tell me a long story about three cats"),
              vlm.prompt_tokens(image(7), "How many?", [("What?", "a red circle")])]
-    running = vlm._decoder(first, [params])
+    running = vlm.decoder(first, [params])
     for _ in range(3):
         running.step()
-    ids = running.join(vlm._decoder(later, [params, vlm.sampling(max_new_tokens=4, **GREEDY)]))
+    ids = running.join(vlm.decoder(later, [params, vlm.sampling(max_new_tokens=4, **GREEDY)]))
     assert ids == [1, 2]
     sizes = []
     while not running.done:
@@ -278,7 +278,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(vlm):
         sizes.append(running.cache.batch_size)
     assert 3 in sizes  # the newcomers really decoded in the same batch
     for row, prompt in enumerate(first + later):
-        alone = vlm._decoder([prompt], [params if row < 2 else vlm.sampling(max_new_tokens=4, **GREEDY)])
+        alone = vlm.decoder([prompt], [params if row < 2 else vlm.sampling(max_new_tokens=4, **GREEDY)])
         list(alone.run())
         assert running.generated[row] == alone.generated[0], row
 
