@@ -31,6 +31,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.22, "large": 0.34}  # side as a share of the image side
 TASKS = ("caption", "vqa", "rec", "grounded_caption", "box_caption")
 MIN_IMAGE_SIZE = 16
+MAX_OBJECTS = 4
 # Query wording follows the CogVLM authors' grounding prompts, including the literal format hint.
 REC_QUERY = "Where is the {}? answer in [[x0,y0,x1,y1]] format."
 GROUNDED_QUERY = ("Can you provide a description of the image and include the coordinates "
@@ -79,20 +80,20 @@ def box_text(boxes: Iterable[Box]) -> str:
     return "[[" + ";".join(",".join(f"{v:03d}" for v in b) for b in boxes) + "]]"
 
 
-def make_scene(seed: int | random.Random, image_size: int = 224) -> Scene:
-    """One scene; a `random.Random` is used to draw the scene's own seed, so that
-    `make_scene(scene.seed, size)` always reproduces the scene."""
+def make_scene(seed: int | random.Random, image_size: int = 224, min_objects: int = 1) -> Scene:
+    """One scene of `min_objects` to 4 objects (fewer only if they do not fit); a
+    `random.Random` is used to draw the scene's own seed, so that
+    `make_scene(scene.seed, size, min_objects)` always reproduces the scene."""
     if isinstance(seed, random.Random):
         seed = seed.randrange(2**32)
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    _check_scene_args(image_size, min_objects)
     rng = random.Random(seed)
     # Light background with low-amplitude grey noise: not a constant the model can key on.
     noise = np.random.default_rng(seed).integers(-8, 9, (image_size, image_size, 1))
     background = np.array([rng.randint(215, 250) for _ in range(3)])
     image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(1, 4))
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(min_objects, MAX_OBJECTS))
     margin = max(2, image_size // 40)
     objects: list[SceneObject] = []
     for colour, shape in kinds:
@@ -110,6 +111,13 @@ def make_scene(seed: int | random.Random, image_size: int = 224) -> Scene:
                thousandths(box[2], image_size), thousandths(box[3], image_size))
         objects.append(SceneObject(shape, colour, size, box, rel))
     return Scene(image, objects, seed)
+
+
+def _check_scene_args(image_size: int, min_objects: int) -> None:
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    if not 1 <= min_objects <= MAX_OBJECTS:
+        raise ValueError(f"min_objects must be between 1 and {MAX_OBJECTS}, got {min_objects}")
 
 
 def _apart(a: Box, b: Box, margin: int) -> bool:
@@ -205,18 +213,19 @@ def _write_atomic(target: Path, write) -> None:
 
 
 def make_dataset(out_dir: str | Path, n_images: int, seed: int, image_size: int = 224,
-                 tasks: Iterable[str] = TASKS) -> Path:
+                 tasks: Iterable[str] = TASKS, min_objects: int = 1) -> Path:
     """Write `images/*.png` and `data.jsonl` (docs/data-format.md) under `out_dir`; return the
     JSONL path. The same arguments always give byte-identical files."""
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")
+    _check_scene_args(image_size, min_objects)  # before any folder is made
     tasks = tuple(tasks)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n_images):
         scene_seed = seed * 1_000_003 + i
-        scene = make_scene(scene_seed, image_size)
+        scene = make_scene(scene_seed, image_size, min_objects)
         name = f"images/{seed}-{i:06d}.png"
         _write_atomic(out_dir / name, lambda p: scene.image.save(p, format="PNG"))
         for template, turns in conversations(scene, random.Random(scene_seed + 1), tasks):
@@ -237,9 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
                     help="tasks to write (default: all)")
+    ap.add_argument("--min-objects", type=int, default=1,
+                    help=f"fewest objects per scene, 1 to {MAX_OBJECTS} (default 1); "
+                         "more gives more crowded scenes, the hard cases")
     args = ap.parse_args(argv)
     try:
-        path = make_dataset(args.out, args.n, args.seed, args.size, args.tasks)
+        path = make_dataset(args.out, args.n, args.seed, args.size, args.tasks, args.min_objects)
     except ValueError as e:
         ap.error(str(e))
     print(f"wrote {path}")
