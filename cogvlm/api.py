@@ -63,11 +63,12 @@ class CogVLM:
                         compile: bool = False) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
         shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
-        linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster;
-        turn it off to change or save the weights after loading. `compile` runs each decode
-        step through torch.compile (it packs the weights itself, so it replaces `prepack`):
-        the fastest decoding, after some seconds of compiling, at the cost of a packed copy of
-        the language weights per compiled graph (see `compile_decode`)."""
+        linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
+        (in fp32 it keeps the plain weights too, for batch 1: see `PackedLinear`); turn it off
+        to halve fp32 memory, or to change or save the weights after loading. `compile` runs
+        each decode step through torch.compile (it packs the weights itself for batches, so it
+        replaces `prepack`): the fastest decoding, after some seconds of compiling, at the cost
+        of a packed copy of the language weights per batched graph (see `compile_decode`)."""
         if compile and prepack:
             raise ValueError("compile=True packs the weights itself; leave prepack unset")
         name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path

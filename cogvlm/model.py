@@ -475,19 +475,22 @@ class CogVLMForCausalLM(nn.Module):
 
     def compile_decode(self) -> None:
         """Run `decode_step` through torch.compile: inductor fuses the many small per-token ops
-        (they dominate CPU decoding at batch 1) and, with its weight freezing, keeps the decode
-        weights as constants in its packed matmul layout. Inference only. Shapes are compiled
-        dynamic, so there are at most two graphs for batch 1 and two for larger batches (a window
-        that spans the whole cache compiles separately), and each holds its own packed copy of the
-        language weights: memory, not speed, is what `compile` costs on CPU."""
+        (they dominate CPU decoding at batch 1). Batches of several rows are compiled with
+        inductor's weight freezing, which keeps the decode weights as constants in its packed
+        matmul layout (a plain matmul repacks them on every call). Batch 1 is compiled without:
+        there the plain matrix-vector product is as fast, and freezing would hold a packed copy
+        in MKL's layout, 1.2-3.3x the size of each weight (measured). Inference only. Shapes are compiled dynamic, so
+        there are at most two graphs for batch 1 and two for larger batches (a window that spans
+        the whole cache compiles separately), and each batched one holds its own packed copy of
+        the language weights: memory, not speed, is what `compile` costs on CPU."""
         from torch._inductor import config as inductor_config
 
         step = torch.compile(self._decode, dynamic=True)
 
-        def frozen_step(*args: object) -> torch.Tensor:
+        def frozen_step(tokens: torch.Tensor, *args: object) -> torch.Tensor:
             # inductor decides on freezing from its global config when it compiles (the first
             # call with new shapes); torch.compile's `options` reach it too late for that
-            with inductor_config.patch(freezing=True):
-                return step(*args)
+            with inductor_config.patch(freezing=tokens.shape[0] > 1):
+                return step(tokens, *args)
 
         self._decode = frozen_step

@@ -86,17 +86,17 @@ def test_chat_session_reuses_cache_and_matches_recomputation(vlm, monkeypatch):
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager(vlm):
     """torch.compile'd decode (compile=True) gives the eager logits, for a padded batch mixing an
-    image and a text-only row, across a growth of the attention window."""
+    image and a text-only row and for a single row, across a growth of the attention window.
+    The batch is compiled with frozen, packed weights; batch 1 keeps the plain ones."""
     from torch._dynamo.utils import counters
 
     from cogvlm.model import DECODE_WINDOW
 
-    prompts = [vlm.prompt_tokens(image(0), "What is in the image?"), vlm.prompt_tokens(None, "Hi")]
-    chunk = layout_batch(prompts, vlm.config)
     steps = DECODE_WINDOW + 8
 
-    def decode() -> torch.Tensor:
-        cache = vlm.model.new_cache(2, chunk.input_ids.shape[1] + steps)
+    def decode(*prompts: PromptTokens) -> torch.Tensor:
+        chunk = layout_batch(list(prompts), vlm.config)
+        cache = vlm.model.new_cache(len(prompts), chunk.input_ids.shape[1] + steps)
         logits, positions, out = vlm.model(chunk, cache, last_only=True), chunk.position_ids[:, -1] + 1, []
         for _ in range(steps):
             logits = vlm.model.decode_step(logits.argmax(-1), positions, cache)
@@ -104,15 +104,23 @@ def test_compiled_decode_step_matches_eager(vlm):
             out.append(logits)
         return torch.stack(out)
 
-    eager = decode()
+    pair = vlm.prompt_tokens(image(0), "What is in the image?"), vlm.prompt_tokens(None, "Hi")
+    single = vlm.prompt_tokens(None, "Hello there")
+    eager_pair, eager_single = decode(*pair), decode(single)
     vlm.model.compile_decode()
     graphs = counters["stats"]["unique_graphs"]
     packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
-    compiled = decode()
+    compiled_pair = decode(*pair)
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled step did run
     if torch.backends.mkldnn.is_available():  # and with frozen weights, packed by inductor
         assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > packed
-    assert (compiled - eager).abs().max().item() <= 1e-4
+    graphs = counters["stats"]["unique_graphs"]
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
+    compiled_single = decode(single)
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == packed
+    assert (compiled_pair - eager_pair).abs().max().item() <= 1e-4
+    assert (compiled_single - eager_single).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="compile=True packs the weights itself"):
         CogVLM.from_pretrained("not-loaded", compile=True, prepack=True)
 

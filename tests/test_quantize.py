@@ -70,6 +70,25 @@ def test_prepacked_model_gives_the_same_logits(tiny_model, dtype, tol):
 
 
 @needs_onednn
+def test_packed_linear_sends_one_row_to_the_plain_weight_in_fp32():
+    # fp32 keeps the plain weight for one-row inputs (MKL's matrix-vector product): the very
+    # kernel and values nn.Linear uses, so bit-equal; more rows take the packed weight (rounding)
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=g))
+        packed = PackedLinear(linear.weight, linear.bias)
+        one, rows = torch.randn(1, 96, generator=g), torch.randn(5, 96, generator=g)
+        assert torch.equal(packed(one), linear(one))
+        assert torch.equal(packed(one[None]), linear(one[None]))
+        assert torch.allclose(packed(rows), linear(rows), atol=1e-5, rtol=0)
+        assert packed.plain_weight.data_ptr() == linear.weight.data_ptr()  # shared, not copied
+        bf16 = PackedLinear(linear.weight.bfloat16())
+        assert bf16.plain_weight is None  # bf16: the packed kernel is the faster one, kept alone
+        assert torch.allclose(bf16(one.bfloat16()).float(), linear(one) - linear.bias, atol=0.05, rtol=0.02)
+
+
+@needs_onednn
 def test_from_pretrained_prepacks_on_cpu_and_answers_the_same(talkative_checkpoint):
     from cogvlm import CogVLM
 
