@@ -68,7 +68,7 @@ class CogVLM:
         to halve fp32 memory, or to change or save the weights after loading. `compile` runs
         each decode step through torch.compile (it packs the weights itself for batches, so it
         replaces `prepack`): the fastest decoding, after some seconds of compiling, at the cost
-        of a packed copy of the language weights per batched graph (see `compile_decode`)."""
+        of a packed copy of the language weights per frozen graph (see `compile_decode`)."""
         if compile and prepack:
             raise ValueError("compile=True packs the weights itself; leave prepack unset")
         name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path

@@ -475,22 +475,24 @@ class CogVLMForCausalLM(nn.Module):
 
     def compile_decode(self) -> None:
         """Run `decode_step` through torch.compile: inductor fuses the many small per-token ops
-        (they dominate CPU decoding at batch 1). Batches of several rows are compiled with
-        inductor's weight freezing, which keeps the decode weights as constants in its packed
-        matmul layout (a plain matmul repacks them on every call). Batch 1 is compiled without:
-        there the plain matrix-vector product is as fast, and freezing would hold a packed copy
-        in MKL's layout, 1.2-3.3x the size of each weight (measured). Inference only. Shapes are compiled dynamic, so
-        there are at most two graphs for batch 1 and two for larger batches (a window that spans
-        the whole cache compiles separately), and each batched one holds its own packed copy of
-        the language weights: memory, not speed, is what `compile` costs on CPU."""
+        (they dominate CPU decoding at batch 1). Batches are compiled with inductor's weight
+        freezing, which keeps the decode weights as constants in its packed matmul layout (a
+        plain matmul repacks them on every call). Batch 1 in fp32 is compiled without: MKL's
+        plain matrix-vector product is as fast there, and freezing would hold a copy in MKL's
+        packed layout, 1.2-3.3x the size of each weight (measured); bf16 has no fast plain
+        one-row product on CPU, so it is frozen at every batch size. Inference only. Shapes are
+        compiled dynamic, so there are at most two graphs for batch 1 and two for larger batches
+        (a window that spans the whole cache compiles separately), and each frozen one holds its
+        own packed copy of the language weights: memory, not speed, is what `compile` costs."""
         from torch._inductor import config as inductor_config
 
         step = torch.compile(self._decode, dynamic=True)
+        freeze_one_row = self.dtype != torch.float32
 
         def frozen_step(tokens: torch.Tensor, *args: object) -> torch.Tensor:
             # inductor decides on freezing from its global config when it compiles (the first
             # call with new shapes); torch.compile's `options` reach it too late for that
-            with inductor_config.patch(freezing=tokens.shape[0] > 1):
+            with inductor_config.patch(freezing=freeze_one_row or tokens.shape[0] > 1):
                 return step(tokens, *args)
 
         self._decode = frozen_step

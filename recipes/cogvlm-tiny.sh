@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Reproduces the shipped cogvlm-tiny from scratch with `cogvlm finetune`, then scores it.
-#   bash recipes/cogvlm-tiny.sh [OUT]        (about 13 hours on 2 CPU cores: 67 + 66 + ~85 + ~86 + ~92 + ~48 + ~100 + ~113 + ~104 minutes)
+#   bash recipes/cogvlm-tiny.sh [OUT]        (about 15 hours on 2 CPU cores: 67 + 66 + ~85 + ~86 + ~92 + ~48 + ~100 + ~113 + ~104 + ~122 minutes)
 # Stage 1 trains the decoder from random weights on 12,000 scenes with the loss averaged over
 # answer tokens; stage 2 continues on 12,000 new scenes, the ViT training too, with every example
 # weighted the same, so one-word VQA answers are not drowned out by long grounded captions;
 # stages 3 to 8 go on the same way, each on 12,000 more new scenes, the learning rate never rising;
-# stage 9 trains mostly on crowded scenes.
+# stage 9 trains mostly on crowded scenes; stage 10 mostly on captions and grounded captions.
 # The adapter stays frozen at its random initialization in every stage: training it erases
 # the horizontal place of objects before the decoder learns to read it (README, cogvlm-tiny).
-# Afterwards: copy OUT/run9/final/{config.json,*.safetensors,*.json,tokenizer.model}
+# Afterwards: copy OUT/run10/final/{config.json,*.safetensors,*.json,tokenizer.model}
 # into cogvlm/weights/cogvlm-tiny/ to ship it.
 set -euo pipefail
 OUT=${1:-runs/cogvlm-tiny}
 HERE=$(cd "$(dirname "$0")" && pwd)
 COMMON=(--batch-size 32 --min-lr-ratio 0.05 --weight-decay 0.01 --save-dtype bf16
         --eval-data "$OUT/data/held/data.jsonl" ${RESUME:+--resume})
-LATER=("${COMMON[@]}" --train vision_expert,language,vit --loss-average example)  # stages 2-9
+LATER=("${COMMON[@]}" --train vision_expert,language,vit --loss-average example)  # stages 2-10
 
 python -m cogvlm.data.synthetic "$OUT/data/train" --n 12000 --seed 0 --size 112
 python -m cogvlm.data.synthetic "$OUT/data/held" --n 150 --seed 1 --size 112
@@ -46,6 +46,14 @@ mv "$OUT/data/train9/data.jsonl" "$OUT/data/train9/any.jsonl"
 cat "$OUT/data/train9/crowded.jsonl" "$OUT/data/train9/any.jsonl" > "$OUT/data/train9/data.jsonl"
 cogvlm finetune "${LATER[@]}" --data "$OUT/data/train9/data.jsonl" --model "$OUT/run8/final" --out "$OUT/run9" \
   --steps 4000 --lr 7e-5 --warmup 50 --eval-every 1000 --save-every 400 --seed 8
+# Stage 10: caption-heavy: 20,000 scenes with only their caption and grounded caption, 4,000 with all tasks
+python -m cogvlm.data.synthetic "$OUT/data/train10" --n 20000 --seed 13 --size 112 --tasks caption grounded_caption
+mv "$OUT/data/train10/data.jsonl" "$OUT/data/train10/captions.jsonl"
+python -m cogvlm.data.synthetic "$OUT/data/train10" --n 4000 --seed 14 --size 112
+mv "$OUT/data/train10/data.jsonl" "$OUT/data/train10/any.jsonl"
+cat "$OUT/data/train10/captions.jsonl" "$OUT/data/train10/any.jsonl" > "$OUT/data/train10/data.jsonl"
+cogvlm finetune "${LATER[@]}" --data "$OUT/data/train10/data.jsonl" --model "$OUT/run9/final" --out "$OUT/run10" \
+  --steps 3200 --lr 7e-5 --warmup 50 --eval-every 800 --save-every 400 --seed 9
 # scores on scenes made with a seed never used in training
 python -m cogvlm.data.synthetic "$OUT/data/test" --n 200 --seed 7 --size 112
-cogvlm eval "$OUT/data/test/data.jsonl" --model "$OUT/run9/final" --output "$OUT/eval.json"
+cogvlm eval "$OUT/data/test/data.jsonl" --model "$OUT/run10/final" --output "$OUT/eval.json"
