@@ -38,21 +38,23 @@ later_stage 5 6 --steps 4400 --lr 1e-4 --warmup 50 --eval-every 1100 --save-ever
 later_stage 6 8 --steps 2200 --lr 7e-5 --warmup 50 --eval-every 1100 --save-every 400 --seed 5
 later_stage 7 9 --steps 4400 --lr 7e-5 --warmup 50 --eval-every 1100 --save-every 400 --seed 6
 later_stage 8 10 --steps 4400 --lr 7e-5 --warmup 50 --eval-every 1100 --save-every 400 --seed 7
+# mixed_stage N "SCENES_A" "SCENES_B" FINETUNE_ARGS...: two synthetic sets joined into one file
+# (`finetune --data` takes one), then train from stage N-1's weights
+mixed_stage() {
+  local n=$1 dir="$OUT/data/train$1" a=$2 b=$3; shift 3
+  python -m cogvlm.data.synthetic "$dir" --size 112 $a
+  mv "$dir/data.jsonl" "$dir/a.jsonl"
+  python -m cogvlm.data.synthetic "$dir" --size 112 $b
+  mv "$dir/data.jsonl" "$dir/b.jsonl"
+  cat "$dir/a.jsonl" "$dir/b.jsonl" > "$dir/data.jsonl"
+  cogvlm finetune "${LATER[@]}" --data "$dir/data.jsonl" --model "$OUT/run$(( n - 1 ))/final" \
+    --out "$OUT/run$n" "$@"
+}
 # Stage 9: crowded scenes, where the caption misses are: 9,000 of 3-4 objects and 3,000 of any kind
-python -m cogvlm.data.synthetic "$OUT/data/train9" --n 9000 --seed 11 --size 112 --min-objects 3
-mv "$OUT/data/train9/data.jsonl" "$OUT/data/train9/crowded.jsonl"
-python -m cogvlm.data.synthetic "$OUT/data/train9" --n 3000 --seed 12 --size 112
-mv "$OUT/data/train9/data.jsonl" "$OUT/data/train9/any.jsonl"
-cat "$OUT/data/train9/crowded.jsonl" "$OUT/data/train9/any.jsonl" > "$OUT/data/train9/data.jsonl"
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train9/data.jsonl" --model "$OUT/run8/final" --out "$OUT/run9" \
+mixed_stage 9 "--n 9000 --seed 11 --min-objects 3" "--n 3000 --seed 12" \
   --steps 4000 --lr 7e-5 --warmup 50 --eval-every 1000 --save-every 400 --seed 8
 # Stage 10: caption-heavy: 20,000 scenes with only their caption and grounded caption, 4,000 with all tasks
-python -m cogvlm.data.synthetic "$OUT/data/train10" --n 20000 --seed 13 --size 112 --tasks caption grounded_caption
-mv "$OUT/data/train10/data.jsonl" "$OUT/data/train10/captions.jsonl"
-python -m cogvlm.data.synthetic "$OUT/data/train10" --n 4000 --seed 14 --size 112
-mv "$OUT/data/train10/data.jsonl" "$OUT/data/train10/any.jsonl"
-cat "$OUT/data/train10/captions.jsonl" "$OUT/data/train10/any.jsonl" > "$OUT/data/train10/data.jsonl"
-cogvlm finetune "${LATER[@]}" --data "$OUT/data/train10/data.jsonl" --model "$OUT/run9/final" --out "$OUT/run10" \
+mixed_stage 10 "--n 20000 --seed 13 --tasks caption grounded_caption" "--n 4000 --seed 14" \
   --steps 3200 --lr 7e-5 --warmup 50 --eval-every 800 --save-every 400 --seed 9
 # scores on scenes made with a seed never used in training
 python -m cogvlm.data.synthetic "$OUT/data/test" --n 200 --seed 7 --size 112
