@@ -5,9 +5,10 @@ The peer is a LlamaForCausalLM with the same language weights (SDPA attention, s
 decoding the same text-only prompt; both are greedy and must produce the same tokens. Decode
 speed is measured the same way for both: time(prefill + 1 + N tokens) - time(prefill + 1 token),
 the best of several repeats taken in turns (this machine is shared and noisy).
-Ours runs as `CogVLM.from_pretrained` gives it on CPU, with oneDNN-prepacked weights; the
-"compiled" column is `from_pretrained(..., compile=True)` (the decode step under torch.compile,
-compiled before timing); "unpacked" is the same model with plain `nn.Linear` weights.
+Ours runs as `CogVLM.from_pretrained` gives it on CPU, with oneDNN-prepacked weights (and, in
+fp32, the plain ones for single-row inputs); the "compiled" column is `from_pretrained(...,
+compile=True)` (the decode step under torch.compile, compiled before timing); "unpacked" is the
+same model with plain `nn.Linear` weights.
 Also printed: both decodes as a share of the machine's memory-bandwidth bound (weight bytes read
 per step / read bandwidth measured in this run): where the peer is already near the bound,
 no implementation that reads the same bytes can be much faster.

@@ -65,7 +65,7 @@ class CogVLM:
         shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
         (in fp32 it keeps the plain weights too, for batch 1: see `PackedLinear`); turn it off
-        to halve fp32 memory, or to change or save the weights after loading. `compile` runs
+        to keep one copy of fp32 weights, or to change or save them after loading. `compile` runs
         each decode step through torch.compile (it packs the weights itself for batches, so it
         replaces `prepack`): the fastest decoding, after some seconds of compiling, at the cost
         of a packed copy of the language weights per frozen graph (see `compile_decode`)."""

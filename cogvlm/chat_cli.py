@@ -61,8 +61,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile: faster decoding after some seconds of "
-                             "compiling; holds a packed copy of the language weights per compiled batched graph "
-                             "(needs a C++ compiler on CPU)")
+                             "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
+                             "weights per frozen graph (batches; in bf16 batch 1 too)")
     parser.add_argument("--tokenizer", *_spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
                         help="sentencepiece tokenizer.model (default: the one next to the weights)")
     defaults = SamplingParams()
