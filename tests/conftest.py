@@ -77,7 +77,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, sp_model_path: Pat
 
 
 @pytest.fixture(scope="session")
-def talkative_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def talkative(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with its </s> logits zeroed: it talks until max_new_tokens, so each
     image gets an answer of its own (the original answers nothing for most images)."""
     import shutil
@@ -94,7 +94,7 @@ def talkative_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
-def talkative_vlm(talkative_checkpoint: Path):
+def talkative_vlm(talkative: Path):
     from cogvlm import CogVLM
 
-    return CogVLM.from_pretrained(talkative_checkpoint, device="cpu")
+    return CogVLM.from_pretrained(talkative, device="cpu")

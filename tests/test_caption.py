@@ -31,16 +31,6 @@ FAILURES = ("corrupt.png", "truncated.jpg")
 
 
 @pytest.fixture(scope="module")
-def model(talkative_checkpoint: Path) -> Path:
-    return talkative_checkpoint
-
-
-@pytest.fixture(scope="module")
-def vlm(talkative_vlm: CogVLM) -> CogVLM:
-    return talkative_vlm
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 scenes in nested folders (PNG and JPEG), 2 unreadable files and a non-image."""
     root = tmp_path_factory.mktemp("images")
@@ -68,15 +58,15 @@ def cogvlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def full_run(model: Path, dataset: Path,
+def full_run(talkative: Path, dataset: Path,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted run writing .txt files into a copy of the data set."""
     root = tmp_path_factory.mktemp("full") / "data"
     shutil.copytree(dataset, root)
-    return root, cogvlm("caption", ".", "--model", str(model), *GREEDY_FLAGS, "--batch-size", "4", cwd=root)
+    return root, cogvlm("caption", ".", "--model", str(talkative), *GREEDY_FLAGS, "--batch-size", "4", cwd=root)
 
 
-def test_captions_every_image_and_reports_unreadable_ones(full_run, vlm):
+def test_captions_every_image_and_reports_unreadable_ones(full_run, talkative_vlm):
     root, run = full_run
     assert run.returncode == 0, run.stderr
     assert "30 captioned, 0 skipped (already done), 2 failed (of 32 images)" in run.stdout
@@ -85,15 +75,15 @@ def test_captions_every_image_and_reports_unreadable_ones(full_run, vlm):
     assert "Traceback" not in run.stderr
     captions = captions_in(root)
     assert sorted(captions) == sorted(str(p.relative_to(root).with_suffix(".txt")) for p in images_in(root))
-    want = vlm.generate([(p, "", None) for p in images_in(root)], template="base", **GREEDY)
+    want = talkative_vlm.generate([(p, "", None) for p in images_in(root)], template="base", **GREEDY)
     assert [captions[str(p.relative_to(root).with_suffix(".txt"))] for p in images_in(root)] == [w + "\n" for w in want]
     assert len(set(want)) > 20, "the captions should differ from image to image"
 
 
-def test_killed_run_resumes_without_loss_or_repeats(full_run, model, dataset, tmp_path):
+def test_killed_run_resumes_without_loss_or_repeats(full_run, talkative, dataset, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(dataset, root)
-    args = ["caption", ".", "--model", str(model), *GREEDY_FLAGS, "--batch-size", "2"]
+    args = ["caption", ".", "--model", str(talkative), *GREEDY_FLAGS, "--batch-size", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "cogvlm", *args], cwd=root, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -113,8 +103,8 @@ def test_killed_run_resumes_without_loss_or_repeats(full_run, model, dataset, tm
     assert left == originals, "no temporary or partial files may remain"
 
 
-def test_two_processes_under_torchrun_equal_one(model, dataset, tmp_path):
-    flags = ["caption", str(dataset), "--model", str(model), *GREEDY_FLAGS, "--batch-size", "4"]
+def test_two_processes_under_torchrun_equal_one(talkative, dataset, tmp_path):
+    flags = ["caption", str(dataset), "--model", str(talkative), *GREEDY_FLAGS, "--batch-size", "4"]
     one = cogvlm(*flags, "--output", str(tmp_path / "one.jsonl"), cwd=ROOT)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -127,26 +117,26 @@ def test_two_processes_under_torchrun_equal_one(model, dataset, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # journals merged, removed
 
 
-def test_journal_ignores_a_partial_last_line_and_csv_resumes(vlm, dataset, tmp_path):
+def test_journal_ignores_a_partial_last_line_and_csv_resumes(talkative_vlm, dataset, tmp_path):
     images = images_in(dataset)[:5]
     out = tmp_path / "captions.csv"
     sink = RecordFile(out, rank=0)
-    assert caption_images(vlm, images[:3], sink, batch_size=2, sampling=GREEDY).done == 3
+    assert caption_images(talkative_vlm, images[:3], sink, batch_size=2, sampling=GREEDY).done == 3
     sink.close()
     with open(sink.journal, "a") as f:  # what a kill in the middle of a write would leave
         f.write(f'{{"image": "{images[3]}", "capt')
 
     sink = RecordFile(out, rank=0)
-    summary = caption_images(vlm, images, sink, batch_size=2, sampling=GREEDY)
+    summary = caption_images(talkative_vlm, images, sink, batch_size=2, sampling=GREEDY)
     sink.close()
     assert (summary.done, summary.skipped, summary.failed) == (2, 3, [])
     journal = [json.loads(line) for line in sink.journal.read_text().splitlines()]
     assert [r["image"] for r in journal] == [str(p) for p in images]
     sink.merge()
     assert not sink.journal.exists()
-    want = vlm.generate([(p, "", None) for p in images], template="base", **GREEDY)
+    want = talkative_vlm.generate([(p, "", None) for p in images], template="base", **GREEDY)
     assert RecordFile(out, rank=0).records == {str(p): w for p, w in zip(images, want)}
-    again = caption_images(vlm, images, RecordFile(out, rank=0), sampling=GREEDY)
+    again = caption_images(talkative_vlm, images, RecordFile(out, rank=0), sampling=GREEDY)
     assert (again.done, again.skipped) == (0, 5)
 
 

@@ -89,11 +89,11 @@ def test_packed_linear_sends_one_row_to_the_plain_weight_in_fp32():
 
 
 @needs_onednn
-def test_from_pretrained_prepacks_on_cpu_and_answers_the_same(talkative_checkpoint):
+def test_from_pretrained_prepacks_on_cpu_and_answers_the_same(talkative):
     from cogvlm import CogVLM
 
-    packed = CogVLM.from_pretrained(talkative_checkpoint, device="cpu")
-    plain = CogVLM.from_pretrained(talkative_checkpoint, device="cpu", prepack=False)
+    packed = CogVLM.from_pretrained(talkative, device="cpu")
+    plain = CogVLM.from_pretrained(talkative, device="cpu", prepack=False)
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     g = torch.Generator().manual_seed(3)

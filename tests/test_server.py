@@ -68,26 +68,16 @@ def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def model(talkative_checkpoint: Path) -> Path:
-    return talkative_checkpoint
-
-
-@pytest.fixture(scope="module")
-def vlm(talkative_vlm: CogVLM) -> CogVLM:
-    return talkative_vlm
-
-
-@pytest.fixture(scope="module")
-def server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serving(model, tmp_path_factory.mktemp("log") / "server.log", "--max-image-bytes", str(MAX_IMAGE_BYTES),
+def server(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serving(talkative, tmp_path_factory.mktemp("log") / "server.log", "--max-image-bytes", str(MAX_IMAGE_BYTES),
                  "--max-image-pixels", str(MAX_IMAGE_PIXELS)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def open_server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def open_server(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """With an API key, and allowed to fetch remote images and read local files."""
-    with serving(model, tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY,
+    with serving(talkative, tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY,
                  "--allow-remote-images", "--allow-local-files") as url:
         yield url
 
@@ -100,20 +90,22 @@ def reference(vlm: CogVLM, image: bytes | None, query: str, history=None, **samp
     return vlm.chat(image, query, history, top_k=1, max_length=CONTEXT, **sampling)[0]
 
 
-def test_chat_completion_with_an_image(server, model, vlm):
+def test_chat_completion_with_an_image(server, talkative, talkative_vlm):
     image = scene(1)
     reply = client(server).chat.completions.create(
-        model=str(model), messages=[user("What is in the image?", data_url(image))], temperature=0, max_tokens=12)
-    assert reply.choices[0].message.content == reference(vlm, image, "What is in the image?", max_new_tokens=12)
+        model=str(talkative), messages=[user("What is in the image?", data_url(image))], temperature=0, max_tokens=12)
+    want = reference(talkative_vlm, image, "What is in the image?", max_new_tokens=12)
+    assert reply.choices[0].message.content == want
     assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
-    prompt = vlm.prompt_length(vlm.prompt_tokens(image, "What is in the image?"))
+    prompt = talkative_vlm.prompt_length(talkative_vlm.prompt_tokens(image, "What is in the image?"))
     counts = reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens
     assert counts == (prompt, 12, prompt + 12)
-    assert reply.model == str(model) and reply.object == "chat.completion"
+    assert reply.model == str(talkative) and reply.object == "chat.completion"
 
 
-def test_streamed_chunks_join_to_the_answer(server, model):
-    request = dict(model=str(model), messages=[user("Describe it.", data_url(scene(2)))], temperature=0, max_tokens=20)
+def test_streamed_chunks_join_to_the_answer(server, talkative):
+    request = dict(model=str(talkative), messages=[user("Describe it.", data_url(scene(2)))],
+                   temperature=0, max_tokens=20)
     whole = client(server).chat.completions.create(**request)
     chunks = list(client(server).chat.completions.create(**request, stream=True,
                                                          stream_options={"include_usage": True}))
@@ -124,44 +116,46 @@ def test_streamed_chunks_join_to_the_answer(server, model):
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
 
 
-def test_two_turn_conversation(server, model, vlm):
+def test_two_turn_conversation(server, talkative, talkative_vlm):
     image = scene(3)
-    first = reference(vlm, image, "What is this?", max_new_tokens=6)
+    first = reference(talkative_vlm, image, "What is this?", max_new_tokens=6)
     reply = client(server).chat.completions.create(
-        model=str(model), temperature=0, max_tokens=10,
+        model=str(talkative), temperature=0, max_tokens=10,
         messages=[{"role": "system", "content": "ignored: CogVLM has no system prompt"},
                   user("What is this?", data_url(image)), {"role": "assistant", "content": first},
                   {"role": "user", "content": "And what colour is it?"}])
-    want = reference(vlm, image, "And what colour is it?", [("What is this?", first)], max_new_tokens=10)
+    want = reference(talkative_vlm, image, "And what colour is it?", [("What is this?", first)], max_new_tokens=10)
     assert reply.choices[0].message.content == want
 
 
-def test_stop_strings_and_seeded_sampling(server, model, vlm):
+def test_stop_strings_and_seeded_sampling(server, talkative, talkative_vlm):
     chat = client(server).chat.completions
-    full = reference(vlm, None, "Tell me a story", max_new_tokens=30)
+    full = reference(talkative_vlm, None, "Tell me a story", max_new_tokens=30)
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    reply = chat.create(model=str(model), messages=[user("Tell me a story")], temperature=0, max_tokens=30, stop=[stop])
-    assert reply.choices[0].message.content == reference(vlm, None, "Tell me a story", max_new_tokens=30, stop=[stop])
+    reply = chat.create(model=str(talkative), messages=[user("Tell me a story")], temperature=0, max_tokens=30,
+                        stop=[stop])
+    want = reference(talkative_vlm, None, "Tell me a story", max_new_tokens=30, stop=[stop])
+    assert reply.choices[0].message.content == want
     assert reply.choices[0].finish_reason == "stop" and len(reply.choices[0].message.content) < len(full)
-    sampled = [chat.create(model=str(model), messages=[user("Tell me a story")], temperature=1.0, max_tokens=20,
+    sampled = [chat.create(model=str(talkative), messages=[user("Tell me a story")], temperature=1.0, max_tokens=20,
                            seed=seed).choices[0].message.content for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_models_health_and_metrics(server, model):
+def test_models_health_and_metrics(server, talkative):
     models = client(server).models.list()
-    assert [m.id for m in models.data] == [str(model)]
-    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": str(model)}
+    assert [m.id for m in models.data] == [str(talkative)]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": str(talkative)}
     metrics = httpx.get(f"{server}/metrics").json()
     assert metrics["max_batch"] == 16 and set(metrics) >= {"max_batch_seen", "batch_sizes", "requests"}
     wrong_method = httpx.get(f"{server}/v1/chat/completions")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
 
 
-def test_api_key(open_server, model):
+def test_api_key(open_server, talkative):
     with pytest.raises(openai.AuthenticationError):
-        client(open_server).chat.completions.create(model=str(model), messages=[user("hi")], max_tokens=2)
-    reply = client(open_server, KEY).chat.completions.create(model=str(model), messages=[user("hi")], max_tokens=2)
+        client(open_server).chat.completions.create(model=str(talkative), messages=[user("hi")], max_tokens=2)
+    reply = client(open_server, KEY).chat.completions.create(model=str(talkative), messages=[user("hi")], max_tokens=2)
     assert reply.choices[0].message.content
     for path in ("/v1/models", "/metrics"):
         denied = httpx.get(f"{open_server}{path}", headers={"Authorization": "Bearer wrong"})
@@ -169,7 +163,7 @@ def test_api_key(open_server, model):
     assert httpx.get(f"{open_server}/health").status_code == 200  # for load balancers: no key needed
 
 
-def test_remote_and_local_images_when_allowed(open_server, model, vlm, tmp_path):
+def test_remote_and_local_images_when_allowed(open_server, talkative, talkative_vlm, tmp_path):
     image = scene(4)
     (tmp_path / "scene.png").write_bytes(image)
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -179,11 +173,11 @@ def test_remote_and_local_images_when_allowed(open_server, model, vlm, tmp_path)
             urls = [f"http://127.0.0.1:{files.server_address[1]}/scene.png", str(tmp_path / "scene.png"),
                     f"file://{tmp_path / 'scene.png'}"]
             answers = [client(open_server, KEY).chat.completions.create(
-                model=str(model), messages=[user("What is it?", url)], temperature=0, max_tokens=8,
+                model=str(talkative), messages=[user("What is it?", url)], temperature=0, max_tokens=8,
             ).choices[0].message.content for url in urls]
         finally:
             files.shutdown()
-    assert answers == [reference(vlm, image, "What is it?", max_new_tokens=8)] * 3
+    assert answers == [reference(talkative_vlm, image, "What is it?", max_new_tokens=8)] * 3
 
 
 def _request(**overrides) -> dict:
@@ -247,7 +241,7 @@ def _metrics(url: str) -> dict:
     return httpx.get(f"{url}/metrics").json()
 
 
-def test_concurrent_requests_decode_together(server, model, vlm):
+def test_concurrent_requests_decode_together(server, talkative, talkative_vlm):
     before = _metrics(server)["batch_sizes"]
     greedy = [(scene(10 + i) if i % 2 else None, f"question number {i}?") for i in range(4)]
     results: dict[int, str] = {}
@@ -259,7 +253,8 @@ def test_concurrent_requests_decode_together(server, model, vlm):
         else:  # sampled, long answers: they keep the batch busy while the others arrive
             messages, sampling = [user(f"story {i}")], {"temperature": 1.0, "seed": i}
         results[i] = client(server).chat.completions.create(
-            model=str(model), messages=messages, max_tokens=16 if i < 4 else 64, **sampling).choices[0].message.content
+            model=str(talkative), messages=messages, max_tokens=16 if i < 4 else 64, **sampling
+        ).choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
@@ -267,13 +262,13 @@ def test_concurrent_requests_decode_together(server, model, vlm):
     for t in threads:
         t.join(timeout=120)
     assert sorted(results) == list(range(8)) and all(results.values())
-    assert [results[i] for i in range(4)] == [reference(vlm, img, q, max_new_tokens=16) for img, q in greedy]
+    assert [results[i] for i in range(4)] == [reference(talkative_vlm, img, q, max_new_tokens=16) for img, q in greedy]
     after = _metrics(server)
     together = {int(k): n - before.get(k, 0) for k, n in after["batch_sizes"].items()}
     assert max(k for k, n in together.items() if n > 0) > 1 and after["max_batch_seen"] > 1
 
 
-def test_clients_that_hang_up_free_their_slots(server, model, vlm):
+def test_clients_that_hang_up_free_their_slots(server, talkative, talkative_vlm):
     cancelled = _metrics(server)["requests"]["finished"].get("cancelled", 0)
     long = _request(messages=[user("Tell me a very long story")], max_tokens=CONTEXT - 20, temperature=0)
     with httpx.stream("POST", f"{server}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
@@ -282,9 +277,9 @@ def test_clients_that_hang_up_free_their_slots(server, model, vlm):
                 break  # one real piece arrived: hang up mid-stream
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
         httpx.post(f"{server}/v1/chat/completions", json=long, timeout=httpx.Timeout(60, read=0.3))
-    others = [client(server).chat.completions.create(model=str(model), messages=[user(f"quick {i}")], temperature=0,
+    others = [client(server).chat.completions.create(model=str(talkative), messages=[user(f"quick {i}")], temperature=0,
                                                      max_tokens=8).choices[0].message.content for i in range(3)]
-    assert others == [reference(vlm, None, f"quick {i}", max_new_tokens=8) for i in range(3)]
+    assert others == [reference(talkative_vlm, None, f"quick {i}", max_new_tokens=8) for i in range(3)]
     deadline = time.monotonic() + 30
     while _metrics(server)["requests"]["finished"].get("cancelled", 0) < cancelled + 2:
         assert time.monotonic() < deadline, "an abandoned request was never cancelled"
