@@ -18,15 +18,13 @@ from cogvlm.data.synthetic import COLOURS, SHAPES, conversations, make_scene
 from cogvlm.evaluate import score, task_of
 from cogvlm.grounding import parse_boxes
 
-# Training uses seeds 0, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13 and 14, its validation seed 1 and the recipe's test set seed 7; this seed is new.
+# Training uses seeds 0, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15 and 16, its validation seed 1 and the
+# recipe's test set seed 7; this seed is new.
 HELD_OUT_SEED = 2026
 # 150 captions, ~380 referring expressions, ~290 VQA questions: with 60 scenes (116 questions)
 # one answer decided whether VQA accuracy reached 0.90; with ~290 the standard error is ~0.02.
 N_SCENES = 150
 VQA_WORDS = set(COLOURS) | set(SHAPES) | {"yes", "no"} | {str(n) for n in range(10)}
-# Not reached yet by the shipped weights (README, "cogvlm-tiny"): strict, so that the day a
-# retrained model reaches a target this fails and its marker has to go.
-BELOW_TARGET = {"caption_object_match"}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +58,8 @@ def test_shipped_cogvlm_tiny_answers_in_format_about_the_image(held_out):
     assert all(c.endswith(".") for c in captions) and len(set(captions)) > 10
 
 
-@pytest.mark.parametrize("metric, target", [
-    pytest.param(metric, target, marks=pytest.mark.xfail(strict=True, reason="below target")
-                 if metric in BELOW_TARGET else ())
-    for metric, target in [("vqa_accuracy", 0.90), ("rec_acc@0.5", 0.80), ("caption_object_match", 0.80)]])
+@pytest.mark.parametrize("metric, target", [("vqa_accuracy", 0.90), ("rec_acc@0.5", 0.80),
+                                            ("caption_object_match", 0.80)])
 def test_shipped_cogvlm_tiny_reaches_its_targets(held_out, metric, target):
     values = held_out[1][metric]
     assert len(values) >= N_SCENES  # every scene asked this task at least once
