@@ -15,7 +15,7 @@ OUT=${1:-runs/cogvlm-tiny}
 HERE=$(cd "$(dirname "$0")" && pwd)
 COMMON=(--batch-size 32 --min-lr-ratio 0.05 --weight-decay 0.01 --save-dtype bf16
         --eval-data "$OUT/data/held/data.jsonl" ${RESUME:+--resume})
-LATER=("${COMMON[@]}" --train vision_expert,language,vit --loss-average example)  # stages 2-10
+LATER=("${COMMON[@]}" --train vision_expert,language,vit --loss-average example)  # stages 2-11
 
 python -m cogvlm.data.synthetic "$OUT/data/train" --n 12000 --seed 0 --size 112
 python -m cogvlm.data.synthetic "$OUT/data/held" --n 150 --seed 1 --size 112

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from cogvlm import CogVLM
 from cogvlm.caption import RecordFile, caption_images
 from cogvlm.cli import main
 from cogvlm.data.synthetic import make_scene
