@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from .chat_cli import UsageError, add_model_flags, load_model, sampling_flags
+from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .generate import ContextLengthError
 from .image import ImageError, load_image
 

@@ -287,6 +287,19 @@ def check_names(expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int,
         raise CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
 
 
+def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`, in memory of its own.
+
+    A tensor read from safetensors in its stored dtype is a view of the memory-mapped file: it
+    would change if the checkpoint were rewritten under a running server, and it sits wherever
+    the file's header puts it (often not 64-byte aligned, which sends CPU kernels down other,
+    slower paths than a fresh tensor's). One copy per tensor, done while streaming, fixes both
+    and costs no peak memory beyond the tensor itself.
+    """
+    moved = tensor.to(device=device, dtype=dtype)
+    return moved.clone() if moved.data_ptr() == tensor.data_ptr() else moved
+
+
 def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> CogVLMForCausalLM:
     """Build the model on the meta device and fill it group by group, converting on the fly."""
@@ -298,7 +311,7 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
     read_device = "cpu" if device.type == "meta" else str(device)
     for group in iter_tensors(folder, device=read_device):
         seen.update({k: tuple(v.shape) for k, v in group.items()})
-        fitting = {k: v.to(device=device, dtype=dtype) for k, v in group.items()
+        fitting = {k: owned(v, device, dtype) for k, v in group.items()
                    if k in expected and tuple(v.shape) == expected[k]}
         model.load_state_dict(fitting, strict=False, assign=True)
         del group, fitting

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .chat_cli import UsageError
+from .options import UsageError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError

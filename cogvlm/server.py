@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from PIL import Image, UnidentifiedImageError
 
 from .api import CogVLM
-from .chat_cli import UsageError, add_model_flags, load_model, sampling_flags
+from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .generate import ContextLengthError, SamplingParams
 from .image import ImageError, load_image
 from .prompt import PromptTokens

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
 
-from .chat_cli import UsageError, add_model_flags, load_model, sampling_flags, turn_boxes
+from .chat_cli import turn_boxes
+from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .config import TEMPLATES
 from .grounding import draw_boxes
 

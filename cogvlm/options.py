@@ -1,0 +1,96 @@
+"""The flags every surface shares (which model, how to load it, how to sample) and their checks.
+
+`cogvlm chat`, `web`, `serve`, `caption` and `eval` all take the same model and sampling flags; they
+live here, in one place, so a new loading option (quantization, several GPUs) reaches every
+surface at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from .config import DEFAULT_MODEL, TEMPLATES
+from .generate import SamplingParams
+
+if TYPE_CHECKING:
+    from .api import CogVLM
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_new_tokens", "max_length", "seed")
+SAMPLING_HELP = {
+    "temperature": "sampling temperature (0 = greedy)", "top_p": "nucleus sampling mass",
+    "top_k": "sample among the k likeliest tokens (1 = greedy, 0 = no limit)",
+    "max_new_tokens": "longest answer in tokens (default: until max_length)",
+    "max_length": "longest prompt + answer in tokens, image slots included", "seed": "random seed for sampling",
+}
+
+
+class UsageError(Exception):
+    """A flag value or combination the user can fix: one line on stderr and exit code 2."""
+
+
+def spellings(name: str) -> list[str]:
+    """The seed's underscore flag name and its dashed twin, so both habits work."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model to load, how, and the default sampling settings."""
+    parser.add_argument(*spellings("model"), *spellings("from_pretrained"), dest="model", default=DEFAULT_MODEL,
+                        metavar="NAME_OR_PATH", help=f"registry name, hub id or folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--template", "--version", choices=TEMPLATES, help="prompt template (default: the model's)")
+    dtype = parser.add_mutually_exclusive_group()
+    dtype.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="bfloat16 weights")
+    dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")
+    parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile: faster decoding after some seconds of "
+                             "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
+                             "weights per frozen graph (batches; in bf16 batch 1 too)")
+    parser.add_argument("--tokenizer", *spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
+                        help="sentencepiece tokenizer.model (default: the one next to the weights)")
+    defaults = SamplingParams()
+    for name in SAMPLING_FLAGS:
+        kind = float if name in ("temperature", "top_p") else int
+        default = getattr(defaults, name)
+        parser.add_argument(*spellings(name), type=kind, metavar="N",
+                            help=SAMPLING_HELP[name] + ("" if default is None else f" (default {default})"))
+
+
+def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keywords given on the command line, checked before the (slow) model load."""
+    chosen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    try:
+        SamplingParams.build(**chosen)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return chosen
+
+
+def load_model(args: argparse.Namespace) -> CogVLM:
+    """The model the flags name, once the device and quantization requests make sense."""
+    import torch
+
+    from .api import CogVLM, default_device
+
+    try:
+        device = torch.device(args.device or default_device())
+    except RuntimeError:
+        raise UsageError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("no CUDA GPU is available here; use --device cpu")
+    if args.quant and device.type != "cuda":
+        raise UsageError("quantization needs a CUDA GPU (as in the authors' demo); run without --quant on CPU")
+    if args.quant and args.compile:
+        raise UsageError("--compile and --quant do not combine; choose one")
+    if not args.quant:
+        return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
+                                      compile=args.compile)
+    from .quantize import quantize_model
+
+    # quantize in host memory first, so the GPU only ever holds the small weights
+    vlm = CogVLM.from_pretrained(args.model, dtype=args.dtype or "bf16", device="cpu", tokenizer=args.tokenizer,
+                              prepack=False)
+    vlm.model = quantize_model(vlm.model, args.quant).to(device)
+    return vlm
