@@ -102,10 +102,10 @@ class CogVLM:
 
     def generation_budget(self, prompt_len: int, params: SamplingParams) -> int:
         """How many tokens a prompt of `prompt_len` may generate; raises `ContextLengthError` (no
-        room) or `ValueError` (max_length past the model's positions) before any work is done."""
+        room, or max_length past the model's positions) before any work is done."""
         positions = self.config.max_position_embeddings
         if params.max_length > positions:
-            raise ValueError(f"invalid max_length={params.max_length}: this model has {positions} "
+            raise ContextLengthError(f"invalid max_length={params.max_length}: this model has {positions} "
                              f"positions; use at most {positions}")
         room = params.max_length - prompt_len
         if room < 1:

@@ -57,10 +57,13 @@ FINETUNE_HELP = {
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import TrainArgs, finetune
+    from .finetune import TrainArgs, TrainingError, finetune
 
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__}
-    out = finetune(TrainArgs(**fields))
+    try:
+        out = finetune(TrainArgs(**fields))
+    except TrainingError as e:
+        raise UsageError(str(e)) from None
     print(f"wrote {out}")
     return 0
 

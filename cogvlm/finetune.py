@@ -33,6 +33,12 @@ IGNORE = -100
 LossAverage = Literal["token", "example"]
 LOSS_AVERAGES: tuple[str, ...] = get_args(LossAverage)
 STATE_FILE = "trainer_state.pt"
+
+
+class TrainingError(ValueError):
+    """A fine-tuning request the user can fix (flags, data): the CLI prints it as one line."""
+
+
 # What `--train` can name: parameter-name tests for each part of the model.
 PARTS = {
     "vision_expert": lambda n: n.startswith("model.layers.") and ("vision_expert" in n or "vision_mlp" in n),
@@ -122,7 +128,7 @@ def collate(batch: Sequence[Example], cfg: CogVLMConfig):
 
 def check_loss_average(average: str) -> None:
     if average not in LOSS_AVERAGES:
-        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
+        raise TrainingError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
 
 
 def loss_units(labels: torch.Tensor, average: str = "token") -> int:
@@ -182,7 +188,7 @@ def parse_parts(spec: str) -> list[str]:
     parts = list(PARTS) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
-        raise ValueError(f"--train takes 'all' or a comma list of {sorted(PARTS)}; got {spec!r}")
+        raise TrainingError(f"--train takes 'all' or a comma list of {sorted(PARTS)}; got {spec!r}")
     return parts
 
 
@@ -236,7 +242,7 @@ class Trainer:
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)
         if not self.examples:
-            raise ValueError(f"{args.data} holds no usable training examples")
+            raise TrainingError(f"{args.data} holds no usable training examples")
         self.eval_examples = self._load(args.eval_data)[0] if args.eval_data else []
         torch.manual_seed(args.seed)
         self.model = self._prepare_model()
@@ -254,7 +260,7 @@ class Trainer:
     def _load_base(self) -> tuple[CogVLMForCausalLM, Tokenizer, Path | None]:
         a = self.args
         if (a.model is None) == (a.init_config is None):
-            raise ValueError("give exactly one of --model (start from weights) or --init-config (random start)")
+            raise TrainingError("give exactly one of --model (start from weights) or --init-config (random start)")
         if a.model is not None:
             folder = resolve(a.model)
             model = load_weights(folder, read_config(folder), torch.float32, "cpu")
@@ -265,7 +271,7 @@ class Trainer:
             init_weights(model)
         tok_path = a.tokenizer or (folder / TOKENIZER_FILE if folder else None)
         if tok_path is None:
-            raise ValueError("--init-config needs --tokenizer PATH")
+            raise TrainingError("--init-config needs --tokenizer PATH")
         return model, Tokenizer(tok_path), folder
 
     def _load(self, path: Path) -> tuple[list[Example], list[RecordError]]:

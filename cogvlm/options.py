@@ -69,7 +69,17 @@ def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(args: argparse.Namespace) -> CogVLM:
-    """The model the flags name, once the device and quantization requests make sense."""
+    """The model the flags name, once the device and quantization requests make sense; a
+    --max_length past the model's positions is refused here, before the first question."""
+    vlm = _load(args)
+    positions = vlm.config.max_position_embeddings
+    if getattr(args, "max_length", None) is not None and args.max_length > positions:
+        raise UsageError(f"--max_length {args.max_length} is past this model's {positions} positions; "
+                         f"use at most {positions}")
+    return vlm
+
+
+def _load(args: argparse.Namespace) -> CogVLM:
     import torch
 
     from .api import CogVLM, default_device

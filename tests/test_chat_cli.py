@@ -191,6 +191,7 @@ def test_a_bad_image_path_exits_2_without_traceback(tiny_checkpoint, tmp_path):
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--json"], "--json needs --query"),
     (["--no_prompt", "--query", "hi"], "--no_prompt captions with an empty query"),
+    (["--query", "hi", "--max_length", "100000000"], "--max_length 100000000 is past this model's 2048 positions"),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(flags, message, tiny_checkpoint, capsys):
     assert main(["chat", "--model", str(tiny_checkpoint), *flags]) == 2

@@ -222,3 +222,15 @@ def test_cli_offers_the_loss_averages_and_rejects_others(capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert "argument --loss-average: invalid choice: 'sentence'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "give exactly one of --model (start from weights) or --init-config (random start)"),
+    (["--init-config", "CONFIG"], "--init-config needs --tokenizer PATH"),
+])
+def test_finetune_user_mistakes_give_one_line_and_exit_2(flags, message, data, tmp_path, capsys):
+    from cogvlm.cli import main
+
+    flags = [str(data["config"]) if f == "CONFIG" else f for f in flags]
+    assert main(["finetune", "--data", str(data["train"]), "--out", str(tmp_path / "out"), *flags]) == 2
+    assert capsys.readouterr().err == f"cogvlm finetune: error: {message}\n"
