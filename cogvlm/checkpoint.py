@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config
 from .model import CogVLMForCausalLM
+from .tokenizer import TOKENIZER_FILE, VICUNA_REPO
 
 HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
@@ -73,10 +74,10 @@ def _download(repo: str) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({type(e).__name__})"
         raise CheckpointError(
-            f"cannot get {repo}: {why} and it is not in the local Hugging Face cache.\n"
-            f"Needed files: {HF_CONFIG}, {HF_INDEX} and the model-*-of-*.safetensors shards it "
-            f"lists. Download them on a machine with internet (huggingface-cli download {repo}) "
-            f"and pass the folder instead: --model /path/to/folder") from None
+            f"cannot get {repo}: {why} and it is not in the local Hugging Face cache. On a machine with "
+            f"internet run `hf download {repo} --local-dir DIR` ({HF_CONFIG}, {HF_INDEX} and the shards it "
+            f"lists) and, for CogVLM v1 checkpoints, which ship no tokenizer, `hf download {VICUNA_REPO} "
+            f"{TOKENIZER_FILE} --local-dir DIR`; then pass the folder: --model /path/to/folder") from None
 
 
 def layout_of(folder: Path) -> str:

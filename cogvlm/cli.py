@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from typing import Callable, Sequence
 
 from .options import UsageError
@@ -88,6 +89,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """The registry's models, their size (counted on the meta device from the real configs) and
+    whether their weights are here already (shipped, or in the Hugging Face cache)."""
+    from .checkpoint import read_config
+    from .config import REGISTRY
+
+    cached = _cached_repos()
+    rows = [("name", "hub id", "params", "bf16", "image", "template", "here")]
+    for entry in REGISTRY.values():
+        config = entry.config or read_config(entry.local_dir)
+        params = _parameter_count(config)
+        here = "shipped" if entry.hf_repo is None else cached.get(entry.hf_repo, "-")
+        rows.append((entry.name, entry.hf_repo or "-", f"{params / 1e9:.2f} B" if params > 1e8 else
+                     f"{params / 1e6:.1f} M", _gb(2 * params), str(config.vision.image_size), config.template, here))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _parameter_count(config) -> int:
+    import torch
+
+    from .model import CogVLMForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CogVLMForCausalLM(config).parameters())
+
+
+def _gb(n: int) -> str:
+    """Decimal units, as the authors quote sizes (35.3 GB for CogVLM-17B in bf16)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _cached_repos() -> dict[str, str]:
+    """repo id -> size on disk, for the models in the local Hugging Face cache."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        return {r.repo_id: f"cached ({_gb(r.size_on_disk)})" for r in scan_cache_dir().repos if r.repo_type == "model"}
+    except CacheNotFound:
+        return {}
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.records import read_records
     from .prompt import build_prompt
@@ -127,7 +173,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm", description="Run, serve and fine-tune CogVLM models.")
+    parser.add_argument("--version", action="version", version=f"cogvlm {version('cogvlm')}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("list", help="the models cogvlm knows, their size and whether they are here",
+                         description="List the registry's models with their parameters, bf16 weight size, image "
+                                     "size and template, and whether each is shipped or in the Hugging Face cache.")
+    p.set_defaults(func=cmd_list)
 
     p = verbs.add_parser("convert", help="write a Hugging Face-layout copy of a checkpoint",
                          description="Convert a SAT or Hugging Face checkpoint folder (or a hub id) into a "

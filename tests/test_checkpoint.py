@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,12 @@ def test_offline_hub_id_says_what_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "cannot get THUDM/cogvlm-chat-hf: HF_HUB_OFFLINE is set" in out.stdout
     assert "model.safetensors.index.json" in out.stdout and "--model /path/to/folder" in out.stdout
+    # the download command the pinned huggingface_hub ships (`hf`, not `huggingface-cli`), for the
+    # weights and for Vicuna's tokenizer, which the v1 checkpoints need; all on one line
+    assert "`hf download THUDM/cogvlm-chat-hf --local-dir DIR`" in out.stdout
+    assert "`hf download lmsys/vicuna-7b-v1.5 tokenizer.model --local-dir DIR`" in out.stdout
+    assert out.stdout.count("\n") == 1
+    assert (Path(sys.executable).parent / "hf").is_file()
 
 
 def test_convert_command(tiny_model, tmp_path):
