@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 from PIL import Image
 
 from .generate import ContextLengthError
-from .grounding import GroundedPhrase, draw_boxes, parse_boxes
+from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes
 from .image import ImageError, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags, spellings
 
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 # ---- grounding drawings -----------------------------------------------------------------------
 
+# out of the working folder, kept across runs; each drawing's path is printed
+DRAW_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cogvlm" / "boxes"
+
 def turn_boxes(query: str, answer: str) -> list[GroundedPhrase]:
     """What to draw for one turn: boxes the question points at (unlabelled), then the answer's."""
     asked = [GroundedPhrase("", p.boxes, p.span) for p in parse_boxes(query).phrases]
@@ -37,7 +40,8 @@ def turn_boxes(query: str, answer: str) -> list[GroundedPhrase]:
 
 
 def save_drawing(image: Image.Image, phrases: list[GroundedPhrase], out_dir: Path, stem: str) -> Path:
-    """Write a copy of `image` with the boxes drawn as a new PNG in `out_dir`, atomically."""
+    """Write a copy of `image` with the boxes drawn as a new PNG in `out_dir`, atomically, readable
+    by others as any file the user makes (umask), not private as a temporary file is."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         n = 1
@@ -48,12 +52,19 @@ def save_drawing(image: Image.Image, phrases: list[GroundedPhrase], out_dir: Pat
             with os.fdopen(fd, "wb") as f:
                 draw_boxes(image, phrases).save(f, "PNG")
             target = out_dir / f"{stem}-boxes-{n}.png"
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as e:
         raise UsageError(f"cannot write the box drawing into {out_dir}: {e.strerror or e}") from None
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _stem(source: str) -> str:
@@ -64,7 +75,7 @@ def _stem(source: str) -> str:
 def _draw_turn(args: argparse.Namespace, image: Image.Image | None, source: str, query: str,
                answer: str) -> Path | None:
     phrases = turn_boxes(query, answer) if image is not None and not args.no_draw else []
-    return save_drawing(image, phrases, args.draw_dir, _stem(source)) if phrases else None
+    return save_drawing(drawable(image), phrases, args.draw_dir, _stem(source)) if phrases else None
 
 
 # ---- the interactive chat ----------------------------------------------------------------------
@@ -227,7 +238,7 @@ def add_chat_verb(verbs: Any) -> None:
                    help="the image to ask about: with --query one answer and exit, else chat about it")
     p.add_argument("--query", help="one-shot mode: the question; prints the answer and exits")
     p.add_argument("--json", action="store_true", help='one-shot mode: print {"answer", "boxes", "drawn", "seconds"}')
-    p.add_argument("--draw-dir", "--draw_dir", type=Path, default=Path("cogvlm-boxes"), metavar="DIR",
-                   help="where images with the turn's boxes drawn are saved (default: ./cogvlm-boxes)")
+    p.add_argument("--draw-dir", "--draw_dir", type=Path, default=DRAW_DIR, metavar="DIR",
+                   help=f"where images with the turn's boxes drawn are saved (default: {DRAW_DIR})")
     p.add_argument("--no-draw", "--no_draw", action="store_true", help="do not save box drawings")
     p.set_defaults(func=cmd_chat)

@@ -7,6 +7,8 @@ one phrase are separated by ";". The box belongs to the noun phrase just before 
 
 from __future__ import annotations
 
+import math
+
 import re
 import string
 from dataclasses import dataclass, field
@@ -157,6 +159,19 @@ def _text_colour(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """Black on light fills, white on dark ones (Rec. 601 luma)."""
     r, g, b = rgb
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+DRAW_MIN_SIDE = 448
+
+
+def drawable(image: Image.Image, min_side: int = DRAW_MIN_SIDE) -> Image.Image:
+    """`image` enlarged by a whole factor (nearest neighbour, so pixels stay sharp) until its
+    shorter side reaches `min_side`: on a small image (cogvlm-tiny's are 112 px) the labels would
+    otherwise cover the very objects they name. Larger images are returned as they are."""
+    factor = math.ceil(min_side / min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def draw_boxes(image: Image.Image, phrases: list[GroundedPhrase]) -> Image.Image:

@@ -19,7 +19,7 @@ from PIL import Image
 from .chat_cli import turn_boxes
 from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .config import TEMPLATES
-from .grounding import draw_boxes
+from .grounding import draw_boxes, drawable
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -103,7 +103,7 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
         except ValueError as e:  # no room left in max_length, or a bad setting
             raise gr.Error(str(e)) from None
         phrases = turn_boxes(query, session.history[-1][1]) if image is not None else []
-        yield _messages(session.history), convo, draw_boxes(image, phrases) if phrases else None, ""
+        yield _messages(session.history), convo, draw_boxes(drawable(image), phrases) if phrases else None, ""
 
     with gr.Blocks(title="CogVLM", analytics_enabled=False) as app:
         gr.Markdown(INTRO)

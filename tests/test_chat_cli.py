@@ -24,6 +24,8 @@ IMAGE_A, IMAGE_B = EXAMPLES / "shapes-4.png", EXAMPLES / "shapes-9.png"
 GREEDY = {"top_k": 1, "max_new_tokens": 8}
 GREEDY_FLAGS = ["--top_k", "1", "--max_new_tokens", "8"]
 BOX_QUERY = "Tell me what you see within the designated area [[100,200,500,600]] in the picture."
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -143,14 +145,30 @@ def test_json_mode_draws_the_boxes_of_the_turn(vlm, tiny_checkpoint, tmp_path, c
     assert record["seconds"] >= 0
     drawn = Path(record["drawn"])
     assert drawn.parent == draw_dir and drawn.name == "shapes-4-boxes-1.png"
-    with Image.open(drawn) as img:
+    with Image.open(drawn) as img, Image.open(IMAGE_A) as original:
         w, h = img.size
         assert img.getpixel((round(0.1 * w), round(0.4 * h))) == PALETTE[0]  # the asked box's left edge
+        # the 112 px scene is drawn 4x as large, pixels kept: labels no longer cover the objects
+        assert (w, h) == (448, 448) and original.size == (112, 112)
+        assert img.getpixel((4 * 60 + 1, 4 * 60 + 1)) == original.convert("RGB").getpixel((60, 60))
+    assert drawn.stat().st_mode & 0o777 == 0o666 & ~UMASK  # as any file the user makes, not 0600
 
     assert main(["chat", "--model", str(tiny_checkpoint), "--image", str(IMAGE_A), "--query", BOX_QUERY,
                  "--json", "--no-draw", "--draw-dir", str(draw_dir), *GREEDY_FLAGS]) == 0
     assert json.loads(capsys.readouterr().out)["drawn"] is None
     assert sorted(p.name for p in draw_dir.iterdir()) == ["shapes-4-boxes-1.png"]
+
+
+def test_drawings_go_to_the_user_cache_not_the_working_folder(tiny_checkpoint, tmp_path):
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-m", "cogvlm", "chat", "--model", str(tiny_checkpoint), "--image",
+                          str(IMAGE_A), "--query", BOX_QUERY, "--json", *GREEDY_FLAGS], cwd=work,
+                         env=dict(os.environ, XDG_CACHE_HOME=str(cache)), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    drawn = Path(json.loads(run.stdout)["drawn"])
+    assert drawn.parent == cache / "cogvlm" / "boxes" and drawn.is_file()
+    assert list(work.iterdir()) == []
 
 
 def test_save_drawing_marks_the_box_edges(tmp_path):
