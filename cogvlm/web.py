@@ -149,7 +149,13 @@ def cmd_web(args: argparse.Namespace) -> int:
     examples = load_examples(args.examples)
     sampling = sampling_flags(args)
     app = build_app(load_model(args), examples, args.template, sampling)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag
+    app, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   show_error=True, quiet=True, prevent_thread_lock=True)
+    print(f"cogvlm web: running on {local_url}", flush=True)
+    print(f"cogvlm web: public link {share_url}" if share_url else
+          "cogvlm web: for a temporary public gradio.live link, restart with --share", flush=True)
+    app.block_thread()
     return 0
 
 

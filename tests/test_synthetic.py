@@ -243,3 +243,21 @@ def test_min_objects_gives_crowded_scenes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "bad"), "--size", "8"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_defaults_suit_the_shipped_model(tmp_path, capsys):
+    """Without flags: cogvlm-tiny's image size, and a seed none of its training, validation or
+    test sets used (the recipe's seeds, read from the recipe itself)."""
+    from cogvlm.data.synthetic import DEFAULT_SEED, TRAINING_SEEDS
+
+    recipe = (Path(__file__).resolve().parent.parent / "recipes" / "cogvlm-tiny.sh").read_text()
+    # every seed the recipe names (data and training), and later_stage's data seed argument
+    used = {int(s) for s in re.findall(r"--seed \"?(\d+)", recipe)}
+    used |= {int(s) for s in re.findall(r"^later_stage \d+ (\d+)", recipe, re.M)}
+    assert TRAINING_SEEDS | {1, 7} <= used and DEFAULT_SEED not in used
+    main([str(tmp_path / "out"), "--n", "1"])
+    with Image.open(next((tmp_path / "out" / "images").glob("*.png"))) as image:
+        assert image.size == (112, 112)
+    config = json.loads((Path(__file__).resolve().parent.parent / "cogvlm" / "weights" / "cogvlm-tiny" /
+                         "config.json").read_text())
+    assert config["vision_config"]["image_size"] == 112
