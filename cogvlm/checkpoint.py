@@ -358,7 +358,8 @@ def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str |
         total = sum(t.numel() * t.element_size() for t in state.values())
         (tmp / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                 "weight_map": weight_map}, indent=2))
-        (tmp / HF_CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2))
+        hf_config = config.to_hf_dict() | {"torch_dtype": _stored_dtype(state)}
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
         if out_dir.exists():
@@ -368,6 +369,15 @@ def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _stored_dtype(state: dict[str, torch.Tensor]) -> str:
+    """config.json's `torch_dtype`: the float dtype holding most of the weights, as stored."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
 
 
 def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:

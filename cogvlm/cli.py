@@ -167,8 +167,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
         if "Path" in str(f.type):
             kind = Path
         choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None
+        text = helps.get(f.name, "")
+        if not required and f.default is not None and "(default" not in text:  # say each default once
+            text += f" (default: {f.default})"
         parser.add_argument(flag, dest=f.name, type=kind, default=None if required else f.default,
-                            required=required, choices=choices, help=(helps.get(f.name, "") + ("" if required else f" (default: {f.default})")))
+                            required=required, choices=choices, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
 from .image import preprocess
 from .model import CogVLMForCausalLM
+from .progress import Progress
 from .prompt import PromptTokens, build_prompt, layout_batch
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -350,10 +351,7 @@ class Trainer:
 
     def fit(self) -> Path:
         a = self.args
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=a.steps, initial=self.step, disable=not (self.is_main and a.progress),
-                   desc="finetune", unit="step")
+        bar = Progress(a.steps, "finetune", "step", initial=self.step, enabled=self.is_main and a.progress)
         t0, seen = time.perf_counter(), 0
         while self.step < a.steps:
             loss = self.train_step()
@@ -365,9 +363,8 @@ class Trainer:
                 with self.log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}",
-                                **({"eval": f"{record['eval_loss']:.4f}"} if "eval_loss" in record else {}))
-            bar.update(1)
+                bar.update(1, loss=f"{loss:.4f}", samples_s=f"{rate:.1f}",
+                           **({"eval": f"{record['eval_loss']:.4f}"} if "eval_loss" in record else {}))
             if a.save_every and self.step % a.save_every == 0 and self.step < a.steps:
                 self.save(a.out / "checkpoints" / f"step-{self.step:07d}")
         bar.close()
@@ -403,8 +400,9 @@ class Trainer:
                     self.args.save_dtype if final else "fp32"]
                 weights = {k.removeprefix("module."): v.detach().to("cpu", dtype) for k, v in state.items()}
                 save_hf(weights, self.cfg, tmp, extra_files=(self.tokenizer.path,))
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "args": _jsonable(self.args)},
-                       tmp / STATE_FILE)
+            if not final:  # what --resume needs; the final model is for use, not for resuming
+                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                            "args": _jsonable(self.args)}, tmp / STATE_FILE)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         if self.world > 1:

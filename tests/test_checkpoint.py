@@ -157,6 +157,7 @@ def test_convert_round_trip_is_bit_exact(tiny_model, tmp_path):
         assert state.keys() == bf16.keys()
         for k, t in bf16.items():
             assert state[k].dtype == torch.bfloat16 and torch.equal(state[k], t), k
+        assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded, _ = load_model(b, dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
 

@@ -121,6 +121,9 @@ def test_short_training_lowers_held_out_loss(data, sp_model_path, tmp_path):
     assert (tmp_path / "run" / "final" / "tokenizer.model").is_file()
     inner = trainer.inner.state_dict()
     assert all(torch.equal(v, inner[k]) for k, v in final.state_dict().items())
+    # final/ is a model to use: its config names the dtype it holds, and no optimizer state rides along
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert not (tmp_path / "run" / "final" / "trainer_state.pt").exists()
 
 
 def _cli(a: TrainArgs) -> list[str]:
