@@ -135,6 +135,7 @@ def _cli(a: TrainArgs) -> list[str]:
     return cmd
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_continues_exactly(data, sp_model_path, tmp_path):
     full = args(data, sp_model_path, tmp_path / "full", steps=10)
     finetune(full)
@@ -176,6 +177,7 @@ def test_lora_merged_equals_lora_applied(data, sp_model_path, tmp_path):
     assert (applied - got).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_process_torchrun_matches_one_process(data, sp_model_path, tmp_path, sharding):
     one = args(data, sp_model_path, tmp_path / "one", steps=5, batch_size=4)

@@ -89,6 +89,7 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
     assert "restart with --share" in output and "share=True" not in output
 
 
+@pytest.mark.slow
 def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install 'cogvlm[test]'")
     vlm = CogVLM.from_pretrained(tiny_checkpoint)
