@@ -150,8 +150,8 @@ def cmd_web(args: argparse.Namespace) -> int:
     sampling = sampling_flags(args)
     app = build_app(load_model(args), examples, args.template, sampling)
     # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag
-    app, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   show_error=True, quiet=True, prevent_thread_lock=True)
+    _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                 show_error=True, quiet=True, prevent_thread_lock=True)
     print(f"cogvlm web: running on {local_url}", flush=True)
     print(f"cogvlm web: public link {share_url}" if share_url else
           "cogvlm web: for a temporary public gradio.live link, restart with --share", flush=True)
