@@ -15,10 +15,11 @@ from .options import UsageError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError
+from .prompt import ImageRequiredError
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError, ImportError,
-               UsageError)
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, ImageRequiredError, TokenizerError, FileNotFoundError,
+               ImportError, UsageError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

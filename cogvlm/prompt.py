@@ -28,6 +28,15 @@ def build_prompt(query: str, history: History = (), template: str = "chat") -> s
     return f"{turns}Question: {query} {answer_format}"
 
 
+def agent_query(task: str, grounding: bool = True, sentence: str = "What steps do I need to take to <TASK>?") -> str:
+    """CogAgent's GUI-agent question (cogagent.md section 11): the task in double quotes in one of
+    the authors' task sentences, and `(with grounding)` right after it (no space) for an answer
+    that ends in a `Grounded Operation:` line with the element's box."""
+    if "<TASK>" not in sentence:
+        raise ValueError("the agent sentence must contain <TASK>")
+    return sentence.replace("<TASK>", f'"{task}"') + ("(with grounding)" if grounding else "")
+
+
 @dataclass
 class PromptTokens:
     """One conversation ready for the model: pixels (or None), its text token ids, and for
