@@ -478,7 +478,7 @@ def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
                 p.zero_()
             elif name.startswith("model.vision.transformer.") and name.endswith("layernorm.weight"):
                 p.fill_(0.1)
-            elif "norm" in name and p.ndim == 1:
+            elif ("norm" in name or name.endswith("_ln.weight")) and p.ndim == 1:  # _ln: CogAgent's tower
                 p.fill_(1.0)
             elif name == "model.vision.patch_embedding.proj.weight":
                 p.normal_(0.0, p[0].numel() ** -0.5)

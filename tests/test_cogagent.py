@@ -376,3 +376,92 @@ def test_sat_checkpoint_loads_and_converts(agent, tmp_path, world):
     again, _ = load_model(hf)
     assert again.config == loaded.config
     assert all(torch.equal(again.state_dict()[k], t) for k, t in agent.state_dict().items())
+
+
+# ---- the surfaces ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def agent_checkpoint(tmp_path_factory, sp_model_path) -> Path:
+    """A tiny random CogAgent in the Hugging Face layout, with its tokenizer."""
+    model = randomize_all(CogVLMForCausalLM(tiny_cogagent_config(max_position_embeddings=512)), seed=11)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = -1
+    out = save_hf(model.state_dict(), model.config, tmp_path_factory.mktemp("agent") / "ckpt")
+    (out / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
+    return out
+
+
+def test_chat_one_shot_answers_as_the_api(agent_checkpoint, tmp_path, capsys, monkeypatch):
+    from cogvlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    query = agent_query("Open the settings")
+    flags = ["--top_k", "1", "--max_new_tokens", "4"]
+    assert main(["chat", "--model", str(agent_checkpoint), "--image", str(IMAGE), "--query", query, "--json",
+                 *flags]) == 0
+    record = json.loads(capsys.readouterr().out)
+    vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
+    assert record["answer"] == vlm.chat(IMAGE, query, top_k=1, max_new_tokens=4)[0]
+    assert record["operations"] == []  # a random model writes no Grounded Operation line
+    # CogAgent has no text-only mode: one line, exit 2
+    assert main(["chat", "--model", str(agent_checkpoint), "--query", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm chat: error: CogAgent needs an image") and err.count("\n") == 1
+
+
+def test_operation_box_is_drawn_on_the_screenshot(tmp_path):
+    """What `cogvlm chat` and `cogvlm web` draw for an agent answer (both call turn_boxes)."""
+    from PIL import Image
+
+    from cogvlm.chat_cli import save_drawing, turn_boxes
+    from cogvlm.grounding import PALETTE
+
+    answer = ("Plan: 1. Type CogVLM into the search box.\nNext Action: Type \"CogVLM\".\n"
+              "Grounded Operation:[combobox] Search -> TYPE: CogVLM at the box [[200,500,800,600]]")
+    phrases = turn_boxes(agent_query("Search for CogVLM"), answer)
+    assert [p.phrase for p in phrases] == ["[combobox] Search -> TYPE: CogVLM"]
+    drawn = save_drawing(Image.new("RGB", (400, 200), "white"), phrases, tmp_path, "screen")
+    with Image.open(drawn) as img:
+        assert img.getpixel((80, 110)) == PALETTE[0]  # the box's left edge, x = 0.2 * 400
+        assert img.getpixel((400 // 2, 110)) == (255, 255, 255)  # inside untouched
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_full_and_lora(agent_checkpoint, sp_model_path, tmp_path, lora):
+    from cogvlm.data.synthetic import make_dataset
+    from cogvlm.finetune import TrainArgs, Trainer, merge_lora
+
+    data = make_dataset(tmp_path / "data", n_images=6, seed=1, image_size=HIGH)
+    kw = dict(lora=True, lora_r=4, train="vision_expert,cross", lr=1e-2) if lora else dict(train="all", lr=1e-3)
+    trainer = Trainer(TrainArgs(data=data, out=tmp_path / "run", model=str(agent_checkpoint), steps=3, batch_size=2,
+                                warmup=1, progress=False, seed=0, **kw))
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if lora:
+        assert any(".cross_attn.key_value.lora_A" in n for n in trained)
+    else:
+        assert "model.cross_vision.vit.model.blocks.0.attn.q_bias" in trained and "model.vision.pos_embed" in trained
+    runs = tower_runs(trainer.inner if not lora else trainer.inner.base_model.model)
+    out = trainer.fit()
+    assert sum(runs) >= 3 * 2  # every training example ran the high-resolution tower (with gradients)
+    final = merge_lora(agent_checkpoint, out, tmp_path / "merged") if lora else out
+    model, _ = load_model(final)
+    before, _ = load_model(agent_checkpoint)
+    trainer.model.eval()
+    (px, cx), = pictures(1, seed=12)
+    chunk = layout_batch([PromptTokens(px, [5, 6, 7], cx)], model.config)
+    with torch.no_grad():
+        got, want, old = model(chunk), trainer.model(chunk), before(chunk)
+    assert (want - old).abs().max() > 1e-4  # training changed the model
+    assert (got - want).abs().max() <= TOL  # and the saved (merged) checkpoint is that model
+
+
+def test_convert_command_from_sat(agent, tmp_path):
+    import subprocess
+    import sys
+
+    write_cogagent_sat(tmp_path / "sat", agent, world=2)
+    out = subprocess.run([sys.executable, "-m", "cogvlm", "convert", str(tmp_path / "sat"), str(tmp_path / "hf")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    loaded, _ = load_model(tmp_path / "hf")
+    assert all(torch.equal(loaded.state_dict()[k], t) for k, t in agent.state_dict().items())
