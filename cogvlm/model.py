@@ -160,6 +160,13 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([-b, a], dim=-1).flatten(-2)
 
 
+def _rotate_2d(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The rotation in float32 against the float32 tables, cast back (as the authors' EVA code)."""
+    cos, sin = rope
+    xf = x.float()
+    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+
+
 class CrossVisionAttention(nn.Module):
     """Separate q/k/v projections, biases on q and v only, and a LayerNorm on the merged heads."""
 
@@ -181,9 +188,7 @@ class CrossVisionAttention(nn.Module):
         k = self.k_proj(x)
         v = self.v_proj(x) + self.v_bias
         q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rope  # patches only: the CLS token (position 0) is not rotated
-        q = torch.cat([q[:, :, :1], q[:, :, 1:] * cos + rotate_pairs(q[:, :, 1:]) * sin], dim=2)
-        k = torch.cat([k[:, :, :1], k[:, :, 1:] * cos + rotate_pairs(k[:, :, 1:]) * sin], dim=2)
+        q, k = (torch.cat([t[:, :, :1], _rotate_2d(t[:, :, 1:], rope)], dim=2) for t in (q, k))  # CLS: no RoPE
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(self.inner_attn_ln(out))
 
@@ -241,7 +246,7 @@ class EVA2CLIPL(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        rope = (self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype))
+        rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks[:-1]:
             x = _run(block, self.gradient_checkpointing and self.training, x, rope)
         return x[:, 1:]

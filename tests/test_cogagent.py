@@ -130,6 +130,19 @@ def test_padded_batch_matches_reference_per_row(agent):
         assert (last[row].double() - want[-1]).abs().max().item() <= TOL
 
 
+def test_bf16_close_to_fp32(agent):
+    (px, cx), = pictures(1, seed=6)
+    chunk = layout_batch([PromptTokens(px, [20, 21, 22], cx)], agent.config)
+    half = CogVLMForCausalLM(agent.config)
+    half.load_state_dict(agent.state_dict())
+    half = half.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        want, got = agent(chunk), half(chunk)
+    assert got.dtype == torch.float32
+    # bf16 has 8 mantissa bits: a few % of the logit scale after two towers and two layers
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
 def test_text_only_is_refused(agent):
     """Neither of the authors' code paths runs CogAgent without an image (spec section 10)."""
     with pytest.raises(ImageRequiredError):
