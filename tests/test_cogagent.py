@@ -410,7 +410,7 @@ def test_chat_one_shot_answers_as_the_api(agent_checkpoint, tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     query = agent_query("Open the settings")
     flags = ["--top_k", "1", "--max_new_tokens", "4"]
-    assert main(["chat", "--model", str(agent_checkpoint), "--image", str(IMAGE), "--query", query, "--json",
+    assert main(["chat", "--model", str(agent_checkpoint), "--image", str(IMAGE), "--query", query, "--json", "--no-draw",
                  *flags]) == 0
     record = json.loads(capsys.readouterr().out)
     vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
