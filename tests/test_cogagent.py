@@ -478,3 +478,47 @@ def test_convert_command_from_sat(agent, tmp_path):
     assert out.returncode == 0, out.stderr
     loaded, _ = load_model(tmp_path / "hf")
     assert all(torch.equal(loaded.state_dict()[k], t) for k, t in agent.state_dict().items())
+
+
+def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_path):
+    """`cogvlm serve` with CogAgent: concurrent image requests (the scheduler may batch them)
+    answer as the API does; a request without an image gets a 400."""
+    import threading
+
+    import httpx
+
+    from tests.processes import free_port, running
+    from tests.test_caption import ENV, ROOT
+    from tests.test_server import data_url, scene, user
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    images = [scene(s) for s in (1, 2, 3)]
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        body = {"messages": [user(f"What is item {i}?", data_url(images[i]))], "temperature": 0, "max_tokens": 3 + 3 * i}
+        answers[i] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+
+    with running(["serve", "--model", str(agent_checkpoint), "--port", str(port), "--max_length", "512",
+                  "--log-level", "warning"], tmp_path / "server.log", healthy, timeout=120, cwd=ROOT, env=ENV):
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == str(agent_checkpoint)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user("hi")], "max_tokens": 2})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "image_required"
+    vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
+    for i, image in enumerate(images):
+        want = vlm.chat(image, f"What is item {i}?", top_k=1, max_new_tokens=3 + 3 * i, max_length=512)[0]
+        assert answers[i]["choices"][0]["message"]["content"] == want
