@@ -193,23 +193,17 @@ def test_cache_rows_keep_and_concat_carry_the_cross_keys_values(agent):
     assert torch.equal(both.cross[1][0], torch.cat([b.cross[1][0], a.cross[1][0][:1]]))
 
 
-def tiny_vlm(tmp_path: Path, sp_model_path: Path, **cfg) -> CogVLM:
-    model = randomize_all(CogVLMForCausalLM(tiny_cogagent_config(max_position_embeddings=512, **cfg)), seed=7)
-    with torch.no_grad():
-        model.lm_head.weight[model.config.eos_token_id] = -1  # answers run to their token budget
-    out = save_hf(model.state_dict(), model.config, tmp_path / "agent")
-    (out / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
-    return CogVLM.from_pretrained(out, device="cpu")
-
-
-def test_high_res_tower_runs_once_per_image_in_chat_batches_and_joins(tmp_path, sp_model_path):
-    vlm = tiny_vlm(tmp_path, sp_model_path)
+def test_high_res_tower_runs_once_per_image_in_chat_batches_and_joins(agent_checkpoint):
+    vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
     runs = tower_runs(vlm.model)
     greedy = dict(top_k=1, max_new_tokens=3)
-    session = vlm.session(IMAGE, **greedy)
+    session = vlm.session(IMAGE, max_length=100, **greedy)  # a cache of 100 slots
     first = session.ask(agent_query("Search for CogVLM"))
+    cache = session.cache
     second = session.ask("And then?")
-    third = session.ask("Why?", max_length=512)  # a bigger cache: the k/v move with the turn
+    assert session.cache is cache
+    third = session.ask("Why?", max_length=512)  # past 100 slots: a bigger cache, the k/v move to it
+    assert session.cache is not cache
     assert runs == [1]
     assert [first, second, third] == [a for _, a in session.history]
     fresh = vlm.chat(IMAGE, "Why?", history=session.history[:2], **greedy)[0]
@@ -231,8 +225,8 @@ def test_high_res_tower_runs_once_per_image_in_chat_batches_and_joins(tmp_path, 
     assert vlm.tokenizer.decode(running.generated[2]).strip() == alone
 
 
-def test_api_refuses_text_only(tmp_path, sp_model_path):
-    vlm = tiny_vlm(tmp_path, sp_model_path)
+def test_api_refuses_text_only(agent_checkpoint):
+    vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
     with pytest.raises(ImageRequiredError, match="CogAgent needs an image"):
         vlm.chat(None, "hello")
 
@@ -396,7 +390,8 @@ def test_sat_checkpoint_loads_and_converts(agent, tmp_path, world):
 @pytest.fixture(scope="module")
 def agent_checkpoint(tmp_path_factory, sp_model_path) -> Path:
     """A tiny random CogAgent in the Hugging Face layout, with its tokenizer."""
-    model = randomize_all(CogVLMForCausalLM(tiny_cogagent_config(max_position_embeddings=512)), seed=11)
+    # 2048 positions, as the real checkpoints (and the server tests' --max_length)
+    model = randomize_all(CogVLMForCausalLM(tiny_cogagent_config(max_position_embeddings=2048)), seed=11)
     with torch.no_grad():
         model.lm_head.weight[model.config.eos_token_id] = -1
     out = save_hf(model.state_dict(), model.config, tmp_path_factory.mktemp("agent") / "ckpt")
@@ -487,18 +482,7 @@ def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_p
 
     import httpx
 
-    from tests.processes import free_port, running
-    from tests.test_caption import ENV, ROOT
-    from tests.test_server import data_url, scene, user
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
+    from tests.test_server import CONTEXT, data_url, scene, serving, user
 
     images = [scene(s) for s in (1, 2, 3)]
     answers: dict[int, dict] = {}
@@ -507,8 +491,7 @@ def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_p
         body = {"messages": [user(f"What is item {i}?", data_url(images[i]))], "temperature": 0, "max_tokens": 3 + 3 * i}
         answers[i] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
 
-    with running(["serve", "--model", str(agent_checkpoint), "--port", str(port), "--max_length", "512",
-                  "--log-level", "warning"], tmp_path / "server.log", healthy, timeout=120, cwd=ROOT, env=ENV):
+    with serving(agent_checkpoint, tmp_path / "server.log") as url:
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == str(agent_checkpoint)
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
         for t in threads:
@@ -520,5 +503,5 @@ def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_p
     assert refused.json()["error"]["code"] == "image_required"
     vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
     for i, image in enumerate(images):
-        want = vlm.chat(image, f"What is item {i}?", top_k=1, max_new_tokens=3 + 3 * i, max_length=512)[0]
+        want = vlm.chat(image, f"What is item {i}?", top_k=1, max_new_tokens=3 + 3 * i, max_length=CONTEXT)[0]
         assert answers[i]["choices"][0]["message"]["content"] == want
