@@ -505,3 +505,26 @@ def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_p
     for i, image in enumerate(images):
         want = vlm.chat(image, f"What is item {i}?", top_k=1, max_new_tokens=3 + 3 * i, max_length=CONTEXT)[0]
         assert answers[i]["choices"][0]["message"]["content"] == want
+
+
+def test_loads_by_registry_name_and_hub_id_from_the_hub_cache(agent_checkpoint, tmp_path):
+    """`cogagent-chat` and `THUDM/cogagent-chat-hf` resolve to the same hub snapshot (here a
+    tiny one placed in an offline Hugging Face cache) and load from it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--THUDM--cogagent-chat-hf"
+    shutil.copytree(agent_checkpoint, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = ("from cogvlm.checkpoint import load_model\n"
+            "for name in ('cogagent-chat', 'THUDM/cogagent-chat-hf'):\n"
+            "    model, folder = load_model(name)\n"
+            "    print(name, folder.name, model.config.template, model.config.cross_vision.image_size)\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"cogagent-chat {'0' * 40} inst {HIGH}",
+                                       f"THUDM/cogagent-chat-hf {'0' * 40} inst {HIGH}"]
