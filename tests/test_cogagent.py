@@ -528,3 +528,24 @@ def test_loads_by_registry_name_and_hub_id_from_the_hub_cache(agent_checkpoint, 
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"cogagent-chat {'0' * 40} inst {HIGH}",
                                        f"THUDM/cogagent-chat-hf {'0' * 40} inst {HIGH}"]
+
+
+def test_caption_and_eval(agent_checkpoint, tmp_path):
+    """`CogVLM.caption` (what `cogvlm caption` batches) and `evaluate` (`cogvlm eval`) on CogAgent:
+    every answer equals the API's for the same request, and each prefill runs the tower once."""
+    from cogvlm.data.records import read_records
+    from cogvlm.data.synthetic import make_dataset
+    from cogvlm.evaluate import evaluate
+
+    vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
+    assert vlm.caption(IMAGE, top_k=1) == vlm.generate([(IMAGE, "", None)], template="base", top_k=1)[0]
+    data = make_dataset(tmp_path / "set", n_images=2, seed=2, image_size=HIGH)
+    records, _ = read_records(data)
+    runs = tower_runs(vlm.model)
+    result = evaluate(vlm, data, batch_size=64, progress=False)
+    turns = [(rec, i) for rec in records for i in range(len(rec.turns))]
+    assert len(result["examples"]) == len(turns) and result["skipped_records"] == 0
+    assert sum(runs) == len(turns)  # each turn's image once (turns of one template batched together)
+    rec, i = turns[-1]
+    want = vlm.generate([(rec.image, rec.turns[i][0], rec.turns[:i])], template=rec.template, top_k=1)[0]
+    assert [e["prediction"] for e in result["examples"] if e["line"] == rec.line][-1] == want
