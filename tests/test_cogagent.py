@@ -463,6 +463,7 @@ def test_finetune_full_and_lora(agent_checkpoint, sp_model_path, tmp_path, lora)
     assert (got - want).abs().max() <= TOL  # and the saved (merged) checkpoint is that model
 
 
+@pytest.mark.slow  # a subprocess
 def test_convert_command_from_sat(agent, tmp_path):
     import subprocess
     import sys
@@ -475,6 +476,7 @@ def test_convert_command_from_sat(agent, tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], t) for k, t in agent.state_dict().items())
 
 
+@pytest.mark.slow  # a subprocess
 def test_server_answers_as_the_api_and_refuses_text_only(agent_checkpoint, tmp_path):
     """`cogvlm serve` with CogAgent: concurrent image requests (the scheduler may batch them)
     answer as the API does; a request without an image gets a 400."""
