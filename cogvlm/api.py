@@ -11,9 +11,9 @@ import torch
 from .checkpoint import load_model, resolve
 from .config import DEFAULT_MODEL
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
-from .image import ImageInput, preprocess
+from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
-from .prompt import History, PromptTokens, build_prompt, continuation_chunk, layout_batch
+from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
 from .tokenizer import TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError
 
@@ -94,8 +94,8 @@ class CogVLM:
     def prompt_tokens(self, image: ImageInput | None, query: str, history: History | None = None,
                       template: str | None = None) -> PromptTokens:
         text = build_prompt(query, history or (), template or self.config.template)
-        pixels = None if image is None else preprocess(image, self.config.vision.image_size)
-        return PromptTokens(pixels, self.tokenizer.encode(text))
+        pixels, cross = image_pixels(image, self.config)
+        return PromptTokens(pixels, self.tokenizer.encode(text), cross)
 
     def prompt_length(self, prompt: PromptTokens) -> int:
         return 1 + (self.config.image_tokens if prompt.pixels is not None else 0) + len(prompt.text_ids)
@@ -166,7 +166,8 @@ class ChatSession:
 
     Each turn builds the full prompt with history (so answers equal a fresh `chat` call),
     reuses the cached tokens it shares with the previous turn, and prefills only the rest: the
-    image is encoded once per session.
+    image is encoded once per session (CogAgent's high-resolution tower too: its cross-attention
+    keys/values stay with the cache, and move to a bigger one if a turn needs it).
     """
 
     def __init__(self, vlm: CogVLM, image: ImageInput | None = None, template: str | None = None,
@@ -174,7 +175,7 @@ class ChatSession:
         self.vlm = vlm
         self.template = template or vlm.config.template
         self.params = params or vlm.defaults
-        self.pixels = None if image is None else preprocess(image, vlm.config.vision.image_size)
+        self.pixels, self.cross_pixels = image_pixels(image, vlm.config)
         self.history: list[tuple[str, str]] = []
         self.cache: KVCache | None = None
         self._tokens: list[int] = []  # token ids in the cache, image placeholders included
@@ -189,13 +190,18 @@ class ChatSession:
         """Answer pieces as they are generated; the turn joins the history when it completes."""
         vlm, cfg = self.vlm, self.vlm.config
         params = SamplingParams.build(self.params, **sampling)
-        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(build_prompt(query, self.history, self.template)))
+        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(build_prompt(query, self.history, self.template)),
+                              self.cross_pixels)
         full = layout_batch([prompt], cfg)
         ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()
         budget = vlm.generation_budget(len(ids), params)
         if self.cache is None or self.cache.max_len < min(params.max_length, len(ids) + budget):
+            cross = None if self.cache is None else self.cache.cross
             self.cache = vlm.model.new_cache(1, params.max_length)
+            self.cache.cross = cross  # CogAgent: the image's cross-attention k/v outlive the resize
             self._tokens = []
+        if self.cache.cross is not None:
+            full.cross_images = None  # this session's image: its high-resolution pass is done
         shared = min(_common_prefix(self._tokens, ids), len(ids) - 1)  # feed >= 1 token for logits
         self._tokens = self._tokens[:shared]  # true even if this turn is interrupted
         self.cache.rewind(shared)

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 from PIL import Image
 
 from .generate import ContextLengthError
-from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes
+from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_operations
 from .image import ImageError, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags, spellings
+from .prompt import ImageRequiredError
 
 if TYPE_CHECKING:
     from .api import ChatSession, CogVLM
@@ -170,7 +171,11 @@ def interactive(vlm: CogVLM, args: argparse.Namespace, sampling: dict[str, Any])
         if args.no_prompt:
             _turn(args, text, vlm.session(image, "base", **sampling), "", image, source)
             continue
-        session = vlm.session(image, args.template, **sampling)
+        try:
+            session = vlm.session(image, args.template, **sampling)
+        except ImageRequiredError as e:  # CogAgent: no text-only chat
+            print(e)
+            continue
         while True:
             query = _read(text.query)
             if query is None or query == "stop":
@@ -201,7 +206,9 @@ def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None,
     if args.json:
         boxes = [{"phrase": p.phrase, "box": [b.x0, b.y0, b.x1, b.y1]}
                  for p in parse_boxes(answer).phrases for b in p.boxes]
-        print(json.dumps({"answer": answer, "boxes": boxes, "drawn": drawn and str(drawn),
+        operations = [{"element": o.element, "label": o.label, "action": o.action, "argument": o.argument,
+                       "boxes": [[b.x0, b.y0, b.x1, b.y1] for b in o.boxes]} for o in parse_operations(answer)]
+        print(json.dumps({"answer": answer, "boxes": boxes, "operations": operations, "drawn": drawn and str(drawn),
                           "seconds": round(seconds, 3)}, ensure_ascii=False))
     else:
         print()
@@ -237,7 +244,9 @@ def add_chat_verb(verbs: Any) -> None:
     p.add_argument("--image", metavar="PATH_OR_URL",
                    help="the image to ask about: with --query one answer and exit, else chat about it")
     p.add_argument("--query", help="one-shot mode: the question; prints the answer and exits")
-    p.add_argument("--json", action="store_true", help='one-shot mode: print {"answer", "boxes", "drawn", "seconds"}')
+    p.add_argument("--json", action="store_true",
+                   help='one-shot mode: print {"answer", "boxes", "operations", "drawn", "seconds"} '
+                        '(operations: CogAgent\'s "Grounded Operation:" lines)')
     p.add_argument("--draw-dir", "--draw_dir", type=Path, default=DRAW_DIR, metavar="DIR",
                    help=f"where images with the turn's boxes drawn are saved (default: {DRAW_DIR})")
     p.add_argument("--no-draw", "--no_draw", action="store_true", help="do not save box drawings")

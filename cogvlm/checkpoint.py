@@ -127,11 +127,14 @@ def _hf_shards(folder: Path) -> list[Path]:
     return shards
 
 
+_BUFFERS = ("inv_freq", "rope.freqs_cos", "rope.freqs_sin")  # derived: recomputed, never read
+
+
 def _iter_hf(folder: Path, device: str) -> Iterator[dict[str, torch.Tensor]]:
     for shard in _hf_shards(folder):
         try:
             with safe_open(str(shard), framework="pt", device=device) as f:
-                yield {k: f.get_tensor(k) for k in f.keys() if not k.endswith("inv_freq")}
+                yield {k: f.get_tensor(k) for k in f.keys() if not k.endswith(_BUFFERS)}
         except Exception as e:  # safetensors raises its own error types for corrupt files
             if isinstance(e, CheckpointError):
                 raise
@@ -176,13 +179,21 @@ _SAT_TO_HF = [
     ("mixins.eva.linear_proj.{name}.{w}", "model.vision.linear_proj.{name}.{w}"),
     ("mixins.eva.boi", "model.vision.boi"),
     ("mixins.eva.eoi", "model.vision.eoi"),
+    # CogAgent (cogagent.md section 12): a pure rename, no tensor is reshaped
+    ("transformer.layers.{i}.post_cross_attention_layernorm.weight",
+     "model.layers.{i}.post_cross_attention_layernorm.weight"),
+    ("transformer.layers.{i}.cross_attention.{name}.weight", "model.layers.{i}.cross_attn.{name}.weight"),
+    ("mixins.eva.pos_embed", "model.vision.pos_embed"),
+    ("mixins.encoder.pos_embed", "model.cross_vision.pos_embed"),
+    ("mixins.encoder.vit.model.{rest}", "model.cross_vision.vit.model.{rest}"),
 ]
-_SAT_IGNORED = re.compile(r"(.*inv_freq|mixins\.eva\.vit_model\.transformer\.final_layernorm\..*)$")
+# derived buffers (recomputed) and parts that exist in some checkpoints but never run
+_SAT_IGNORED = re.compile(r"(.*inv_freq|.*rope\.freqs_(cos|sin)|mixins\.eva\.vit_model\.transformer\.final_layernorm\..*)$")
 
 
 def _pattern(template: str) -> re.Pattern[str]:
     rx = re.escape(template)
-    for field, group in (("i", r"\d+"), ("j", r"\d+"), ("w", r"weight|bias"), ("name", r"\w+")):
+    for field, group in (("i", r"\d+"), ("j", r"\d+"), ("w", r"weight|bias"), ("name", r"\w+"), ("rest", r"[\w.]+")):
         rx = rx.replace(re.escape("{" + field + "}"), f"(?P<{field}>{group})")
     return re.compile(rx + "$")
 
@@ -203,9 +214,15 @@ def sat_to_hf_name(name: str) -> str | None:
 
 
 def split_rule(hf_name: str) -> str:
-    """How a tensor is split across model-parallel ranks: 'qkv', 'dim0', 'dim1' or 'replicated'."""
-    if hf_name.startswith("model.vision.linear_proj."):
-        return "replicated"  # the adapter is not split
+    """How a tensor is split across model-parallel ranks: 'qkv', 'kv', 'dim0', 'dim1' or 'replicated'."""
+    if hf_name.startswith(("model.vision.linear_proj.", "model.cross_vision.")):
+        return "replicated"  # the adapter and CogAgent's high-resolution tower are not split
+    if hf_name.endswith("cross_attn.key_value.weight"):
+        return "kv"  # rank r holds [k_r; v_r]
+    if hf_name.endswith("cross_attn.query.weight"):
+        return "dim0"
+    if hf_name.endswith("cross_attn.dense.weight"):
+        return "dim1"
     if hf_name.endswith(("query_key_value.weight", "query_key_value.bias")):
         return "qkv"
     if hf_name in ("model.embed_tokens.weight", "lm_head.weight") or re.search(
@@ -223,8 +240,9 @@ def merge_ranks(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
         return torch.cat(parts, 0)
     if rule == "dim1":
         return torch.cat(parts, 1)
-    qkv = [p.chunk(3, dim=0) for p in parts]  # rank r holds [q_r; k_r; v_r]
-    return torch.cat([blk[i] for i in range(3) for blk in qkv], 0)
+    n = len(rule)  # "qkv": rank r holds [q_r; k_r; v_r]; "kv": [k_r; v_r]
+    blocks = [p.chunk(n, dim=0) for p in parts]
+    return torch.cat([blk[i] for i in range(n) for blk in blocks], 0)
 
 
 def _sat_files(folder: Path) -> list[Path]:
@@ -318,6 +336,8 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
         del group, fitting
     check_names(expected, seen, str(folder))
     model.inv_freq = CogVLMForCausalLM.rope_inv_freq(config).to(device)
+    if config.cross_vision is not None:  # its 2-D RoPE tables are buffers made on the CPU
+        model.model.cross_vision.to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -15,10 +15,11 @@ from .options import UsageError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError
+from .prompt import ImageRequiredError
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, FileNotFoundError, ImportError,
-               UsageError)
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, ImageRequiredError, TokenizerError, FileNotFoundError,
+               ImportError, UsageError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -101,8 +102,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         config = entry.config or read_config(entry.local_dir)
         params = _parameter_count(config)
         here = "shipped" if entry.hf_repo is None else cached.get(entry.hf_repo, "-")
+        image = str(config.vision.image_size) + (f"+{config.cross_vision.image_size}" if config.cross_vision else "")
         rows.append((entry.name, entry.hf_repo or "-", f"{params / 1e9:.2f} B" if params > 1e8 else
-                     f"{params / 1e6:.1f} M", _gb(2 * params), str(config.vision.image_size), config.template, here))
+                     f"{params / 1e6:.1f} M", _gb(2 * params), image, config.template, here))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

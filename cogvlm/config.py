@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TEMPLATES = ("base", "chat", "vqa")
+TEMPLATES = ("base", "chat", "vqa", "inst")  # inst: CogAgent's ` [INST] q [/INST] ` chat
 DEFAULT_MODEL = "cogvlm-tiny"  # shipped inside the package: every surface works offline
 
 
@@ -43,6 +43,34 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class CrossVisionConfig:
+    """CogAgent's high-resolution tower, EVA2-CLIP-L (cogagent.md section 7). Only the image size
+    is in the published configs; the rest is hard-coded in the authors' code, hence the defaults."""
+
+    image_size: int = 1120
+    patch_size: int = 14
+    in_channels: int = 3
+    hidden_size: int = 1024  # also the width cross-attention keys/values are projected from
+    num_layers: int = 24  # blocks built; the last one never runs
+    num_heads: int = 16
+    intermediate_size: int = 2730  # int(1024 * 2.6667), SwiGLU
+    layer_norm_eps: float = 1e-6
+    rope_grid: int = 16  # RoPE positions are rescaled to the pretraining grid
+    head_size: int = 768  # the unused projection head
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class CogVLMConfig:
     """The visual-expert LLaMA decoder plus its vision encoder (spec section 2)."""
 
@@ -59,6 +87,9 @@ class CogVLMConfig:
     pad_token_id: int = 0
     template: str = "chat"
     vision: VisionConfig = field(default_factory=VisionConfig)
+    # CogAgent: a high-resolution tower feeding a cross-attention block in every decoder layer
+    cross_vision: CrossVisionConfig | None = None
+    cross_compute_hidden_size: int = 1024  # inner width of that cross-attention (heads x 32)
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -69,6 +100,16 @@ class CogVLMConfig:
             raise ConfigError("vision hidden_size must be a multiple of vision num_heads")
         if self.vision.image_size % self.vision.patch_size:
             raise ConfigError("vision image_size must be a multiple of patch_size")
+        if self.template == "inst" and self.cross_vision is None:
+            raise ConfigError("the inst template is CogAgent's; this config has no cross_vision")
+        cv = self.cross_vision
+        if cv is not None:
+            if self.cross_compute_hidden_size % self.num_heads:
+                raise ConfigError("cross_compute_hidden_size must be a multiple of num_attention_heads")
+            if cv.hidden_size % cv.num_heads or (cv.hidden_size // cv.num_heads) % 4:
+                raise ConfigError("cross vision head width must be a multiple of 4 (2-D RoPE)")
+            if cv.image_size % cv.patch_size:
+                raise ConfigError("cross_image_size must be a multiple of its patch size")
 
     @property
     def head_dim(self) -> int:
@@ -79,12 +120,16 @@ class CogVLMConfig:
         """Sequence slots one image takes: boi + patches + eoi."""
         return self.vision.num_patches + 2
 
+    @property
+    def cross_head_dim(self) -> int:
+        return self.cross_compute_hidden_size // self.num_heads
+
     # ---- Hugging Face config.json -------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         v = self.vision
-        return {
-            "architectures": ["CogVLMForCausalLM"],
-            "model_type": "cogvlm",
+        d = {
+            "architectures": ["CogAgentForCausalLM" if self.cross_vision else "CogVLMForCausalLM"],
+            "model_type": "cogagent" if self.cross_vision else "cogvlm",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -98,7 +143,7 @@ class CogVLMConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "tie_word_embeddings": False,
-            "template_version": self.template,
+            "template_version": _template_version(self.template, self.cross_vision is not None),
             "torch_dtype": "bfloat16",
             "vision_config": {
                 "image_size": v.image_size,
@@ -114,6 +159,13 @@ class CogVLMConfig:
                 "dropout_prob": 0.0,
             },
         }
+        if self.cross_vision is not None:
+            d.update(cross_hidden_size=self.cross_vision.hidden_size,
+                     cross_compute_hidden_size=self.cross_compute_hidden_size,
+                     cross_image_size=self.cross_vision.image_size)
+            if self.cross_vision != CrossVisionConfig(image_size=self.cross_vision.image_size):
+                d["cross_vision_config"] = self.cross_vision.to_dict()  # ours: only non-published towers
+        return d
 
 
 def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
@@ -136,6 +188,13 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
                 f"vision_config.num_positions is {vd['num_positions']} but image_size "
                 f"{vision.image_size} / patch {vision.patch_size} needs {vision.num_positions}"
             )
+        cross = None
+        if "cross_image_size" in d:  # CogAgent
+            cross = _cross_vision(d.get("cross_vision_config", {}), int(d["cross_image_size"]),
+                                  int(d.get("cross_hidden_size", 1024)))
+            if int(d.get("cross_compute_hidden_size", 1024)) != cross.hidden_size:
+                raise ConfigError("cross_compute_hidden_size must equal cross_hidden_size (the authors' "
+                                  "code reshapes the cross-attention output to cross_hidden_size)")
         return CogVLMConfig(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -148,8 +207,10 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             bos_token_id=int(d.get("bos_token_id", 1)),
             eos_token_id=int(d.get("eos_token_id", 2)),
             pad_token_id=int(d.get("pad_token_id", 0)),
-            template=_template_name(d.get("template_version", "chat")),
+            template=_template_name(d.get("template_version", "chat"), cross is not None),
             vision=vision,
+            cross_vision=cross,
+            cross_compute_hidden_size=int(d.get("cross_compute_hidden_size", 1024)),
         )
     except KeyError as e:
         raise ConfigError(f"config.json lacks the key {e.args[0]!r}; is this a CogVLM config?") from None
@@ -180,6 +241,11 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
                 f"gives {vision.num_patches} patches"
             )
         lm_hidden = int(d["hidden_size"])
+        cross, cross_compute = None, 1024
+        if "cross_image_pix" in d:  # CogAgentModel
+            cross = _cross_vision(d.get("cross_vision_config", {}), int(d["cross_image_pix"]),
+                                  int(d.get("cross_attn_hidden_size", 1024)))
+            cross_compute = int(d.get("cross_hidden_size_per_attention_head", 32)) * int(d["num_attention_heads"])
         return CogVLMConfig(
             vocab_size=int(d["vocab_size"]),
             hidden_size=lm_hidden,
@@ -188,8 +254,10 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             num_heads=int(d["num_attention_heads"]),
             rms_norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
             max_position_embeddings=int(d.get("max_sequence_length", 2048)),
-            template=_template_name(d.get("text_processor_version", "chat")),
+            template=_template_name(d.get("text_processor_version", "chat"), cross is not None),
             vision=vision,
+            cross_vision=cross,
+            cross_compute_hidden_size=cross_compute,
         )
     except KeyError as e:
         raise ConfigError(
@@ -197,12 +265,32 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
         ) from None
 
 
-def _template_name(version: str) -> str:
-    """The authors call the v1.1 chat template `chat_old`; everything else maps 1:1."""
-    version = {"chat_old": "chat"}.get(version, version)
-    if version not in TEMPLATES:
+def _template_name(version: str, cogagent: bool = False) -> str:
+    """Our template for the authors' `template_version`: they call the v1.1 chat template
+    `chat_old`, and CogAgent's `chat` is the ` [INST] ... [/INST] ` one (cogagent.md section 11)."""
+    version = {"chat_old": "chat", **({"chat": "inst"} if cogagent else {})}.get(version, version)
+    if version not in TEMPLATES or (version == "inst" and not cogagent):
         raise ConfigError(f"unknown template version {version!r}; expected one of {TEMPLATES}")
     return version
+
+
+def _template_version(template: str, cogagent: bool) -> str:
+    """The inverse of `_template_name`."""
+    if cogagent:
+        return {"chat": "chat_old", "inst": "chat"}.get(template, template)
+    return template
+
+
+def _cross_vision(overrides: dict[str, Any], image_size: int, hidden_size: int) -> CrossVisionConfig:
+    """The published tower at `image_size` (its shape is hard-coded in the authors' code); a
+    `cross_vision_config` dict, which only our own small test models write, overrides it."""
+    known = set(CrossVisionConfig.__dataclass_fields__)
+    if set(overrides) - known:
+        raise ConfigError(f"unknown cross_vision_config keys {sorted(set(overrides) - known)}")
+    args = {"hidden_size": hidden_size, **overrides, "image_size": image_size}
+    if args["hidden_size"] != hidden_size:
+        raise ConfigError(f"cross_hidden_size {hidden_size} differs from the tower width {args['hidden_size']}")
+    return CrossVisionConfig(**args)
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:
@@ -236,6 +324,11 @@ def _published(image_size: int, template: str) -> CogVLMConfig:
     return CogVLMConfig(template=template, vision=VisionConfig(image_size=image_size))
 
 
+def _cogagent(template: str) -> CogVLMConfig:
+    """CogAgent-18B: CogVLM at 224 px plus the 1120 px cross-attention branch (cogagent.md section 3)."""
+    return CogVLMConfig(template=template, vision=VisionConfig(image_size=224), cross_vision=CrossVisionConfig())
+
+
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
@@ -249,6 +342,10 @@ REGISTRY: dict[str, ModelEntry] = {
                    _published(490, "base"), "REC, grounded captioning, box-to-caption"),
         ModelEntry("cogvlm-grounding-base", "THUDM/cogvlm-grounding-base-hf",
                    _published(490, "base"), "grounding, base"),
+        ModelEntry("cogagent-chat", "THUDM/cogagent-chat-hf", _cogagent("inst"),
+                   "GUI agent, multi-turn chat, grounding (1120 px screenshots)"),
+        ModelEntry("cogagent-vqa", "THUDM/cogagent-vqa-hf", _cogagent("chat"),
+                   "single-turn VQA benchmarks (1120 px)"),
         ModelEntry("cogvlm-tiny", None, None,
                    "9 M-parameter CogVLM trained on synthetic shapes; ships with the package (the default)"),
     )
@@ -261,6 +358,11 @@ def tiny_test_config(**overrides: Any) -> CogVLMConfig:
                        intermediate_size=64)
     vision_args.update(overrides.pop("vision", {}))
     vision = VisionConfig(**vision_args)
+    if "cross_vision" in overrides:  # a dict of CrossVisionConfig overrides: a tiny CogAgent
+        cross_args = dict(image_size=56, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=40,
+                          head_size=24)
+        cross_args.update(overrides.pop("cross_vision"))
+        overrides.update(cross_vision=CrossVisionConfig(**cross_args), cross_compute_hidden_size=32)
     base: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
                                 num_heads=4, max_position_embeddings=256, vision=vision)
     base.update(overrides)

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from .checkpoint import load_weights, read_config, resolve, save_hf
 from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
-from .image import preprocess
 from .model import CogVLMForCausalLM
 from .progress import Progress
-from .prompt import PromptTokens, build_prompt, layout_batch
+from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 IGNORE = -100
@@ -43,9 +42,13 @@ class TrainingError(ValueError):
 # What `--train` can name: parameter-name tests for each part of the model.
 PARTS = {
     "vision_expert": lambda n: n.startswith("model.layers.") and ("vision_expert" in n or "vision_mlp" in n),
-    "language": lambda n: not n.startswith("model.vision.") and "vision_expert" not in n and "vision_mlp" not in n,
-    "adapter": lambda n: n.startswith(("model.vision.linear_proj.", "model.vision.boi", "model.vision.eoi")),
+    "language": lambda n: not n.startswith(("model.vision.", "model.cross_vision.")) and not _is_cross(n)
+    and "vision_expert" not in n and "vision_mlp" not in n,
+    "adapter": lambda n: n.startswith(("model.vision.linear_proj.", "model.vision.boi", "model.vision.eoi",
+                                       "model.vision.pos_embed")),
     "vit": lambda n: n.startswith(("model.vision.patch_embedding.", "model.vision.transformer.")),
+    # CogAgent: the high-resolution tower and the decoder's cross-attention (nothing in CogVLM)
+    "cross": lambda n: n.startswith("model.cross_vision.") or _is_cross(n),
 }
 # Linear layers LoRA adapts for each part (regexes over module names, as peft takes them).
 LORA_TARGETS = {
@@ -53,7 +56,12 @@ LORA_TARGETS = {
     "language": r"model\.layers\.\d+\.(self_attn\.language_expert_\w+|mlp\.language_mlp\.\w+)",
     "adapter": r"model\.vision\.linear_proj\.(linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
     "vit": r"model\.vision\.transformer\.layers\.\d+\.(attention\.query_key_value|attention\.dense|mlp\.fc1|mlp\.fc2)",
+    "cross": r"model\.layers\.\d+\.cross_attn\.(query|key_value|dense)",
 }
+
+
+def _is_cross(name: str) -> bool:
+    return ".cross_attn." in name or ".post_cross_attention_layernorm." in name
 
 
 @dataclass
@@ -101,6 +109,9 @@ def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMCo
     """One example per turn (earlier turns become its history, as at inference)."""
     examples, errors = [], []
     for rec in records:
+        if rec.image is None and cfg.cross_vision is not None:
+            errors.append(RecordError(rec.line, "CogAgent needs an image in every record"))
+            continue
         for i, (query, answer) in enumerate(rec.turns):
             prompt = tokenizer.encode(build_prompt(query, rec.turns[:i], rec.template))
             ans = tokenizer.encode(answer) + [cfg.eos_token_id]
@@ -114,8 +125,10 @@ def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMCo
 
 def collate(batch: Sequence[Example], cfg: CogVLMConfig):
     """The inference layout (`layout_batch`) plus next-token labels on the answer tokens only."""
-    prompts = [PromptTokens(None if ex.image is None else preprocess(ex.image, cfg.vision.image_size),
-                            ex.prompt_ids + ex.answer_ids) for ex in batch]
+    prompts = []
+    for ex in batch:
+        pixels, cross = image_pixels(ex.image, cfg)  # CogAgent: also the high-resolution picture
+        prompts.append(PromptTokens(pixels, ex.prompt_ids + ex.answer_ids, cross))
     chunk = layout_batch(prompts, cfg)
     labels = torch.full_like(chunk.input_ids, IGNORE)
     for row, ex in enumerate(batch):
@@ -465,7 +478,7 @@ def init_weights(model: CogVLMForCausalLM, std: float = 0.02) -> None:
                 p.zero_()
             elif name.startswith("model.vision.transformer.") and name.endswith("layernorm.weight"):
                 p.fill_(0.1)
-            elif "norm" in name and p.ndim == 1:
+            elif ("norm" in name or name.endswith("_ln.weight")) and p.ndim == 1:  # _ln: CogAgent's tower
                 p.fill_(1.0)
             elif name == "model.vision.patch_embedding.proj.weight":
                 p.normal_(0.0, p[0].numel() ** -0.5)

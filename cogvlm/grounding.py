@@ -3,6 +3,11 @@
 CogVLM writes boxes as corner coordinates in thousandths of the image size (three
 digits, origin top-left), e.g. "a red circle [[100,200,300,400]]"; several boxes for
 one phrase are separated by ";". The box belongs to the noun phrase just before it.
+
+CogAgent's agent answers end in a line such as
+`Grounded Operation:[combobox] Search -> TYPE: CogVLM at the box [[212,498,787,564]]`
+(cogagent.md section 11): `parse_operations` reads those, and such a box is labelled with
+its operation rather than with the words before it.
 """
 
 from __future__ import annotations
@@ -70,6 +75,43 @@ class ParseResult:
         return [b for p in self.phrases for b in p.boxes]
 
 
+@dataclass(frozen=True)
+class Operation:
+    """One `Grounded Operation:` line: the UI element (type in brackets, then its label), the action
+    in capitals with its argument ("" when it takes none), and the element's boxes."""
+
+    element: str
+    label: str
+    action: str
+    argument: str
+    boxes: tuple[Box, ...]
+    span: tuple[int, int]  # of the whole line in the text
+
+    @property
+    def description(self) -> str:
+        """The line without its prefix and box: what a drawing labels the box with."""
+        element = f"[{self.element}] " if self.element else ""
+        argument = f": {self.argument}" if self.argument else ""
+        return f"{element}{self.label} -> {self.action}{argument}".strip()
+
+
+_OPERATION = re.compile(
+    r"Grounded Operation:[ \t]*(?:\[(?P<element>[^\]\n]*)\])?[ \t]*(?P<label>[^\n]*?)[ \t]*->[ \t]*"
+    r"(?P<action>[A-Z][A-Z_]*(?:[ \t]+[A-Z_]+)*)\b(?:[ \t]*:[ \t]*(?P<argument>[^\n]*?))?"
+    r"(?:[ \t]*at the box[ \t]*\[\[(?P<box>[^\[\]\n]*)\]\])?[ \t]*$", re.MULTILINE)
+
+
+def parse_operations(text: str) -> list[Operation]:
+    """Every `Grounded Operation:` line of a CogAgent answer, in order; a line whose box is not
+    a valid CogVLM box keeps its other fields and no box."""
+    ops = []
+    for m in _OPERATION.finditer(text):
+        boxes = _parse_group(m.group("box")) if m.group("box") is not None else []
+        ops.append(Operation((m.group("element") or "").strip(), m.group("label").strip(), m.group("action"),
+                             (m.group("argument") or "").strip(), tuple(boxes or ()), m.span()))
+    return ops
+
+
 def _parse_group(body: str) -> list[Box] | None:
     """The boxes of one group's inside, or None when any part of it is not a valid box."""
     boxes = []
@@ -96,12 +138,15 @@ def parse_boxes(text: str) -> ParseResult:
     """Find every `[[...]]` group in model text; bad groups go to `malformed`, never raising."""
     result = ParseResult()
     pieces, prev = [], 0
+    operations = parse_operations(text)
     for m in _GROUP.finditer(text):
         boxes = _parse_group(m.group(1))
         if boxes is None:
             result.malformed.append(m.group(0))
         else:
-            result.phrases.append(GroundedPhrase(_phrase_before(text[prev:m.start()]), boxes, m.span()))
+            op = next((o.description for o in operations if o.span[0] <= m.start() < o.span[1]), None)
+            phrase = op if op is not None else _phrase_before(text[prev:m.start()])
+            result.phrases.append(GroundedPhrase(phrase, boxes, m.span()))
         pieces.append(text[prev:m.start()].rstrip(" \t"))
         prev = m.end()
     pieces.append(text[prev:])

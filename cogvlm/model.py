@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import CogVLMConfig, VisionConfig
+from .config import CogVLMConfig, CrossVisionConfig, VisionConfig
 
 # ---------------------------------------------------------------------------------------------
 # Vision encoder (EVA2-CLIP-E) and adapter
@@ -123,12 +123,151 @@ class EVA2CLIPModel(nn.Module):
         self.linear_proj = GLUAdapter(cfg.vision.hidden_size, cfg)
         self.boi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        if cfg.cross_vision is not None:  # CogAgent adds a learned table to the patches before the adapter
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.vision.num_patches, cfg.vision.hidden_size))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.transformer(self.patch_embedding(images))[:, 1:]  # drop CLS
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed
         x = self.linear_proj(x)
         n = x.shape[0]
         return torch.cat([self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CogAgent's high-resolution tower (EVA2-CLIP-L, cogagent.md section 7)
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_2d(cfg: CrossVisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, head_dim) of the tower's 2-D RoPE: the first half of each head turns with the
+    patch's row, the second with its column, each frequency driving one adjacent pair of dims;
+    grid coordinates are rescaled to the pretraining grid. Computed for real, also on meta."""
+    half = cfg.hidden_size // cfg.num_heads // 2
+    freqs = 10000.0 ** (-torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half)
+    t = torch.arange(cfg.grid, dtype=torch.float32, device="cpu") * cfg.rope_grid / cfg.grid
+    angle = (t[:, None] * freqs).repeat_interleave(2, dim=-1)  # (G, half): pairs share an angle
+    rows = angle[:, None, :].expand(-1, cfg.grid, -1)
+    cols = angle[None, :, :].expand(cfg.grid, -1, -1)
+    angles = torch.cat([rows, cols], dim=-1).reshape(cfg.num_patches, 2 * half)
+    return angles.cos(), angles.sin()
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) → (-b, a) for every adjacent pair of the last dim (interleaved RoPE)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-b, a], dim=-1).flatten(-2)
+
+
+def _rotate_2d(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The rotation in float32 against the float32 tables, cast back (as the authors' EVA code)."""
+    cos, sin = rope
+    xf = x.float()
+    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+
+
+class CrossVisionAttention(nn.Module):
+    """Separate q/k/v projections, biases on q and v only, and a LayerNorm on the merged heads."""
+
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(d))
+        self.v_bias = nn.Parameter(torch.zeros(d))
+        self.inner_attn_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x) + self.q_bias
+        k = self.k_proj(x)
+        v = self.v_proj(x) + self.v_bias
+        q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k = (torch.cat([t[:, :, :1], _rotate_2d(t[:, :, 1:], rope)], dim=2) for t in (q, k))  # CLS: no RoPE
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.proj(self.inner_attn_ln(out))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.w2 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_ln = nn.LayerNorm(cfg.intermediate_size, eps=cfg.layer_norm_eps)
+        self.w3 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+
+
+class CrossVisionBlock(nn.Module):
+    """Pre-norm, unlike the low-resolution tower's layers."""
+
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = CrossVisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+
+
+class EVA2CLIPL(nn.Module):
+    """Image → (B, N, width) patch features. The last built block, the final norm and the head are
+    in the checkpoint but never run (cogagent.md section 13, item 1)."""
+
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(CrossVisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # unused
+        self.head = nn.Linear(cfg.hidden_size, cfg.head_size)  # unused
+        cos, sin = rope_2d(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks[:-1]:
+            x = _run(block, self.gradient_checkpointing and self.training, x, rope)
+        return x[:, 1:]
+
+
+class CrossVisionVit(nn.Module):
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.model = EVA2CLIPL(cfg)
+
+
+class CrossVisionModel(nn.Module):
+    """The high-resolution branch: tower output plus CogAgent's own position table."""
+
+    def __init__(self, cfg: CrossVisionConfig) -> None:
+        super().__init__()
+        self.vit = CrossVisionVit(cfg)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, cfg.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.model(images) + self.pos_embed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +351,9 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far (same for every row)
         self.padded = False  # True once any invalid slot lies before `length`
+        # CogAgent: per layer the cross-attention k, v of each row's image, set at the prefill
+        # that brings the image; they never grow with the text
+        self.cross: list[CrossKV] | None = None
 
     @property
     def max_len(self) -> int:
@@ -232,6 +374,8 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
         self.valid = self.valid.index_select(0, rows)
+        if self.cross is not None:
+            self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
 
     @staticmethod
     def concat(a: KVCache, b: KVCache, capacity: int) -> KVCache:
@@ -251,6 +395,10 @@ class KVCache:
         out.valid[a.batch_size:, length - b.length:length] = b.valid[:, :b.length]
         out.length = length
         out.padded = a.padded or b.padded or a.length != b.length
+        if (a.cross is None) != (b.cross is None):
+            raise ValueError("cannot batch a row with cross-attention image features with one without")
+        out.cross = None if a.cross is None else [
+            (torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.cross, b.cross)]
         return out
 
 
@@ -303,23 +451,62 @@ class VisionExpertAttention(nn.Module):
         return self.language_expert_dense(out.reshape(x.shape))
 
 
+CrossKV = tuple[torch.Tensor, torch.Tensor]  # one layer's cross-attention keys, values (B, H, N, hd)
+
+
+class CrossAttention(nn.Module):
+    """CogAgent: every token attends to the high-resolution image features; no RoPE, no mask, no
+    expert split. Keys/values depend on the image only, so they are computed once (`kv`)."""
+
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        inner = cfg.cross_compute_hidden_size
+        self.num_heads = cfg.num_heads
+        self.query = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.key_value = nn.Linear(cfg.cross_vision.hidden_size, 2 * inner, bias=False)
+        self.dense = nn.Linear(inner, cfg.hidden_size, bias=False)
+
+    def kv(self, features: torch.Tensor) -> CrossKV:
+        """(B, N, width) tower output → k, v (B, H, N, hd): the two contiguous halves of key_value."""
+        b, n, _ = features.shape
+        k, v = self.key_value(features).view(b, n, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.query(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *kv)  # scale 1/sqrt(cross head dim)
+        return self.dense(out.transpose(1, 2).reshape(b, n, -1))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = VisionExpertAttention(cfg)
+        if cfg.cross_vision is not None:  # CogAgent: self-attention → cross-attention → MLP
+            self.cross_attn = CrossAttention(cfg)
+            self.post_cross_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # its input norm
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionExpertMLP(cfg)
 
+    def _cross(self, x: torch.Tensor, kv: CrossKV | None) -> torch.Tensor:
+        if kv is None:
+            return x
+        return x + self.cross_attn(self.post_cross_attention_layernorm(x), kv)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 span: tuple[int, int] | None, layer: int, cache: KVCache | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cross: CrossKV | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, span, layer, cache, mask)
+        x = self._cross(x, cross)
         return x + self.mlp(self.post_attention_layernorm(x), span)
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slot: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+               cross: CrossKV | None = None) -> torch.Tensor:
         x = x + self.self_attn.decode(self.input_layernorm(x), rope, slot, k_cache, v_cache, mask)
+        x = x if cross is None else self._cross(x[:, None], cross)[:, 0]
         return x + self.mlp.language_mlp(self.post_attention_layernorm(x))
 
 
@@ -332,6 +519,7 @@ class Chunk:
     - `images`: (R, 3, S, S) pixels for the rows `image_rows` (None: every row), or None. Their
       P+2 embeddings replace the placeholders at columns `image_start : image_start + P + 2`.
       The batch layout (`cogvlm.inputs`) keeps those columns padding in text-only rows.
+    - `cross_images`: CogAgent's high-resolution pixels of the same pictures (R, 3, S', S').
     """
 
     input_ids: torch.Tensor
@@ -340,6 +528,7 @@ class Chunk:
     images: torch.Tensor | None = None
     image_rows: torch.Tensor | None = None
     image_start: int = 1
+    cross_images: torch.Tensor | None = None
 
 
 class CogVLMModel(nn.Module):
@@ -349,6 +538,8 @@ class CogVLMModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.vision = EVA2CLIPModel(cfg)
+        if cfg.cross_vision is not None:
+            self.cross_vision = CrossVisionModel(cfg.cross_vision)
 
 
 class CogVLMForCausalLM(nn.Module):
@@ -363,6 +554,8 @@ class CogVLMForCausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
         self.model.vision.transformer.gradient_checkpointing = enabled
+        if self.config.cross_vision is not None:
+            self.model.cross_vision.vit.model.gradient_checkpointing = enabled
 
     @staticmethod
     def rope_inv_freq(cfg: CogVLMConfig) -> torch.Tensor:
@@ -384,6 +577,28 @@ class CogVLMForCausalLM(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels → (B, P+2, hidden) embeddings, in the model's dtype."""
         return self.model.vision(images.to(self.device, self.dtype))
+
+    def cross_kv(self, images: torch.Tensor) -> list[CrossKV]:
+        """CogAgent: (B, 3, S', S') high-resolution pixels → every layer's cross-attention k, v.
+        The high-resolution tower's one run per image."""
+        features = self.model.cross_vision(images.to(self.device, self.dtype))
+        return [layer.cross_attn.kv(features) for layer in self.model.layers]
+
+    def _cross(self, chunk: Chunk, cache: KVCache | None) -> list[CrossKV] | list[None]:
+        """The chunk's images' cross k, v (kept in `cache`), or those the cache already holds."""
+        if self.config.cross_vision is None:
+            return [None] * self.config.num_layers
+        if chunk.cross_images is not None:
+            if chunk.image_rows is not None:
+                raise ValueError("CogAgent needs an image in every row of a batch")
+            cross = self.cross_kv(chunk.cross_images)
+            if cache is not None:
+                cache.cross = cross
+            return cross
+        if cache is None or cache.cross is None:
+            raise ValueError("CogAgent cannot run without an image: its cross-attention needs the "
+                             "high-resolution image features (cross_images)")
+        return cache.cross
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
@@ -430,11 +645,12 @@ class CogVLMForCausalLM(nn.Module):
             rows = slice(None) if chunk.image_rows is None else chunk.image_rows.to(self.device)
             x[rows, start:end] = img
             span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
+        cross = self._cross(chunk, cache)
         rope = self._rope(chunk.position_ids)
         mask = self._mask(chunk, cache)
         recompute = self.gradient_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = _run(layer, recompute, x, rope, span, i, cache, mask)
+            x = _run(layer, recompute, x, rope, span, i, cache, mask, cross[i])
         if cache is not None:
             cache.length += n
         if last_only and chunk.attention_mask is None:
@@ -456,21 +672,25 @@ class CogVLMForCausalLM(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} slots; all are used")
         window = min(cache.max_len, (slot // DECODE_WINDOW + 1) * DECODE_WINDOW)
         cache.valid[:, slot] = True
+        if self.config.cross_vision is not None and cache.cross is None:
+            raise ValueError("CogAgent cannot decode without an image's cross-attention keys/values")
         logits = self._decode(tokens.to(self.device), positions.to(self.device),
-                              torch.tensor([slot], device=self.device), cache.k, cache.v, cache.valid, window)
+                              torch.tensor([slot], device=self.device), cache.k, cache.v, cache.valid, window,
+                              cache.cross)
         cache.length += 1
         return logits
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor,
-                window: int) -> torch.Tensor:
+                window: int, cross: list[CrossKV] | None = None) -> torch.Tensor:
         # 2-D activations (B, hidden) throughout: inductor packs a linear layer's weight only
         # when its input is a matrix
         x = self.model.embed_tokens(tokens)
         rope = self._rope(positions[:, None])
         mask = valid[:, None, None, :window]  # slots past this one are never valid (see KVCache.rewind)
-        for layer, k, v in zip(self.model.layers, k_cache, v_cache):
-            x = layer.decode(x, rope, slot, k[:, :, :window], v[:, :, :window], mask)
+        for i, (layer, k, v) in enumerate(zip(self.model.layers, k_cache, v_cache)):
+            x = layer.decode(x, rope, slot, k[:, :, :window], v[:, :, :window], mask,
+                             None if cross is None else cross[i])
         return self.lm_head(self.model.norm(x)).float()
 
     def compile_decode(self) -> None:

@@ -8,28 +8,60 @@ from typing import Sequence
 import torch
 
 from .config import TEMPLATES, CogVLMConfig
+from .image import ImageInput, load_image, preprocess
 from .model import Chunk
 
 History = Sequence[tuple[str, str]]
 
 
 def build_prompt(query: str, history: History = (), template: str = "chat") -> str:
-    """The text that follows the image: base ignores history; chat and vqa replay it."""
+    """The text that follows the image: base ignores history; chat, vqa and inst replay it."""
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")
     if template == "base":
         return query
+    if template == "inst":  # CogAgent's chat (cogagent.md section 11)
+        turns = "".join(f" [INST] {q} [/INST] {a}" for q, a in history)
+        return f"{turns} [INST] {query} [/INST] "
     answer_format = "Answer:" if template == "chat" else "Short answer:"
     turns = "".join(f"Question: {q} {answer_format} {a}\n" for q, a in history)
     return f"{turns}Question: {query} {answer_format}"
 
 
+def agent_query(task: str, grounding: bool = True, sentence: str = "What steps do I need to take to <TASK>?") -> str:
+    """CogAgent's GUI-agent question (cogagent.md section 11): the task in double quotes in one of
+    the authors' task sentences, and `(with grounding)` right after it (no space) for an answer
+    that ends in a `Grounded Operation:` line with the element's box."""
+    if "<TASK>" not in sentence:
+        raise ValueError("the agent sentence must contain <TASK>")
+    return sentence.replace("<TASK>", f'"{task}"') + ("(with grounding)" if grounding else "")
+
+
 @dataclass
 class PromptTokens:
-    """One conversation ready for the model: pixels (or None) and its text token ids."""
+    """One conversation ready for the model: pixels (or None), its text token ids, and for
+    CogAgent the same picture at the high resolution."""
 
     pixels: torch.Tensor | None
     text_ids: list[int]
+    cross_pixels: torch.Tensor | None = None
+
+
+class ImageRequiredError(ValueError):
+    """CogAgent has no text-only mode: its cross-attention needs an image (cogagent.md section 10)."""
+
+
+def image_pixels(image: ImageInput | None, cfg: CogVLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The model's input pixels for one picture: (low-res, high-res or None). Both come from the
+    original picture (cogagent.md section 5). CogAgent refuses a conversation without an image."""
+    if image is None:
+        if cfg.cross_vision is not None:
+            raise ImageRequiredError("CogAgent needs an image (a screenshot) for every conversation; "
+                                     "neither of the authors' code paths supports text-only chat")
+        return None, None
+    picture = load_image(image)
+    cross = None if cfg.cross_vision is None else preprocess(picture, cfg.cross_vision.image_size)
+    return preprocess(picture, cfg.vision.image_size), cross
 
 
 def image_advances(num_patches: int) -> list[bool]:
@@ -63,12 +95,16 @@ def layout_batch(prompts: Sequence[PromptTokens], cfg: CogVLMConfig) -> Chunk:
             valid[row, length - len(p.text_ids):] = True
             advance[row, length - len(p.text_ids):] = True
     positions = advance.long().cumsum(1) - 1  # padding repeats the previous position
-    images = rows = None
+    images = rows = cross = None
     if any(has_image):
         images = torch.stack([p.pixels for p in prompts if p.pixels is not None])
         if not all(has_image):
             rows = torch.tensor([i for i, h in enumerate(has_image) if h])
-    return Chunk(ids, positions, valid, images=images, image_rows=rows, image_start=1)
+    if any(p.cross_pixels is not None for p in prompts):
+        if not all(p.cross_pixels is not None for p in prompts):
+            raise ImageRequiredError("CogAgent needs an image in every conversation of a batch")
+        cross = torch.stack([p.cross_pixels for p in prompts])
+    return Chunk(ids, positions, valid, images=images, image_rows=rows, image_start=1, cross_images=cross)
 
 
 def continuation_chunk(token_ids: torch.Tensor, next_positions: torch.Tensor) -> Chunk:

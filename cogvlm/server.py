@@ -34,6 +34,7 @@ from .api import CogVLM
 from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .generate import ContextLengthError, SamplingParams
 from .image import ImageError, load_image
+from .prompt import ImageRequiredError
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
 
@@ -108,8 +109,11 @@ def prepare(vlm: CogVLM, opts: ServeOptions, body: Any) -> Prepared:
     image = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
     stream = bool(_field(body, "stream", bool, "true or false"))
     stream_options = _field(body, "stream_options", dict, "an object") or {}
-    return Prepared(vlm.prompt_tokens(image, query, history, opts.template), params, stream,
-                    stream and bool(stream_options.get("include_usage")))
+    try:
+        prompt = vlm.prompt_tokens(image, query, history, opts.template)
+    except ImageRequiredError as e:  # CogAgent has no text-only mode
+        raise APIError(str(e), "messages", "image_required") from None
+    return Prepared(prompt, params, stream, stream and bool(stream_options.get("include_usage")))
 
 
 def _field(body: dict, key: str, kinds: type | tuple[type, ...], what: str) -> Any:

@@ -20,6 +20,7 @@ from .chat_cli import turn_boxes
 from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .config import TEMPLATES
 from .grounding import draw_boxes, drawable
+from .prompt import ImageRequiredError
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -91,7 +92,10 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
             raise gr.Error("Type a question first (an empty prompt means captioning, with the base template).")
         key = (_image_key(image), template)
         if convo is None or convo.key != key:
-            convo = Conversation(vlm.session(image, template, **sampling), key)
+            try:
+                convo = Conversation(vlm.session(image, template, **sampling), key)
+            except ImageRequiredError as e:  # CogAgent has no text-only chat
+                raise gr.Error(str(e)) from None
         session = convo.session
         chat = _messages(session.history) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         settings = dict(temperature=temperature, top_p=top_p, top_k=int(top_k),

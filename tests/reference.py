@@ -2,6 +2,8 @@
 
 Deliberately naive: token-by-token expert choice through boolean masks, explicit RoPE angles,
 eager softmax attention, the spec's token-type rule for positions. Shares no code with `cogvlm`.
+CogAgent (cogagent.md) is the same forward plus a high-resolution tower and a cross-attention
+step in every layer, present when the state dict has them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ L, V = "L", "V"
 def reference_prompt(query: str, history: list[tuple[str, str]], template: str) -> str:
     if template == "base":
         return query
+    if template == "inst":  # cogagent.md section 11: " [INST] q1 [/INST] a1 [INST] … [INST] {query} [/INST] "
+        prompt = ""
+        for q, a in history:
+            prompt += " [INST] " + q + " [/INST] " + a
+        return prompt + " [INST] " + query + " [/INST] "
     fmt = {"chat": "Answer:", "vqa": "Short answer:"}[template]
     prompt = ""
     for q, a in history:
@@ -82,6 +89,8 @@ def reference_vision(sd, cfg, pixels):
         m = _gelu(x @ w[p + "mlp.fc1.weight"].T + w[p + "mlp.fc1.bias"]) @ w[p + "mlp.fc2.weight"].T + w[p + "mlp.fc2.bias"]
         x = x + _ln(m, w[p + "post_attention_layernorm.weight"], w[p + "post_attention_layernorm.bias"], vc.layer_norm_eps)
     x = x[1:]
+    if pre + "pos_embed" in w:  # CogAgent: a learned [P, 1792] table before the adapter
+        x = x + w[pre + "pos_embed"]
     a = pre + "linear_proj."
     x = x @ w[a + "linear_proj.weight"].T
     x = _gelu(_ln(x, w[a + "norm1.weight"], w[a + "norm1.bias"], 1e-5))
@@ -90,9 +99,59 @@ def reference_vision(sd, cfg, pixels):
     return torch.cat([w[pre + "boi"][0], x, w[pre + "eoi"][0]])
 
 
-def reference_logits(sd, cfg, text_ids: list[int], pixels=None) -> torch.Tensor:
-    """float64 logits (L, vocab) for `<s> [image] text`."""
+def reference_cross_vision(sd, cfg, pixels):
+    """cogagent.md section 7: EVA2-CLIP-L at high resolution → (N, width) features."""
     w = {k: v.double() for k, v in sd.items()}
+    cv = cfg.cross_vision
+    pre = "model.cross_vision.vit.model."
+    x = torch.nn.functional.conv2d(pixels.double()[None], w[pre + "patch_embed.proj.weight"],
+                                   w[pre + "patch_embed.proj.bias"], stride=cv.patch_size)
+    grid = x.shape[-1]
+    x = x.flatten(2)[0].T  # (N, D), row-major patches
+    x = torch.cat([w[pre + "cls_token"][0], x]) + w[pre + "pos_embed"][0]
+    heads = cv.num_heads
+    hd = cv.hidden_size // heads
+    half = hd // 2
+
+    def rope2d(t):  # t: (heads, N+1, hd); CLS (index 0) is not rotated
+        out = t.clone()
+        for p in range(grid * grid):
+            row, col = divmod(p, grid)
+            for base, coord in ((0, row), (half, col)):
+                for m in range(half // 2):
+                    angle = (coord * cv.rope_grid / grid) * 10000.0 ** (-2 * m / half)
+                    c, s_ = math.cos(angle), math.sin(angle)
+                    a, b = t[:, p + 1, base + 2 * m], t[:, p + 1, base + 2 * m + 1]
+                    out[:, p + 1, base + 2 * m] = a * c - b * s_
+                    out[:, p + 1, base + 2 * m + 1] = b * c + a * s_
+        return out
+
+    n_blocks = sum(1 for k in w if k.startswith(pre + "blocks.") and k.endswith(".norm1.weight"))
+    for j in range(n_blocks - 1):  # the last block never runs
+        p = f"{pre}blocks.{j}."
+        h = _ln(x, w[p + "norm1.weight"], w[p + "norm1.bias"], cv.layer_norm_eps)
+        q = h @ w[p + "attn.q_proj.weight"].T + w[p + "attn.q_bias"]
+        k = h @ w[p + "attn.k_proj.weight"].T  # no k bias
+        v = h @ w[p + "attn.v_proj.weight"].T + w[p + "attn.v_bias"]
+        q, k, v = (t.view(x.shape[0], heads, hd).transpose(0, 1) for t in (q, k, v))
+        a = _attention(rope2d(q), rope2d(k), v, causal=False).transpose(0, 1).reshape(x.shape[0], -1)
+        a = _ln(a, w[p + "attn.inner_attn_ln.weight"], w[p + "attn.inner_attn_ln.bias"], cv.layer_norm_eps)
+        x = x + a @ w[p + "attn.proj.weight"].T + w[p + "attn.proj.bias"]
+        h = _ln(x, w[p + "norm2.weight"], w[p + "norm2.bias"], cv.layer_norm_eps)
+        g = h @ w[p + "mlp.w1.weight"].T + w[p + "mlp.w1.bias"]
+        u = h @ w[p + "mlp.w2.weight"].T + w[p + "mlp.w2.bias"]
+        m = _ln(g * torch.sigmoid(g) * u, w[p + "mlp.ffn_ln.weight"], w[p + "mlp.ffn_ln.bias"], cv.layer_norm_eps)
+        x = x + m @ w[p + "mlp.w3.weight"].T + w[p + "mlp.w3.bias"]
+    return x[1:] + w["model.cross_vision.pos_embed"]  # no final norm, no head; CLS dropped
+
+
+def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=None) -> torch.Tensor:
+    """float64 logits (L, vocab) for `<s> [image] text` (CogAgent: `cross_pixels` too)."""
+    w = {k: v.double() for k, v in sd.items()}
+    cross = "model.layers.0.cross_attn.query.weight" in w
+    if cross:
+        assert pixels is not None and cross_pixels is not None, "CogAgent has no text-only mode"
+        enc = reference_cross_vision(sd, cfg, cross_pixels)
     ids, types, positions = reference_layout(text_ids, pixels is not None, cfg.vision.num_patches)
     x = w["model.embed_tokens.weight"][torch.tensor(ids)]
     if pixels is not None:
@@ -128,6 +187,16 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None) -> torch.Tensor:
                    for j in range(3))
         a = _attention(rope(q), rope(k), v, causal=True).transpose(0, 1).reshape(n, -1)
         x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w[p + "self_attn.vision_expert_dense.weight"])
+        if cross:  # cogagent.md section 8: every token attends to all image features, no RoPE, no mask
+            h = _rms(x, w[p + "post_cross_attention_layernorm.weight"], cfg.rms_norm_eps)
+            inner = w[p + "cross_attn.query.weight"].shape[0]
+            cd = inner // cfg.num_heads
+            q = (h @ w[p + "cross_attn.query.weight"].T).view(n, cfg.num_heads, cd).transpose(0, 1)
+            kv = enc @ w[p + "cross_attn.key_value.weight"].T
+            k = kv[:, :inner].view(-1, cfg.num_heads, cd).transpose(0, 1)
+            v = kv[:, inner:].view(-1, cfg.num_heads, cd).transpose(0, 1)
+            a = _attention(q, k, v, causal=False).transpose(0, 1).reshape(n, -1)
+            x = x + a @ w[p + "cross_attn.dense.weight"].T
         h = _rms(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         out = torch.zeros_like(x)
         for name, sel in (("language_mlp", ~vision_mask), ("vision_mlp", vision_mask)):

@@ -221,3 +221,48 @@ def test_draw_tiny_image_edge_boxes(mode: str) -> None:
     out = draw_boxes(image, phrases)
     assert out.mode == "RGB" and out.size == (32, 32)
     assert out.getpixel((0, 16)) == PALETTE[0]
+
+
+# ---- CogAgent's Grounded Operation lines (cogagent.md section 11) ------------------------------
+
+AGENT_ANSWER = (
+    'Plan: 1. Click the search box. 2. Type "CogVLM". 3. Press enter.\n'
+    'Next Action: Type "CogVLM" into the search box.\n'
+    "Grounded Operation:[combobox] Search -> TYPE: CogVLM at the box [[212,498,787,564]]"
+)
+
+
+def test_grounded_operation_fields():
+    from cogvlm.grounding import Operation, parse_operations
+
+    ops = parse_operations(AGENT_ANSWER)
+    start = AGENT_ANSWER.index("Grounded")
+    assert ops == [Operation("combobox", "Search", "TYPE", "CogVLM", (Box(212, 498, 787, 564),),
+                             (start, len(AGENT_ANSWER)))]
+    assert ops[0].description == "[combobox] Search -> TYPE: CogVLM"
+
+
+@pytest.mark.parametrize("line, want", [
+    ("Grounded Operation:[button] Google Search -> CLICK at the box [[100,200,300,400]]",
+     ("button", "Google Search", "CLICK", "", ((100, 200, 300, 400),))),
+    ("Grounded Operation: [link] Sign in -> CLICK at the box [[001,002,003,004]]  ",
+     ("link", "Sign in", "CLICK", "", ((1, 2, 3, 4),))),
+    ("Grounded Operation:[textbox] To: -> TYPE: a b -> c at the box [[010,020,030,040]]",  # ':' in label, '->' in text
+     ("textbox", "To:", "TYPE", "a b -> c", ((10, 20, 30, 40),))),
+    ("Grounded Operation:[page] Home -> SCROLL_DOWN", ("page", "Home", "SCROLL_DOWN", "", ())),
+    ("Grounded Operation:[button] OK -> CLICK at the box [[900,100,800,200]]",  # corners out of order
+     ("button", "OK", "CLICK", "", ())),
+])
+def test_grounded_operation_variants(line, want):
+    from cogvlm.grounding import parse_operations
+
+    op, = parse_operations("Next Action: do it.\n" + line + "\nthanks")
+    assert (op.element, op.label, op.action, op.argument, tuple((b.x0, b.y0, b.x1, b.y1) for b in op.boxes)) == want
+
+
+def test_operation_boxes_are_labelled_with_their_operation():
+    """The drawing labels an operation's box with the operation, not with the words before it."""
+    result = parse_boxes(AGENT_ANSWER + "\nthe logo [[000,000,100,100]]")
+    assert [(p.phrase, p.boxes) for p in result.phrases] == [
+        ("[combobox] Search -> TYPE: CogVLM", [Box(212, 498, 787, 564)]), ("the logo", [Box(0, 0, 100, 100)])]
+    assert parse_boxes("no operation here").phrases == []
