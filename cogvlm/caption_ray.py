@@ -99,6 +99,7 @@ class Captioner:
 def _init_ray(address: str | None) -> None:
     try:
         import ray
+        import ray.data
     except ImportError:
         raise ImportError("--ray needs Ray: pip install 'cogvlm[ray]'") from None
     if address:

@@ -149,7 +149,7 @@ def tar_samples(path: Path) -> Iterator[Sample]:
 
 def parquet_columns(path: Path, columns: Columns) -> tuple[str, str | None]:
     """(image column, id column or None for row numbers) of one file, checked against its schema."""
-    import pyarrow.parquet as pq
+    pq = _pyarrow().parquet
 
     try:
         names = pq.read_schema(path).names
@@ -185,20 +185,29 @@ def parquet_samples(path: Path, columns: Columns, rows_per_read: int = 256) -> I
 
 def samples(shard: Path, columns: Columns) -> Iterator[Sample]:
     """The samples of a shard, in order; raises `ShardError` where the shard itself is damaged."""
-    import pyarrow as pa
-
+    if shard.suffix.lower() == ".parquet":
+        reader, damaged = parquet_samples(shard, columns), (OSError, _pyarrow().ArrowException)
+    else:
+        reader, damaged = tar_samples(shard), (OSError, EOFError, tarfile.TarError)
     try:
-        yield from parquet_samples(shard, columns) if shard.suffix.lower() == ".parquet" else tar_samples(shard)
-    except (OSError, EOFError, tarfile.TarError, pa.ArrowException) as e:
+        yield from reader
+    except damaged as e:
         raise ShardError(f"{shard} cannot be read: {e}") from None
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (the submodule, for callers)
+    except ImportError:
+        raise ImportError("Parquet needs pyarrow: pip install 'cogvlm[datasets]'") from None
+    return pyarrow
 
 
 def count_samples(shard: Path, columns: Columns) -> int:
     """For --dry-run: Parquet from its footer, tar by walking the headers."""
     if shard.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(shard).metadata.num_rows
+        return _pyarrow().parquet.ParquetFile(shard).metadata.num_rows
     return sum(1 for _ in tar_groups(shard))
 
 
@@ -236,8 +245,7 @@ class ShardWriter:
 
 
 def _write_parquet(results: Sequence[Result], meta: dict[str, str], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = _pyarrow()
 
     n = len(results)
     table = pa.table({"id": [r.key for r in results], "caption": [r.caption for r in results],
@@ -245,7 +253,7 @@ def _write_parquet(results: Sequence[Result], meta: dict[str, str], path: Path) 
                       "error": [r.error for r in results]},
                      schema=pa.schema([(c, pa.string()) for c in RESULT_COLUMNS]))
     with open(path, "wb") as f:
-        pq.write_table(table, f)
+        pa.parquet.write_table(table, f)
         f.flush()
         os.fsync(f.fileno())
 

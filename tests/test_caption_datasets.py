@@ -252,6 +252,8 @@ def replica_pids(pid: int) -> list[int]:
 def test_ray_survives_a_killed_replica_with_every_sample_once(full_run, data, talkative, want, tmp_path):
     """Two CPU replicas on a local Ray instance; one is SIGKILLed once captions flow. Ray replaces
     it and retries its batch; the output equals the single-machine run's."""
+    pytest.importorskip("ray.data")
+    pytest.importorskip("psutil")
     root, expect = data
     out = tmp_path / "captions"
     env = {"RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01", "RAY_AUTH_MODE": "disabled"}  # ~230 MB here
@@ -268,6 +270,8 @@ def test_ray_survives_a_killed_replica_with_every_sample_once(full_run, data, ta
         pids = replica_pids(proc.pid)
         assert len(pids) == 2, (pids, (tmp_path / "log").read_text())
         os.kill(pids[0], signal.SIGKILL)
+        seen = max(map(int, re.findall(r"caption: (\d+) images, ", (tmp_path / "log").read_text())))
+        assert seen < 30, f"the kill should land mid-run, not after {seen} of 36 samples"
         assert proc.wait(timeout=400) == 0, (tmp_path / "log").read_text()
     finally:
         if proc.poll() is None:
