@@ -24,10 +24,8 @@ from cogvlm.cli import main
 from cogvlm.data.synthetic import make_scene
 from cogvlm.datasets import Columns, ShardWriter
 from cogvlm.image import load_image
+from tests.test_caption import ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 NEW_TOKENS = 24
 GREEDY = {"top_k": 1, "max_new_tokens": NEW_TOKENS}
 GREEDY_FLAGS = ["--top_k", "1", "--max_new_tokens", str(NEW_TOKENS)]
