@@ -26,7 +26,6 @@ from .caption import Progress, Summary, caption_batch, load_sample, run_meta
 from .datasets import Columns, Result, Sample, ShardError, ShardWriter, samples
 
 ROWS_PER_BLOCK = 32  # samples per block out of the read stage: a few MB of encoded images
-MODEL_FLAGS = ("model", "dtype", "quant", "device", "compile", "tokenizer")
 
 
 def _schema():
@@ -124,7 +123,7 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
     if not todo:
         return summary
     _init_ray(args.ray_address)
-    flags = {k: getattr(args, k) for k in MODEL_FLAGS}
+    flags = {k: v for k, v in vars(args).items() if k != "func"}  # every loading flag options.py defines
     if args.gpus_per_replica and flags["device"] is None:
         flags["device"] = "cuda"
     elif not args.gpus_per_replica:
