@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="cogvlm-tiny")
     opts = parser.parse_args()
-    common = ["--model", opts.model, "--batch-size", str(opts.batch_size), "--log-every", "0"]
+    common = ["--model", opts.model, "--batch-size", str(opts.batch_size), "--log-every", "3600"]
     tars = f"tar/{{00000..{SHARDS - 1:05d}}}.tar"
     contenders = {
         "folder (JPEG files)": ["folder", "--output", "out-folder/captions.jsonl"],

@@ -42,6 +42,7 @@ from .datasets import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OUTPUT_FORMATS as OUTPUT
 from .generate import ContextLengthError
 from .image import ImageError, ImageInput, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags
+from .progress import Progress
 from .prompt import build_prompt
 
 if TYPE_CHECKING:
@@ -228,46 +229,23 @@ class Summary:
     shards_failed: list[str] = field(default_factory=list)
     replicas: dict[str, list[float]] = field(default_factory=dict)
 
-    def rates(self) -> str:
-        seconds = max(self.seconds, 1e-9)
-        return f"{self.done / seconds:.2f} images/s, {self.tokens / seconds:.1f} tokens/s, {len(self.failed)} failed"
+    def postfix(self, start: float, **more: Any) -> dict[str, Any]:
+        """What the progress line shows besides images/s: tokens/s and failures so far."""
+        self.seconds = time.monotonic() - start
+        return {"tokens/s": f"{self.tokens / max(self.seconds, 1e-9):.1f}", "failed": len(self.failed), **more}
 
 
-class Progress:
-    """Throughput as the run goes: a tqdm bar on a terminal; elsewhere (a log file, a batch job)
-    one line every `every` seconds, because a bar's carriage returns make no readable log.
-    `enabled=False` (ranks other than 0) shows neither; failures are reported either way."""
+def progress_bar(total: int | None, progress: bool | None, every: float) -> Progress:
+    """A bar on a terminal, a line every `every` seconds elsewhere; none on ranks other than 0."""
+    return Progress(total, "cogvlm caption", "img", enabled=progress is not False, every=every)
 
-    def __init__(self, summary: Summary, total: int | None = None, enabled: bool | None = None,
-                 every: float = 30.0) -> None:
-        self.summary, self.total, self.every = summary, total, every
-        self.start = self.last = time.monotonic()
-        self.enabled = enabled is not False
-        self.bar = tqdm(total=total, unit="img", desc="captioning") if self.enabled and sys.stderr.isatty() else None
 
-    def update(self, images: int, note: str = "") -> None:
-        now = time.monotonic()
-        s = self.summary
-        s.seconds = now - self.start
-        if self.bar is not None:
-            self.bar.update(images)
-            self.bar.set_postfix_str(s.rates() + note, refresh=False)
-        elif self.enabled and self.every > 0 and now - self.last >= self.every:
-            self.last = now
-            of = "" if self.total is None else f"/{self.total}"
-            print(f"cogvlm caption: {s.done + len(s.failed)}{of} images, {s.rates()}{note}", file=sys.stderr,
-                  flush=True)
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            tqdm.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.summary.seconds = time.monotonic() - self.start
-        if self.bar is not None:
-            self.bar.close()
+def say(bar: Progress, message: str) -> None:
+    """A message (a skipped image) that does not break the bar; shown on every rank."""
+    if bar.bar is not None:
+        bar.bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
@@ -342,7 +320,7 @@ def _count(summary: Summary, progress: Progress, loaded: Sequence[Loaded], capti
     for img in loaded:
         if isinstance(img, str):
             summary.failed.append(img)
-            progress.write(f"cogvlm caption: skipped: {img}")
+            say(progress, f"cogvlm caption: skipped: {img}")
     summary.done += sum(c is not None for c in captions)
     summary.tokens += tokens
 
@@ -361,7 +339,7 @@ def caption_images(vlm: CogVLM, images: Sequence[Path], sink: Sink, query: str =
     decoded from disk in a thread while the model works on the current one."""
     todo = [p for p in images if not sink.done(p)]
     summary = Summary(skipped=len(images) - len(todo))
-    bar = Progress(summary, len(todo), progress, log_every)
+    bar, start = progress_bar(len(todo), progress, log_every), time.monotonic()
     batches = (todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
     try:
         for batch, loaded in prefetch((b, [_load(p, p) for p in b]) for b in batches):
@@ -369,8 +347,9 @@ def caption_images(vlm: CogVLM, images: Sequence[Path], sink: Sink, query: str =
             _count(summary, bar, loaded, captions, tokens)
             if any(c is not None for c in captions):
                 sink.write([(path, c) for path, c in zip(batch, captions) if c is not None])
-            bar.update(len(batch))
+            bar.update(len(batch), **summary.postfix(start))
     finally:
+        summary.seconds = time.monotonic() - start
         bar.close()
     return summary
 
@@ -403,13 +382,13 @@ def caption_shards(vlm: CogVLM, shards: Sequence[Path], writer: ShardWriter, col
     sample is done; samples are read and decoded in a thread while the model works."""
     todo = [s for s in shards if not writer.done(s)]
     summary = Summary(shards_skipped=len(shards) - len(todo))
-    bar = Progress(summary, None, progress, log_every)
+    bar, start = progress_bar(None, progress, log_every), time.monotonic()
     results: list[Result] = []
     try:
         for shard, item in prefetch(_shard_batches(todo, columns, batch_size)):
             if isinstance(item, ShardError):
                 summary.shards_failed.append(str(item))
-                bar.write(f"cogvlm caption: shard not written (a rerun tries it again): {item}")
+                say(bar, f"cogvlm caption: shard not written (a rerun tries it again): {item}")
                 results = []
             elif item is None:
                 writer.write(shard, results)
@@ -422,8 +401,9 @@ def caption_shards(vlm: CogVLM, shards: Sequence[Path], writer: ShardWriter, col
                 results += [Result(k, c, img if isinstance(img, str) else None)
                             for k, c, img in zip(keys, captions, loaded)]
                 finished = summary.shards_written + len(summary.shards_failed)
-                bar.update(len(item), f", shard {finished + 1}/{len(todo)}")
+                bar.update(len(item), **summary.postfix(start, shard=f"{finished + 1}/{len(todo)}"))
     finally:
+        summary.seconds = time.monotonic() - start
         bar.close()
     return summary
 
@@ -609,7 +589,7 @@ def add_caption_verb(verbs: Any) -> None:
                         "shards: the output folder (required)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images captioned together (default 8)")
     p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
-                   help="off a terminal, log progress every SECONDS (default 30; 0: never)")
+                   help="off a terminal, a progress line every SECONDS (default 30)")
     p.add_argument("--dry-run", action="store_true", help="list what would be captioned and where, then stop")
     d = p.add_argument_group("datasets (tar and Parquet shards)")
     d.add_argument("--format", choices=OUTPUT_SHARD_FORMATS, default="parquet",

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .caption import Progress, Summary, caption_batch, load_sample, run_meta
+from .caption import Summary, caption_batch, load_sample, progress_bar, run_meta, say
 from .datasets import Columns, Result, Sample, ShardError, ShardWriter, samples
 
 ROWS_PER_BLOCK = 32  # samples per block out of the read stage: a few MB of encoded images
@@ -142,7 +142,7 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
                                "threads": max(1, int(args.cpus_per_replica))})
     results: dict[str, dict[int, Result]] = {str(s): {} for s in todo}
     counts: dict[str, int] = {}
-    bar = Progress(summary, None, None, args.log_every)
+    bar, start = progress_bar(None, None, args.log_every), time.monotonic()
     try:
         for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
@@ -153,7 +153,7 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
                     counts[shard] = row["count"]
                     if row["error"] is not None:
                         summary.shards_failed.append(row["error"])
-                        bar.write(f"cogvlm caption: shard not written (a rerun tries it again): {row['error']}")
+                        say(bar, f"cogvlm caption: shard not written (a rerun tries it again): {row['error']}")
                         del results[shard]
                         continue
                 elif row["index"] not in results[shard]:
@@ -162,11 +162,11 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
                     summary.tokens += row["tokens"]
                     if row["error"] is not None:
                         summary.failed.append(row["error"])
-                        bar.write(f"cogvlm caption: skipped: {row['error']}")
+                        say(bar, f"cogvlm caption: skipped: {row['error']}")
                     replica = summary.replicas.setdefault(row["replica"], [0, 0.0])
                     replica[0] += 1
                     replica[1] += row["seconds"]
-                    bar.update(1, f", shard {summary.shards_written + 1}/{len(todo)}")
+                    bar.update(1, **summary.postfix(start, shards=f"{summary.shards_written}/{len(todo)} written"))
                 if shard in counts and len(results[shard]) == counts[shard]:
                     if not writer.meta:  # the replicas say what produced the captions
                         writer = replace(writer, meta=tuple((k, row[k]) for k in ("model", "prompt", "sampling")))
@@ -174,6 +174,7 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
                     writer.write(Path(shard), [rows[i] for i in range(counts[shard])])
                     summary.shards_written += 1
     finally:
+        summary.seconds = time.monotonic() - start
         bar.close()
         ray.shutdown()
     for shard in results:  # cannot happen unless Ray gave up on a block: never write such a shard

@@ -141,7 +141,8 @@ def test_tar_and_parquet_shards_are_captioned_once_with_errors_recorded(full_run
     assert "cut.jpg is corrupt or truncated" in errors["2"]
     # off a terminal: progress as log lines, no carriage returns
     assert "\r" not in run.stderr and "Traceback" not in run.stderr
-    assert "images/s" in run.stderr.splitlines()[0] and "tokens/s" in run.stderr.splitlines()[0]
+    assert re.search(r"^cogvlm caption: \d+ img \([\d.]+ img/s\) tokens/s=[\d.]+ failed=\d+ shard=\d/5$", run.stderr,
+                     re.M), run.stderr
     assert "images/s" in run.stdout and "tokens/s" in run.stdout
 
 
@@ -173,7 +174,7 @@ def test_killed_run_resumes_per_shard_exactly_once(full_run, data, talkative, wa
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cogvlm", *args], cwd=root, env=ENV, stdout=log, stderr=log)
     deadline = time.monotonic() + 300
-    while "shard 2/5" not in (tmp_path / "log").read_text() and proc.poll() is None and time.monotonic() < deadline:
+    while "shard=2/5" not in (tmp_path / "log").read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # in the middle of shard 2: one batch of it done, not written
     proc.wait(timeout=30)
@@ -262,13 +263,13 @@ def test_ray_survives_a_killed_replica_with_every_sample_once(full_run, data, ta
                                 stderr=log)
     try:
         deadline = time.monotonic() + 400
-        while " images, " not in (tmp_path / "log").read_text() and proc.poll() is None:
+        while " img (" not in (tmp_path / "log").read_text() and proc.poll() is None:
             assert time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.05)
         pids = replica_pids(proc.pid)
         assert len(pids) == 2, (pids, (tmp_path / "log").read_text())
         os.kill(pids[0], signal.SIGKILL)
-        seen = max(map(int, re.findall(r"caption: (\d+) images, ", (tmp_path / "log").read_text())))
+        seen = max(map(int, re.findall(r"caption: (\d+) img \(", (tmp_path / "log").read_text())))
         assert seen < 30, f"the kill should land mid-run, not after {seen} of 36 samples"
         assert proc.wait(timeout=400) == 0, (tmp_path / "log").read_text()
     finally:
