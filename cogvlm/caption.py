@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
 
 from PIL import Image
-from tqdm import tqdm
 
 from .datasets import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS, Columns, Result,
                        Sample, ShardError, ShardWriter, count_samples, expand, find_shards, is_shard, output_path,
@@ -528,13 +527,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
             return 0
     else:
         images = find_images(paths)
-        sink_or_none = RecordFile(args.output, 0) if args.output else TextFiles(images)
         if args.dry_run:
-            todo = sum(not sink_or_none.done(p) for p in images)
+            records = RecordFile(args.output, 0) if args.output else TextFiles(images)
+            todo = sum(not records.done(p) for p in images)
             print(f"cogvlm caption: would caption {todo} of {len(images)} images ({len(images) - todo} already done) "
                   f"-> {args.output or '.txt next to each image'} (dry run: nothing was loaded or written)")
             return 0
     rank, world = _world()
+    # checked before the model loads: an --output that cannot be written, .txt files that would clash
+    sink = None if dataset else RecordFile(args.output, rank) if args.output else TextFiles(images)
     if world > 1 and args.device is None:
         import torch
 
@@ -548,7 +549,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
             summary = caption_shards(vlm, shards[rank::world], writer, columns, query, template, args.batch_size,
                                      sampling, progress, args.log_every)
         else:
-            sink = RecordFile(args.output, rank) if args.output else TextFiles(images)
             try:
                 summary = caption_images(vlm, images[rank::world], sink, query, template, args.batch_size, sampling,
                                          progress, args.log_every)
