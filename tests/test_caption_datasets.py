@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cogvlm.caption import caption_shards
 from cogvlm.cli import main
@@ -90,9 +91,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
 
 @pytest.fixture(scope="module")
 def want(data, talkative_vlm) -> dict[bytes, str]:
-    """`CogVLM.caption` of every good image, one at a time."""
-    return {image: talkative_vlm.caption(load_image(image), **GREEDY)
-            for rows in data[1].values() for _, image in rows if image is not None}
+    """`CogVLM.caption` of every good image, one at a time (on one thread, as the runs under test:
+    on a busy machine more threads than free cores are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {image: talkative_vlm.caption(load_image(image), **GREEDY)
+                for rows in data[1].values() for _, image in rows if image is not None}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cogvlm(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
