@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
+    def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
                  every: float = 30.0, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.total, self.desc, self.unit, self.every, self.enabled = total, desc, unit, every, enabled
@@ -46,6 +46,7 @@ class Progress:
         self.last = time.monotonic()
         elapsed = self.last - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = f", eta {(self.total - self.done) / rate:.0f}s" if rate > 0 and self.done < self.total else ""
-        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s{eta})"
+        known = self.total is not None  # None: a stream of unknown length (shards of a dataset)
+        eta = f", eta {(self.total - self.done) / rate:.0f}s" if known and rate > 0 and self.done < self.total else ""
+        print(f"{self.desc}: {self.done}{f'/{self.total}' if known else ''} {self.unit} ({rate:.2f} {self.unit}/s{eta})"
               f"{' ' + self.postfix if self.postfix else ''}", file=self.stream, flush=True)
