@@ -93,7 +93,7 @@ class CogVLM:
 
     def prompt_tokens(self, image: ImageInput | None, query: str, history: History | None = None,
                       template: str | None = None) -> PromptTokens:
-        text = build_prompt(query, history or (), template or self.config.template)
+        text = build_prompt(query, history or (), template or self.config.template, image=image is not None)
         pixels, cross = image_pixels(image, self.config)
         return PromptTokens(pixels, self.tokenizer.encode(text), cross)
 
@@ -190,8 +190,8 @@ class ChatSession:
         """Answer pieces as they are generated; the turn joins the history when it completes."""
         vlm, cfg = self.vlm, self.vlm.config
         params = SamplingParams.build(self.params, **sampling)
-        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(build_prompt(query, self.history, self.template)),
-                              self.cross_pixels)
+        text = build_prompt(query, self.history, self.template, image=self.pixels is not None)
+        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(text), self.cross_pixels)
         full = layout_batch([prompt], cfg)
         ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()
         budget = vlm.generation_budget(len(ids), params)

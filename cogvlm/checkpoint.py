@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config
+from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config, registry_entry
 from .model import CogVLMForCausalLM
 from .tokenizer import TOKENIZER_FILE, VICUNA_REPO
 
@@ -50,13 +50,14 @@ def resolve(name_or_path: str | Path) -> Path:
                                   f"(with {HF_CONFIG} or {SAT_CONFIG})")
         return path
     name = str(name_or_path)
-    if name in REGISTRY and REGISTRY[name].local_dir is not None:
-        local = REGISTRY[name].local_dir
+    entry = registry_entry(name)
+    if entry is not None and entry.local_dir is not None:
+        local = entry.local_dir
         if not (local / HF_CONFIG).is_file():
             raise CheckpointError(f"{name} should ship inside the package at {local}, but it is missing; "
                                   f"reinstall cogvlm (pip install .) or pass --model FOLDER")
         return local
-    repo = REGISTRY[name].hf_repo if name in REGISTRY else name
+    repo = entry.hf_repo if entry is not None else name
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo or ""):
         known = ", ".join(REGISTRY)
         raise CheckpointError(f"unknown model {name!r}: not a folder, a registry name ({known}) "

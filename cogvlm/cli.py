@@ -145,7 +145,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     for path in args.data:
         records, _ = read_records(path, check_images=False)
         for rec in records:  # the exact prompt strings the model will see, and the answers
-            texts += [build_prompt(q, rec.turns[:i], t) for i, (q, _) in enumerate(rec.turns) for t in ("base", "chat", "vqa")]
+            texts += [build_prompt(q, rec.turns[:i], t, image=rec.image is not None)
+                      for i, (q, _) in enumerate(rec.turns) for t in ("base", "chat", "vqa")]
             texts += [a for _, a in rec.turns]
     print(f"wrote {train_tokenizer(texts, args.out, args.vocab_size)}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATES = ("base", "chat", "vqa", "inst")  # inst: CogAgent's ` [INST] q [/INST] ` chat
+TEMPLATE_ALIASES = {"chat_old": "chat"}  # the authors' SAT code calls the v1.1 chat template chat_old
 DEFAULT_MODEL = "cogvlm-tiny"  # shipped inside the package: every surface works offline
 
 
@@ -268,7 +269,7 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
 def _template_name(version: str, cogagent: bool = False) -> str:
     """Our template for the authors' `template_version`: they call the v1.1 chat template
     `chat_old`, and CogAgent's `chat` is the ` [INST] ... [/INST] ` one (cogagent.md section 11)."""
-    version = {"chat_old": "chat", **({"chat": "inst"} if cogagent else {})}.get(version, version)
+    version = {**TEMPLATE_ALIASES, **({"chat": "inst"} if cogagent else {})}.get(version, version)
     if version not in TEMPLATES or (version == "inst" and not cogagent):
         raise ConfigError(f"unknown template version {version!r}; expected one of {TEMPLATES}")
     return version
@@ -314,10 +315,17 @@ class ModelEntry:
     hf_repo: str | None  # published on the Hugging Face hub; None: shipped in SHIPPED_DIR
     config: CogVLMConfig | None  # None: read from the shipped config.json
     use: str
+    aliases: tuple[str, ...] = ()  # other names the authors' README and demos load it by
 
     @property
     def local_dir(self) -> Path | None:
         return None if self.hf_repo else SHIPPED_DIR / self.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that means this model: ours, the aliases, the hub id with and without its owner."""
+        hub = (self.hf_repo, self.hf_repo.split("/")[-1]) if self.hf_repo else ()
+        return (self.name, *self.aliases, *hub)
 
 
 def _published(image_size: int, template: str) -> CogVLMConfig:
@@ -332,14 +340,16 @@ def _cogagent(template: str) -> CogVLMConfig:
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
+        # the authors' README loads v1.1 as `cogvlm-chat` since they replaced v1.0 with it (2023/11/20)
         ModelEntry("cogvlm-chat-v1.1", "THUDM/cogvlm-chat-hf", _published(490, "chat"),
-                   "multi-turn chat, VQA"),
+                   "multi-turn chat, VQA", aliases=("cogvlm-chat",)),
         ModelEntry("cogvlm-base-224", "THUDM/cogvlm-base-224-hf", _published(224, "base"),
                    "captioning after pretraining"),
         ModelEntry("cogvlm-base-490", "THUDM/cogvlm-base-490-hf", _published(490, "base"),
                    "captioning after pretraining, 490 px"),
         ModelEntry("cogvlm-grounding-generalist", "THUDM/cogvlm-grounding-generalist-hf",
-                   _published(490, "base"), "REC, grounded captioning, box-to-caption"),
+                   _published(490, "base"), "REC, grounded captioning, box-to-caption",
+                   aliases=("cogvlm-grounding-generalist-v1.1",)),
         ModelEntry("cogvlm-grounding-base", "THUDM/cogvlm-grounding-base-hf",
                    _published(490, "base"), "grounding, base"),
         ModelEntry("cogagent-chat", "THUDM/cogagent-chat-hf", _cogagent("inst"),
@@ -350,6 +360,11 @@ REGISTRY: dict[str, ModelEntry] = {
                    "9 M-parameter CogVLM trained on synthetic shapes; ships with the package (the default)"),
     )
 }
+
+
+def registry_entry(name: str) -> ModelEntry | None:
+    """The registry model `name` means (ours, an alias, or its hub id with or without THUDM/)."""
+    return next((e for e in REGISTRY.values() if name in e.names), None)
 
 
 def tiny_test_config(**overrides: Any) -> CogVLMConfig:

@@ -92,6 +92,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.T
     return tokens
 
 
+# What "strip surrounding white space" (spec section 5) strips: ASCII white space only. A bare
+# str.strip() would also take the control characters \x1c-\x1f and Unicode spaces off the ends
+# of an answer, which then changes the history the next prompt replays.
+WHITE_SPACE = " \t\n\r\v\f"
+
+
 class TextStream:
     """Turns one row's token ids into text pieces as they arrive.
 
@@ -122,9 +128,9 @@ class TextStream:
         hit = _find_stop(self.text, self.stop, max(0, self._emitted - max(map(len, self.stop), default=0)))
         if hit is not None:
             self.text, self.stopped = self.text[:hit], True
-            return self._release(len(self.text.rstrip()))
-        held = self.text.rstrip()
-        return self._release(len(held[:len(held) - _stop_prefix_len(held, self.stop)].rstrip()))
+            return self._release(len(self.text.rstrip(WHITE_SPACE)))
+        held = self.text.rstrip(WHITE_SPACE)
+        return self._release(len(held[:len(held) - _stop_prefix_len(held, self.stop)].rstrip(WHITE_SPACE)))
 
     def finish(self) -> str:
         """Whatever is held back once generation has ended."""
@@ -135,12 +141,12 @@ class TextStream:
             if hit is not None:
                 self.text = self.text[:hit]
         self._prefix = self._read = len(self.ids)
-        return self._release(len(self.text.rstrip()))
+        return self._release(len(self.text.rstrip(WHITE_SPACE)))
 
     def _release(self, end: int) -> str:
         start = self._emitted
         if start == 0:
-            start = len(self.text) - len(self.text.lstrip())  # no leading white space
+            start = len(self.text) - len(self.text.lstrip(WHITE_SPACE))  # no leading white space
             if start >= end:
                 return ""
         if end <= start:
@@ -166,10 +172,10 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 def final_text(tokenizer: Tokenizer, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
-    """The answer: decoded, cut at the first stop string, stripped (spec section 5)."""
+    """The answer: decoded, cut at the first stop string, stripped of white space (spec section 5)."""
     text = tokenizer.decode(list(ids))
     hit = _find_stop(text, stop, 0)
-    return (text if hit is None else text[:hit]).strip()
+    return (text if hit is None else text[:hit]).strip(WHITE_SPACE)
 
 
 class BatchDecoder:

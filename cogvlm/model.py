@@ -97,6 +97,19 @@ def _run(layer: nn.Module, recompute: bool, *args: object) -> torch.Tensor:
     return layer(*args)
 
 
+def on_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for a row-wise layer, run on `x` flattened to one (tokens, features) matrix.
+
+    A column slice of a batch-1 activation, `x[:, a:b]`, keeps the full row's batch stride, and
+    torch counts it as contiguous (size-1 dimensions are skipped), so `.contiguous()` leaves it
+    as is; a linear layer whose weight takes no gradient then runs it on CPU as `bmm` plus a
+    copy instead of one matmul (bf16, 268 x 1024 by 1024 x 2816: 5.6 ms against 1.7 ms). The
+    flattened view costs nothing at batch 1 (one copy for larger batches) and gives the same
+    numbers.
+    """
+    return layer(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
 class GLUAdapter(nn.Module):
     """Maps ViT features into the language model's embedding space."""
 
@@ -130,7 +143,7 @@ class EVA2CLIPModel(nn.Module):
         x = self.transformer(self.patch_embedding(images))[:, 1:]  # drop CLS
         if hasattr(self, "pos_embed"):
             x = x + self.pos_embed
-        x = self.linear_proj(x)
+        x = on_rows(self.linear_proj, x)  # dropping CLS left a strided view: see `on_rows`
         n = x.shape[0]
         return torch.cat([self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)], dim=1)
 
@@ -301,10 +314,10 @@ def routed(x: torch.Tensor, language: nn.Module, vision: nn.Module,
            span: tuple[int, int] | None) -> torch.Tensor:
     """Apply `vision` to columns `span` of every row and `language` to all other columns."""
     if span is None:
-        return language(x)
+        return on_rows(language, x)
     start, end = span
-    vis = vision(x[:, start:end])
-    lang = language(torch.cat([x[:, :start], x[:, end:]], dim=1))
+    vis = on_rows(vision, x[:, start:end])
+    lang = on_rows(language, torch.cat([x[:, :start], x[:, end:]], dim=1))
     return torch.cat([lang[:, :start], vis, lang[:, start:]], dim=1)
 
 

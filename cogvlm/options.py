@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_MODEL, TEMPLATES
+from .config import DEFAULT_MODEL, TEMPLATE_ALIASES, TEMPLATES
 from .generate import SamplingParams
 
 if TYPE_CHECKING:
@@ -38,7 +38,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Which model to load, how, and the default sampling settings."""
     parser.add_argument(*spellings("model"), *spellings("from_pretrained"), dest="model", default=DEFAULT_MODEL,
                         metavar="NAME_OR_PATH", help=f"registry name, hub id or folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--template", "--version", choices=TEMPLATES, help="prompt template (default: the model's)")
+    parser.add_argument("--template", "--version", choices=TEMPLATES, type=lambda v: TEMPLATE_ALIASES.get(v, v),
+                        help="prompt template (default: the model's; the authors' chat_old is chat)")
     dtype = parser.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="bfloat16 weights")
     dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")

@@ -14,12 +14,26 @@ from .model import Chunk
 History = Sequence[tuple[str, str]]
 
 
-def build_prompt(query: str, history: History = (), template: str = "chat") -> str:
-    """The text that follows the image: base ignores history; chat, vqa and inst replay it."""
+# Vicuna v1.1's system prompt: the language weights are Vicuna-7B-v1.5's, and the authors' demo
+# (basic_demo/cli_demo_hf.py) frames a conversation without an image in it
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                 "gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def build_prompt(query: str, history: History = (), template: str = "chat", image: bool = True) -> str:
+    """The text that follows the image: base ignores history; chat, vqa and inst replay it.
+
+    Without an image, every template but base sends Vicuna's conversation instead, as the
+    authors' demo does: `{VICUNA_SYSTEM} USER: {q1} ASSISTANT: {a1}\\nUSER: {query} ASSISTANT:`.
+    base always sends the query verbatim.
+    """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")
     if template == "base":
         return query
+    if not image:
+        turns = "".join(f"USER: {q} ASSISTANT: {a}\n" for q, a in history)
+        return f"{VICUNA_SYSTEM} {turns}USER: {query} ASSISTANT:"
     if template == "inst":  # CogAgent's chat (cogagent.md section 11)
         turns = "".join(f" [INST] {q} [/INST] {a}" for q, a in history)
         return f"{turns} [INST] {query} [/INST] "

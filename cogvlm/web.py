@@ -169,6 +169,8 @@ def add_web_verb(verbs: Any) -> None:
                          description="Serve a chat page: upload or paste an image, streamed answers, template "
                                      "and sampling controls, grounding boxes drawn on the image.")
     add_model_flags(p)
+    p.add_argument("--english", action="store_true",
+                   help="accepted, as by the authors' web_demo.py (the page is in English)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
