@@ -42,7 +42,7 @@ def random_model(dtype: torch.dtype) -> CogVLMForCausalLM:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name and p.ndim == 1 else torch.randn_like(p) * 0.02)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().requires_grad_(False)  # as load_weights leaves it
 
 
 def hf_peer(model: CogVLMForCausalLM):
