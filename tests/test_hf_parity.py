@@ -9,12 +9,16 @@ import torch
 from torch import nn
 
 from cogvlm import CogVLM
+from cogvlm.config import tiny_test_config
 from cogvlm.data.records import Record
 from cogvlm.finetune import make_examples
 from cogvlm.generate import TextStream, final_text
+from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, build_prompt, layout_batch
 from cogvlm.quantize import PackedLinear, can_prepack, prepack_model
 from cogvlm.tokenizer import Tokenizer
+
+from .conftest import randomize
 
 # ---- 1. every linear layer gets a matrix it can multiply without bmm ----------------------
 
@@ -29,10 +33,12 @@ def dense_rows(x: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_every_linear_layer_gets_dense_rows(tiny_model, packed, batch):
+@pytest.mark.parametrize("cogagent", [False, True])
+def test_every_linear_layer_gets_dense_rows(packed, batch, cogagent):
     if packed and not can_prepack(torch.device("cpu"), torch.float32):
         pytest.skip("this torch build has no oneDNN")
-    model = tiny_model.requires_grad_(False)  # as loaded for inference
+    cfg = tiny_test_config(vocab_size=400, **({"template": "inst", "cross_vision": {}} if cogagent else {}))
+    model = randomize(CogVLMForCausalLM(cfg)).eval().requires_grad_(False)  # as loaded for inference
     if packed:
         model = prepack_model(model)
     seen = {}
@@ -40,10 +46,12 @@ def test_every_linear_layer_gets_dense_rows(tiny_model, packed, batch):
         if isinstance(module, (nn.Linear, PackedLinear)):
             module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0]))
     g = torch.Generator().manual_seed(0)
-    prompts = [PromptTokens(torch.randn(3, 28, 28, generator=g), [5, 6, 7, 8])] * batch
+    high = torch.randn(3, 56, 56, generator=g) if cogagent else None  # CogAgent's high-resolution picture
+    prompts = [PromptTokens(torch.randn(3, 28, 28, generator=g), [5, 6, 7, 8], high)] * batch
     with torch.no_grad():
         model(layout_batch(prompts, model.config), last_only=True)
     assert any("vision_expert" in n for n in seen) and "model.vision.linear_proj.linear_proj" in seen
+    assert not cogagent or (any("cross_vision" in n for n in seen) and any(n.endswith("key_value") for n in seen))
     bad = sorted({n for n, inputs in seen.items() for x in inputs if not dense_rows(x)})
     assert not bad, f"strided inputs (bmm path) in {bad}"
 
