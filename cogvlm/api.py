@@ -15,6 +15,7 @@ from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
+from .tp import launched_by_torchrun, load_parallel
 from .tokenizer import TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError
 
 Request = tuple[ImageInput | None, str, History | None]
@@ -60,7 +61,7 @@ class CogVLM:
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
                         tokenizer: str | Path | None = None, prepack: bool | None = None,
-                        compile: bool = False) -> CogVLM:
+                        compile: bool = False, tp: int | None = None) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
         shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
@@ -68,24 +69,38 @@ class CogVLM:
         to keep one copy of fp32 weights, or to change or save them after loading. `compile` runs
         each decode step through torch.compile (it packs the weights itself for batches, so it
         replaces `prepack`): the fastest decoding, after some seconds of compiling, at the cost
-        of a packed copy of the language weights per frozen graph (see `compile_decode`)."""
+        of a packed copy of the language weights per frozen graph (see `compile_decode`).
+        `tp=N` splits the model over N processes (`cogvlm.tp`: N GPUs, or N CPU processes) that
+        this call starts; under `torchrun` the default is its world size, and ranks > 0 serve
+        rank 0 inside this call until it closes (`close()`, or at exit), then exit."""
         if compile and prepack:
             raise ValueError("compile=True packs the weights itself; leave prepack unset")
+        tp = tp or launched_by_torchrun() or 1
+        if tp > 1 and compile:
+            raise ValueError("compile=True does not combine with tensor parallelism (tp > 1) yet")
         name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
         device = torch.device(device or default_device())
         if isinstance(dtype, str):
             dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                      "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        folder = resolve(name_or_path)
-        model, folder = load_model(folder, dtype=dtype, device=device)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)
+        if tp > 1:
+            model, folder = load_parallel(name_or_path, tp, dtype, device, prepack)
+            return cls(model, _find_tokenizer(folder, tokenizer))
+        model, folder = load_model(resolve(name_or_path), dtype=dtype, device=device)
         if prepack:
             model = prepack_model(model)
         if compile:
             model.compile_decode()
         return cls(model, _find_tokenizer(folder, tokenizer))
+
+    def close(self) -> None:
+        """Stop the other processes of a tensor-parallel model (also done at exit); else nothing."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
 
     # ---- building prompts ----------------------------------------------------------------
     def sampling(self, **overrides: Any) -> SamplingParams:

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -104,12 +104,14 @@ def read_config(folder: Path) -> CogVLMConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_tensors(folder: Path, device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the checkpoint's tensors in groups (one shard or one merged SAT state at a time)."""
+def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0,
+                 world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the checkpoint's tensors in groups (one shard or one SAT state at a time): whole,
+    or with `world` > 1 only tensor-parallel rank `rank`'s part of each (see `split_rule`)."""
     if layout_of(folder) == "hf":
-        yield from _iter_hf(folder, device)
+        yield from _iter_hf(folder, device, rank, world)
     else:
-        yield _read_sat(folder)
+        yield _read_sat(folder, rank, world)
 
 
 def _hf_shards(folder: Path) -> list[Path]:
@@ -131,11 +133,15 @@ def _hf_shards(folder: Path) -> list[Path]:
 _BUFFERS = ("inv_freq", "rope.freqs_cos", "rope.freqs_sin")  # derived: recomputed, never read
 
 
-def _iter_hf(folder: Path, device: str) -> Iterator[dict[str, torch.Tensor]]:
+def _iter_hf(folder: Path, device: str, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     for shard in _hf_shards(folder):
         try:
             with safe_open(str(shard), framework="pt", device=device) as f:
-                yield {k: f.get_tensor(k) for k in f.keys() if not k.endswith(_BUFFERS)}
+                names = [k for k in f.keys() if not k.endswith(_BUFFERS)]
+                if world == 1:
+                    yield {k: f.get_tensor(k) for k in names}
+                else:  # a slice object reads only the rows / columns asked for
+                    yield {k: take_rank(f.get_slice(k), split_rule(k), rank, world) for k in names}
         except Exception as e:  # safetensors raises its own error types for corrupt files
             if isinstance(e, CheckpointError):
                 raise
@@ -246,6 +252,24 @@ def merge_ranks(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
     return torch.cat([blk[i] for i in range(n) for blk in blocks], 0)
 
 
+def take_rank(t: torch.Tensor | Any, rule: str, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s part of a whole tensor under `rule`: the inverse of `merge_ranks`. `t` may
+    be a safetensors slice, so that only this part is read from the file."""
+    shape = t.get_shape() if hasattr(t, "get_shape") else t.shape
+    if world == 1 or rule == "replicated":
+        return t[:]
+    if rule == "dim1":
+        n = shape[1] // world
+        return t[:, rank * n:(rank + 1) * n]
+    if rule == "dim0":
+        n = shape[0] // world
+        return t[rank * n:(rank + 1) * n]
+    blocks = len(rule)  # qkv: this rank's heads of q, then of k, then of v; kv: of k, then of v
+    rows = shape[0] // blocks
+    n = rows // world
+    return torch.cat([t[i * rows + rank * n:i * rows + (rank + 1) * n] for i in range(blocks)])
+
+
 def _sat_files(folder: Path) -> list[Path]:
     try:
         iteration = (folder / "latest").read_text().strip()
@@ -257,9 +281,15 @@ def _sat_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_sat(folder: Path) -> dict[str, torch.Tensor]:
+def _read_sat(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """The whole state, or rank `rank` of `world`'s part: straight from its own mp_rank file when
+    the checkpoint has `world` ranks, else merged and re-sliced tensor by tensor."""
+    files = _sat_files(folder)
+    own = len(files) == world
+    if own:
+        files = files[rank:rank + 1]
     states = []
-    for f in _sat_files(folder):
+    for f in files:
         try:
             blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # pickle / zip errors come in many types
@@ -270,7 +300,9 @@ def _read_sat(folder: Path) -> dict[str, torch.Tensor]:
         hf_name = sat_to_hf_name(sat_name)
         if hf_name is None:
             continue
-        merged[hf_name] = merge_ranks([s[sat_name] for s in states], split_rule(hf_name))
+        rule = split_rule(hf_name)
+        parts = [s[sat_name] for s in states]
+        merged[hf_name] = parts[0] if own else take_rank(merge_ranks(parts, rule), rule, rank, world)
     return merged
 
 
@@ -321,15 +353,18 @@ def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tor
 
 
 def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> CogVLMForCausalLM:
-    """Build the model on the meta device and fill it group by group, converting on the fly."""
+                 device: str | torch.device = "cpu", rank: int = 0, world: int = 1,
+                 build: Callable[[CogVLMConfig], CogVLMForCausalLM] = CogVLMForCausalLM) -> CogVLMForCausalLM:
+    """Build the model on the meta device and fill it group by group, converting on the fly.
+    With `world` > 1, `build` makes tensor-parallel rank `rank`'s share (`cogvlm.tp`) and only
+    that rank's slices are read."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
+        model = build(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     seen: dict[str, tuple[int, ...]] = {}
     read_device = "cpu" if device.type == "meta" else str(device)
-    for group in iter_tensors(folder, device=read_device):
+    for group in iter_tensors(folder, device=read_device, rank=rank, world=world):
         seen.update({k: tuple(v.shape) for k, v in group.items()})
         fitting = {k: owned(v, device, dtype) for k, v in group.items()
                    if k in expected and tuple(v.shape) == expected[k]}

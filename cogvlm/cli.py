@@ -11,15 +11,16 @@ import sys
 from importlib.metadata import version
 from typing import Callable, Sequence
 
-from .options import UsageError
+from .options import UsageError, add_tp_flag
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError
 from .prompt import ImageRequiredError
 from .tokenizer import TokenizerError
+from .tp import TensorParallelError
 
 USER_ERRORS = (CheckpointError, ConfigError, ImageError, ImageRequiredError, TokenizerError, FileNotFoundError,
-               ImportError, UsageError)
+               ImportError, UsageError, TensorParallelError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .api import CogVLM
     from .evaluate import evaluate, format_table, write_json
 
-    vlm = CogVLM.from_pretrained(args.model, device=args.device, tokenizer=args.tokenizer)
+    vlm = CogVLM.from_pretrained(args.model, device=args.device, tokenizer=args.tokenizer, tp=args.tp)
     result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
     print(format_table(result))
     if args.output:
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, hub id or folder (default {DEFAULT_MODEL})")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: next to the weights)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_tp_flag(p)
     p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--output", help="write metrics and predictions to this JSON file")

@@ -228,7 +228,7 @@ class BatchDecoder:
                 continue
             remaining = max(self.budgets[r] - len(self.generated[r]) for r in self.active + rows)
             capacity = max(self.cache.length, other.cache.length) + remaining
-            self.cache = KVCache.concat(self.cache, other.cache, capacity)
+            self.cache = type(self.cache).concat(self.cache, other.cache, capacity)  # (tensor parallel: on every rank)
             self.logits = torch.cat([self.logits, other.logits])
             self.seen = torch.cat([self.seen, other.seen])
             self.next_positions = torch.cat([self.next_positions, other.next_positions])

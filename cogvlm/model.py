@@ -461,7 +461,7 @@ class VisionExpertAttention(nn.Module):
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v)
         out = attend_one(q, k_cache, v_cache, mask)
-        return self.language_expert_dense(out.reshape(x.shape))
+        return self.language_expert_dense(out.reshape(x.shape[0], -1))  # (local heads under tensor parallelism)
 
 
 CrossKV = tuple[torch.Tensor, torch.Tensor]  # one layer's cross-attention keys, values (B, H, N, hd)

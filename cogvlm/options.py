@@ -45,6 +45,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")
     parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_tp_flag(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile: faster decoding after some seconds of "
                              "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
@@ -57,6 +58,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, name)
         parser.add_argument(*spellings(name), type=kind, metavar="N",
                             help=SAMPLING_HELP[name] + ("" if default is None else f" (default {default})"))
+
+
+def add_tp_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, metavar="N",
+                        help="split the model over N GPUs (or N CPU processes) with tensor parallelism; "
+                             "the N-1 other processes are started for you (under torchrun: its world size). "
+                             "`cogvlm plan` says which N fits")
 
 
 def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,9 +103,14 @@ def _load(args: argparse.Namespace) -> CogVLM:
         raise UsageError("quantization needs a CUDA GPU (as in the authors' demo); run without --quant on CPU")
     if args.quant and args.compile:
         raise UsageError("--compile and --quant do not combine; choose one")
+    if args.tp is not None and args.tp < 1:
+        raise UsageError(f"--tp {args.tp}: the number of processes must be at least 1")
+    if (args.tp or 1) > 1 and (args.quant or args.compile):
+        raise UsageError(f"--tp does not combine with --{'quant' if args.quant else 'compile'} yet: tensor "
+                         f"parallelism splits plain bf16/fp16/fp32 weights only")
     if not args.quant:
         return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
-                                      compile=args.compile)
+                                      compile=args.compile, tp=args.tp)
     from .quantize import quantize_model
 
     # quantize in host memory first, so the GPU only ever holds the small weights
