@@ -1,0 +1,228 @@
+"""Tensor parallelism on CPU with gloo: real processes, real checkpoints in both layouts.
+
+Each rank's slices are checked bit-for-bit against the authors' split (sat-names.md, written out
+independently in tests.test_checkpoint.rank_slice); the split model's logits against the
+single-process model's within 1e-5 in fp32 (a row-split layer sums two partial dot products where
+one process sums one: a reordered fp32 sum of O(1) terms moves them by ~1e-6); greedy answers
+token for token through every API entry, the chat CLI and the OpenAI server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from cogvlm import CogVLM
+from cogvlm.checkpoint import iter_tensors, load_model, merge_ranks, save_hf, split_rule, take_rank
+from cogvlm.config import tiny_test_config
+from cogvlm.prompt import PromptTokens, layout_batch
+from cogvlm.tp import TensorParallelError, check_split
+from tests.processes import free_port
+from tests.test_caption import ENV, ROOT
+from tests.test_checkpoint import rank_slice, write_sat
+from tests.test_server import client, data_url, scene, user
+
+GREEDY = {"top_k": 1, "max_new_tokens": 10}
+IMAGE = ROOT / "cogvlm" / "web_examples" / "shapes-0.png"
+
+
+def rank_parts(folder: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for group in iter_tensors(folder, rank=rank, world=world):
+        out.update(group)
+    return out
+
+
+# ---- slicing and per-rank reading (one process) -------------------------------------------------
+
+def test_every_rank_reads_its_slices_from_safetensors(tiny_model, tmp_path):
+    folder = save_hf(tiny_model.state_dict(), tiny_model.config, tmp_path / "hf", max_shard_bytes=60_000)
+    for world in (2, 4):
+        for rank in range(world):
+            got = rank_parts(folder, rank, world)
+            assert got.keys() == tiny_model.state_dict().keys()
+            for name, full in tiny_model.state_dict().items():
+                assert torch.equal(got[name], rank_slice(name, full, rank, world)), (name, rank, world)
+
+
+def test_take_rank_inverts_merge_ranks(tiny_model):
+    for name, full in tiny_model.state_dict().items():
+        rule = split_rule(name)
+        parts = [take_rank(full, rule, r, 4) for r in range(4)]
+        assert torch.equal(merge_ranks(parts, rule), full), name
+
+
+def test_sat_ranks_load_straight_from_their_own_file(tiny_model, tmp_path):
+    """With as many mp_rank files as ranks, rank 1 reads mp_rank_01 only: it loads even when
+    mp_rank_00 is garbage. Other counts are merged and re-sliced."""
+    write_sat(tmp_path / "sat2", tiny_model, world=2)
+    write_sat(tmp_path / "sat4", tiny_model, world=4)
+    for rank in range(2):
+        got = rank_parts(tmp_path / "sat4", rank, 2)
+        for name, full in tiny_model.state_dict().items():
+            assert torch.equal(got[name], rank_slice(name, full, rank, 2)), (name, rank)
+    (tmp_path / "sat2" / "1000" / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    got = rank_parts(tmp_path / "sat2", 1, 2)
+    for name, full in tiny_model.state_dict().items():
+        assert torch.equal(got[name], rank_slice(name, full, 1, 2)), name
+
+
+def test_split_must_divide_every_width():
+    check_split(tiny_test_config(vocab_size=400), 4)
+    with pytest.raises(TensorParallelError, match=r"over 3 ranks .*attention heads 4.*possible rank counts: 1, 2, 4$"):
+        check_split(tiny_test_config(vocab_size=400), 3)
+
+
+# ---- two processes through the Python API --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sat2(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The talkative checkpoint as the authors ship theirs: SAT, two model-parallel ranks."""
+    model, _ = load_model(talkative)
+    out = tmp_path_factory.mktemp("sat") / "mp2"
+    write_sat(out, model, world=2)
+    shutil.copy(talkative / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def split(sat2: Path):
+    """The SAT 2-rank checkpoint on two processes (this one and one it starts), no merge."""
+    vlm = CogVLM.from_pretrained(sat2, device="cpu", tp=2)
+    yield vlm
+    procs = vlm.model.driver.procs
+    vlm.close()
+    assert [p.poll() for p in procs] == [0], "the other rank did not stop cleanly"
+
+
+def mixed_batch(config):
+    """An image row and a shorter text-only row: padding in both the image span and the text."""
+    g = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    return layout_batch([PromptTokens(torch.randn(3, size, size, generator=g), [5, 6, 7, 8]),
+                         PromptTokens(None, [9, 10])], config)
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_logits_equal_one_process(split, talkative_vlm):
+    one, two = talkative_vlm.model, split.model
+    chunk = mixed_batch(one.config)
+    assert chunk.attention_mask is not None and not chunk.attention_mask.all()
+    with torch.no_grad():
+        torch.testing.assert_close(two(chunk), one(chunk), rtol=1e-5, atol=1e-5)  # every position
+        cache1, cache2 = one.new_cache(2, 64), two.new_cache(2, 64)
+        assert cache2.k[0].shape[1] == one.config.num_heads // 2  # the KV cache is split by heads
+        first1, first2 = one(chunk, cache1, last_only=True), two(chunk, cache2, last_only=True)
+        torch.testing.assert_close(first2, first1, rtol=1e-5, atol=1e-5)
+        tokens, positions = first1.argmax(-1), chunk.position_ids[:, -1] + 1
+        for _ in range(3):
+            step1 = one.decode_step(tokens, positions, cache1)
+            step2 = two.decode_step(tokens, positions, cache2)
+            torch.testing.assert_close(step2, step1, rtol=1e-5, atol=1e-5)
+            tokens, positions = step1.argmax(-1), positions + 1
+
+
+@pytest.mark.slow
+def test_greedy_answers_equal_one_process(split, talkative_vlm):
+    image = IMAGE.read_bytes()
+    for vlm in (split, talkative_vlm):
+        assert vlm.chat(image, "What is in the image?", **GREEDY)[0]
+    want = talkative_vlm.chat(image, "What is in the image?", **GREEDY)[0]
+    assert split.chat(image, "What is in the image?", **GREEDY)[0] == want
+    assert "".join(split.stream(image, "What is in the image?", **GREEDY)) == want
+    requests = [(image, "What is in the image?", None), (None, "Hello", None), (image, "Describe it.", [("a", "b")])]
+    assert split.generate(requests, **GREEDY) == talkative_vlm.generate(requests, **GREEDY)
+    answers = []
+    for vlm in (split, talkative_vlm):
+        session = vlm.session(image, **GREEDY)
+        answers.append([session.ask(q) for q in ("What is in the image?", "And the colour?", "Why?")])
+        session.clear()
+        answers[-1].append(session.ask("Again?"))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.slow
+def test_joined_batches_and_dropped_rows_equal_one_process(split, talkative_vlm):
+    """The server's continuous batching: rows end at different steps (dropped from the cache on
+    every rank) and a second batch joins mid-way (the caches are concatenated on every rank)."""
+    image = IMAGE.read_bytes()
+
+    def run(vlm: CogVLM) -> list[list[int]]:
+        prompts = [vlm.prompt_tokens(image, "What is in the image?"), vlm.prompt_tokens(None, "Hi")]
+        first = vlm.decoder(prompts, [vlm.sampling(top_k=1, max_new_tokens=n) for n in (3, 9)])
+        for _ in range(2):
+            first.step()
+        later = vlm.decoder([vlm.prompt_tokens(image, "Colour?")], [vlm.sampling(top_k=1, max_new_tokens=6)])
+        first.join(later)
+        while not first.done:
+            first.step()
+        return first.generated
+
+    assert run(split) == run(talkative_vlm)
+
+
+# ---- two processes through the commands ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_chat_command_answers_as_one_process(talkative, talkative_vlm):
+    query = "What is in the image?"
+    out = subprocess.run([sys.executable, "-m", "cogvlm", "chat", "--model", str(talkative), "--tp", "2",
+                          "--device", "cpu", "--image", str(IMAGE), "--query", query, "--json",
+                          "--max_new_tokens", "10", "--no-draw"],
+                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1, out.stdout  # the other rank prints nothing
+    want = talkative_vlm.session(IMAGE.read_bytes()).ask(query, max_new_tokens=10)
+    assert json.loads(lines[0])["answer"] == want
+
+
+@pytest.mark.slow
+def test_server_answers_as_one_process_and_exits_when_a_rank_dies(talkative, talkative_vlm, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "cogvlm", "serve", "--model", str(talkative), "--tp", "2",
+                                   "--device", "cpu", "--port", str(port), "--log-level", "warning"],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while not healthy(url):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        image = scene(1)
+        reply = client(url).chat.completions.create(
+            model=str(talkative), messages=[user("What is in the image?", data_url(image))], temperature=0,
+            max_tokens=12)
+        want = talkative_vlm.chat(image, "What is in the image?", top_k=1, max_new_tokens=12)[0]
+        assert reply.choices[0].message.content == want
+        [worker] = [int(c) for task in Path(f"/proc/{server.pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        code = server.wait(timeout=30)
+        assert time.monotonic() - start < 10, "rank 0 did not stop within 10 s of its peer's death"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert code != 0
+    assert "tensor-parallel rank 1" in log.read_text() and "signal 9" in log.read_text(), log.read_text()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
