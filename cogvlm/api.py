@@ -8,11 +8,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_model, resolve
+from .checkpoint import load_model, read_config, resolve
 from .config import DEFAULT_MODEL
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
+from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
 from .tp import launched_by_torchrun, load_parallel
@@ -86,6 +87,8 @@ class CogVLM:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)
+        config = read_config(resolve(name_or_path))
+        check_fits(config, tp, dtype, None, min(SamplingParams.max_length, config.max_position_embeddings), device)
         if tp > 1:
             model, folder = load_parallel(name_or_path, tp, dtype, device, prepack)
             return cls(model, _find_tokenizer(folder, tokenizer))

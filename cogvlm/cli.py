@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import version
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .options import UsageError, add_tp_flag
@@ -17,10 +18,11 @@ from .config import ConfigError
 from .image import ImageError
 from .prompt import ImageRequiredError
 from .tokenizer import TokenizerError
+from .plan import PlanError
 from .tp import TensorParallelError
 
 USER_ERRORS = (CheckpointError, ConfigError, ImageError, ImageRequiredError, TokenizerError, FileNotFoundError,
-               ImportError, UsageError, TensorParallelError)
+               ImportError, UsageError, TensorParallelError, PlanError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -137,6 +139,35 @@ def _cached_repos() -> dict[str, str]:
         return {}
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import read_config
+    from .config import REGISTRY
+    from .plan import describe, parse_memory, plan
+
+    entry = REGISTRY.get(args.model)
+    if entry is not None:
+        config = entry.config or read_config(entry.local_dir)
+    elif Path(args.model).is_dir():
+        config = read_config(Path(args.model))
+    else:
+        raise UsageError(f"unknown model {args.model!r}: plan reads a registry name ({', '.join(REGISTRY)}) or a "
+                         f"checkpoint folder, and downloads nothing")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory
+    if args.batch < 1 or args.max_length < 2:
+        raise UsageError("--batch must be >= 1 and --max-length >= 2")
+    p = plan(config, args.tp, args.quant, dtype, args.batch, args.max_length)
+    print(describe(config, p, memory, dtype, args.batch, args.max_length))
+    return 0 if memory is None or p.fits(memory) else 1
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.records import read_records
     from .prompt import build_prompt
@@ -156,7 +187,6 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
     """One flag per dataclass field, so the CLI and the Python API cannot drift apart."""
     from dataclasses import MISSING, fields
-    from pathlib import Path
     from typing import Literal, get_args, get_origin, get_type_hints
 
     hints = get_type_hints(cls)
@@ -226,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--output", help="write metrics and predictions to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("plan", help="memory per GPU for a model, split (--tp) and quantization; what fits",
+                         description="Bytes per device of weights (exact, from the shapes), KV cache and peak "
+                                     "activations (estimate: the prefill of one image), computed from the config "
+                                     "without downloading; with --gpu-memory (default: this machine's GPU) says "
+                                     "whether it fits (exit 0) or not (exit 1, with the smallest --tp / --quant "
+                                     "that does). GB means GiB, as GPU makers count.")
+    p.add_argument("model", help="registry name (see `cogvlm list`) or checkpoint folder")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="GPUs the model is split over (default 1)")
+    p.add_argument("--quant", type=int, choices=(4, 8), help="weights of the decoder in 4 or 8 bits")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (default bf16)")
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=2048,
+                   help="prompt + answer tokens per row (default 2048)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GB or 80GB")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("train-tokenizer", help="train a LLaMA-style sentencepiece tokenizer on JSONL data",
                          description="Train a sentencepiece BPE tokenizer with LLaMA-2's settings (byte fallback, "

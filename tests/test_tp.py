@@ -226,3 +226,42 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# ---- cogvlm plan ---------------------------------------------------------------------------------
+
+def replicated_params(cfg) -> int:
+    """What every rank holds whole (sat-names.md): adapter, norms, patch / CLS / position
+    embeddings, boi / eoi, and the biases added after a row-split layer (ViT dense and fc2)."""
+    v, h, i = cfg.vision, cfg.hidden_size, cfg.intermediate_size
+    adapter = v.hidden_size * h + 2 * h + 3 * h * i
+    vit = (v.hidden_size * 3 * v.patch_size ** 2 + v.hidden_size + v.hidden_size + v.num_positions * v.hidden_size
+           + v.num_layers * (4 * v.hidden_size + 2 * v.hidden_size))
+    return adapter + vit + (2 * cfg.num_layers + 1) * h + 2 * h
+
+
+def test_plan_counts_each_ranks_weights_from_the_shapes():
+    from cogvlm.config import REGISTRY
+    from cogvlm.plan import parse_memory, plan
+
+    cfg = REGISTRY["cogvlm-chat-v1.1"].config
+    one = plan(cfg, tp=1, dtype=torch.bfloat16, batch=1, max_length=2048)
+    assert one.weights == 35_279_370_752 == 17_639_685_376 * 2
+    rep = replicated_params(cfg)
+    two = plan(cfg, tp=2, dtype=torch.bfloat16, batch=1, max_length=2048)
+    assert two.weights == 2 * ((17_639_685_376 - rep) // 2 + rep) == 17_786_505_984
+    assert two.kv_cache == 2 * 32 * 2048 * 2048 * 2 + 2048  # 16 of 32 heads per rank, and the slot mask
+    assert two.fits(parse_memory("24GB")) and not one.fits(parse_memory("24GB")) and one.fits(parse_memory("80GB"))
+
+
+def test_plan_command_says_what_fits(capsys):
+    from cogvlm.cli import main
+
+    assert main(["plan", "cogvlm-chat-v1.1", "--tp", "2", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "17,786,505,984 bytes" in out and "fits in 24.00 GiB" in out
+    assert main(["plan", "cogvlm-chat-v1.1", "--gpu-memory", "24GB"]) == 1
+    assert "does NOT fit" in (out := capsys.readouterr().out) and "--tp 2 (2 GPUs" in out
+    assert main(["plan", "cogvlm-chat-v1.1", "--tp", "3"]) == 2
+    assert "possible rank counts: 1, 2, 4" in capsys.readouterr().err
+    assert main(["plan", "no-such-model"]) == 2

@@ -1,0 +1,179 @@
+"""Memory planning on the meta device: what a model needs per GPU for a given split (`--tp`),
+quantization, dtype, batch and context, computed from its config alone (no download).
+
+Weights are counted exactly from the module shapes (`ParallelCogVLM` on the meta device holds
+each rank's share); the KV cache exactly from its shape; activations are an estimate: the largest
+set of tensors alive at once in the prefill of one image prompt (a ViT layer at the model's image
+size, or a decoder layer over `max_length` tokens), plus `RUNTIME_OVERHEAD` per device for the
+CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads on CUDA run
+`check_fits` first, so a model that cannot fit fails with this advice instead of out of memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .config import CogVLMConfig
+from .tp import ParallelCogVLM, TensorParallelError, check_split
+
+GiB = 2**30
+RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
+
+
+class PlanError(ValueError):
+    """The model does not fit the memory given; the message names a split or quantization that does."""
+
+
+def _is_quantized(name: str) -> bool:
+    """What `--quant` stores in 4/8 bits: the decoder's linear layers (both experts) and the head."""
+    return name.endswith(".weight") and (name.startswith("model.layers.") and "norm" not in name or name == "lm_head.weight")
+
+
+@lru_cache(maxsize=64)
+def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
+                      quant_bits: int | None = None, group_size: int = 128) -> int:
+    """Bytes of the weights one rank of `world` holds (rank 0: the vocabulary splits evenly, so
+    every rank holds the same). Quantized weights: bits/8 per value plus one scale per group."""
+    with torch.device("meta"):
+        model = ParallelCogVLM(config, 0, world)
+    size = torch.finfo(dtype).bits // 8
+    total = 0
+    for name, t in model.state_dict().items():
+        if quant_bits and _is_quantized(name):
+            rows, cols = t.shape
+            groups = rows * (1 if quant_bits == 8 else -(-cols // group_size))
+            total += rows * cols * quant_bits // 8 + groups * size
+        else:
+            total += t.numel() * size
+    return total
+
+
+def weight_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, quant_bits: int | None = None,
+                 group_size: int = 128, vision_bits: int | None = None) -> int:
+    """Bytes of the whole model's weights on one device."""
+    if vision_bits:
+        raise NotImplementedError("vision_bits: the vision encoder is kept in full precision here")
+    return rank_weight_bytes(config, 1, dtype, quant_bits, group_size)
+
+
+def kv_cache_bytes(config: CogVLMConfig, batch: int, length: int, dtype: torch.dtype = torch.bfloat16,
+                   world: int = 1) -> int:
+    """Keys and values of every layer for `batch` rows of `length` slots (one rank's heads of
+    `world`), plus the slots' validity mask."""
+    size = torch.finfo(dtype).bits // 8
+    return 2 * config.num_layers * batch * length * (config.hidden_size // world) * size + batch * length
+
+
+def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
+                     batch: int = 1, max_length: int = 2048) -> int:
+    """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each."""
+    size = torch.finfo(dtype).bits // 8
+    v = config.vision
+    s = v.num_positions  # ViT tokens: patches + CLS
+    vit = batch * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
+    t, h = max_length, config.hidden_size
+    lm = batch * t * (4 * h + (10 * h + 3 * config.intermediate_size) // world) * size
+    mask = batch * t * t  # boolean causal mask over the prompt
+    logits = batch * config.vocab_size * 4 * 2  # fp32 logits, gathered from the ranks' parts
+    return max(vit, lm + mask) + batch * config.image_tokens * h * size + logits
+
+
+@dataclass(frozen=True)
+class Plan:
+    tp: int
+    quant: int | None
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def per_device(self) -> int:
+        return self.weights + self.kv_cache + self.activations + RUNTIME_OVERHEAD
+
+    def fits(self, memory: int) -> bool:
+        return self.per_device <= memory
+
+
+def plan(config: CogVLMConfig, tp: int = 1, quant: int | None = None, dtype: torch.dtype = torch.bfloat16,
+         batch: int = 1, max_length: int = 2048) -> Plan:
+    check_split(config, tp)
+    return Plan(tp, quant, rank_weight_bytes(config, tp, dtype, quant),
+                kv_cache_bytes(config, batch, max_length, dtype, tp),
+                activation_bytes(config, tp, dtype, batch, max_length))
+
+
+def smallest_fit(config: CogVLMConfig, memory: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
+                 max_length: int = 2048) -> tuple[Plan | None, Plan | None]:
+    """The fewest GPUs that fit without quantization, and the fewest bits that fit on one GPU."""
+    splits = []
+    for n in (1, 2, 4, 8, 16):
+        try:
+            splits.append(plan(config, n, None, dtype, batch, max_length))
+        except TensorParallelError:
+            continue
+    quantized = [plan(config, 1, bits, dtype, batch, max_length) for bits in (8, 4)]
+    return (next((p for p in splits if p.fits(memory)), None),
+            next((p for p in quantized if p.fits(memory)), None))
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '80 GiB', '24576MB' → bytes. GB means GiB here, as GPU makers count (a 24 GB card
+    holds 24 GiB)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([GM])i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB or 80GiB")
+    return int(float(m.group(1)) * (GiB if m.group(2).upper() == "G" else 2**20))
+
+
+def gb(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def describe(config: CogVLMConfig, p: Plan, memory: int | None, dtype: torch.dtype, batch: int,
+             max_length: int) -> str:
+    """The plan as the command prints it, with advice when it does not fit."""
+    what = f"--tp {p.tp}" + (f" --quant {p.quant}" if p.quant else "") + f", {str(dtype).removeprefix('torch.')}"
+    lines = [f"per device ({what}, batch {batch}, max length {max_length}):",
+             f"  weights      {p.weights:>16,} bytes  {gb(p.weights)}",
+             f"  KV cache     {p.kv_cache:>16,} bytes  {gb(p.kv_cache)}",
+             f"  activations  {p.activations:>16,} bytes  {gb(p.activations)}  (estimate: prefill with one image)",
+             f"  runtime      {RUNTIME_OVERHEAD:>16,} bytes  {gb(RUNTIME_OVERHEAD)}  (CUDA context, NCCL, allocator)",
+             f"  total        {p.per_device:>16,} bytes  {gb(p.per_device)}"]
+    if memory is None:
+        return "\n".join(lines)
+    if p.fits(memory):
+        lines.append(f"fits in {gb(memory)} per device ({gb(memory - p.per_device)} to spare)")
+        return "\n".join(lines)
+    lines.append(f"does NOT fit in {gb(memory)} per device")
+    lines.append(advice(config, memory, dtype, batch, max_length))
+    return "\n".join(lines)
+
+
+def advice(config: CogVLMConfig, memory: int, dtype: torch.dtype, batch: int, max_length: int) -> str:
+    split, quantized = smallest_fit(config, memory, dtype, batch, max_length)
+    ways = []
+    if split:
+        ways.append(f"--tp {split.tp} ({split.tp} GPUs, {gb(split.per_device)} each)")
+    if quantized:
+        ways.append(f"--quant {quantized.quant} on one GPU ({gb(quantized.per_device)})")
+    if not ways:
+        return "nothing fits: use GPUs with more memory, a smaller --batch or --max-length"
+    return "smallest set-ups that fit: " + ", or ".join(ways)
+
+
+def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: int | None, max_length: int,
+               device: torch.device) -> None:
+    """Before a CUDA load: raise `PlanError` with advice if the weights, one prompt's cache and its
+    prefill cannot fit the GPU's free memory (instead of an out-of-memory crash mid-load)."""
+    if device.type != "cuda":
+        return
+    free = min(torch.cuda.mem_get_info(i)[0] for i in range(tp)) if tp > 1 else torch.cuda.mem_get_info(device)[0]
+    p = plan(config, tp, quant, dtype, 1, max_length)
+    if not p.fits(free):
+        raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but "
+                        f"{gb(free)} is free; {advice(config, free, dtype, 1, max_length)}. "
+                        f"`cogvlm plan` shows the numbers")
