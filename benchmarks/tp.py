@@ -2,8 +2,8 @@
 benchmarks/generate.py (language hidden 1024, 8 layers, 16 heads; ViT 12 layers at 224 px), fp32.
 
 Both load the same Hugging Face-layout folder through `CogVLM.from_pretrained(folder, tp=N)`; the
-two-process run splits the cores between its ranks (one thread each on a 2-core machine), the
-one-process run uses them all. Measured, best of several repeats: the prefill of one image
+two-process run splits the cores between its ranks (one thread each on a 2-core machine); the
+one-process run is measured on all cores and on as many as one rank gets. Measured, best of several repeats: the prefill of one image
 prompt, and greedy decoding (batch 1) in tokens/s. "collectives" is the share of rank 0's decode
 time spent inside all-reduce / all-gather (waiting for the other rank included), with their
 count and bytes per step.
@@ -87,22 +87,28 @@ def main() -> None:
         folder = save_hf(model.state_dict(), CONFIG, f"{tmp}/mid")
         del model
         results = {}
-        for tp in (1, 2):  # tp 1 first: starting tp 2 gives this process its share of the cores
+        # one process on all cores, one process on one core, then two on one core each (starting
+        # tp 2 gives this process its share of the cores)
+        for tp, n in ((1, threads), (1, max(1, threads // 2)), (2, max(1, threads // 2))):
+            if (tp, n) in results:
+                continue
+            torch.set_num_threads(n)
             model = load(folder, tp)
-            results[tp] = measure(model, chunk, args.new_tokens, args.repeats, CollectiveClock() if tp > 1 else None)
+            results[tp, n] = measure(model, chunk, args.new_tokens, args.repeats, CollectiveClock() if tp > 1 else None)
             if tp > 1:
                 model.close()
             del model
-    one, two = results[1], results[2]
-    share, calls, sent = two["comm"]
+    one = results[1, threads]
+    share, calls, sent = results[2, max(1, threads // 2)]["comm"]
     print(f"torch {torch.__version__}, {threads} CPU threads, fp32, image prompt of {chunk.input_ids.shape[1]} "
           f"tokens, {args.new_tokens} new tokens, best of {args.repeats}\n")
     print("| ranks | threads per rank | image prefill ms | decode tok/s | collectives: share of decode time "
           "| per token: calls / bytes | same tokens |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| 1 | {threads} | {one['prefill'] * 1e3:.0f} | {one['tok_s']:.1f} | - | - | - |")
-    print(f"| 2 (gloo) | {max(1, threads // 2)} | {two['prefill'] * 1e3:.0f} | {two['tok_s']:.1f} | {share:.0%} "
-          f"| {calls:.0f} / {sent / 1024:.0f} KiB | {'yes' if one['tokens'] == two['tokens'] else 'NO'} |")
+    for (tp, n), r in results.items():
+        comm = f"{share:.0%} | {calls:.0f} / {sent / 1024:.0f} KiB" if tp > 1 else "- | -"
+        same = "-" if r is one else ("yes" if r["tokens"] == one["tokens"] else "NO")
+        print(f"| {tp}{' (gloo)' if tp > 1 else ''} | {n} | {r['prefill'] * 1e3:.0f} | {r['tok_s']:.1f} | {comm} | {same} |")
 
 
 def load(folder, tp: int):
