@@ -87,12 +87,13 @@ class CogVLM:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)
-        config = read_config(resolve(name_or_path))
+        folder = resolve(name_or_path)
+        config = read_config(folder)
         check_fits(config, tp, dtype, None, min(SamplingParams.max_length, config.max_position_embeddings), device)
         if tp > 1:
-            model, folder = load_parallel(name_or_path, tp, dtype, device, prepack)
+            model, folder = load_parallel(folder, tp, dtype, device, prepack)
             return cls(model, _find_tokenizer(folder, tokenizer))
-        model, folder = load_model(resolve(name_or_path), dtype=dtype, device=device)
+        model, folder = load_model(folder, dtype=dtype, device=device)
         if prepack:
             model = prepack_model(model)
         if compile:

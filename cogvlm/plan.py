@@ -1,8 +1,8 @@
 """Memory planning on the meta device: what a model needs per GPU for a given split (`--tp`),
 quantization, dtype, batch and context, computed from its config alone (no download).
 
-Weights are counted exactly from the module shapes (`ParallelCogVLM` on the meta device holds
-each rank's share); the KV cache exactly from its shape; activations are an estimate: the largest
+Weights are counted exactly from the model's shapes on the meta device, cut as `split_rule`
+cuts each tensor across ranks (as `ParallelCogVLM` does); the KV cache exactly from its shape; activations are an estimate: the largest
 set of tensors alive at once in the prefill of one image prompt (a ViT layer at the model's image
 size, or a decoder layer over `max_length` tokens), plus `RUNTIME_OVERHEAD` per device for the
 CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads on CUDA run
@@ -11,6 +11,7 @@ CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads o
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,7 +19,8 @@ from functools import lru_cache
 import torch
 
 from .config import CogVLMConfig
-from .tp import ParallelCogVLM, TensorParallelError, check_split
+from .checkpoint import expected_shapes, split_rule
+from .tp import TensorParallelError, check_split
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
@@ -33,22 +35,32 @@ def _is_quantized(name: str) -> bool:
     return name.endswith(".weight") and (name.startswith("model.layers.") and "norm" not in name or name == "lm_head.weight")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
+def _shapes(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
+    return expected_shapes(config)
+
+
 def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                       quant_bits: int | None = None, group_size: int = 128) -> int:
-    """Bytes of the weights one rank of `world` holds (rank 0: the vocabulary splits evenly, so
-    every rank holds the same). Quantized weights: bits/8 per value plus one scale per group."""
-    with torch.device("meta"):
-        model = ParallelCogVLM(config, 0, world)
+    """Bytes of the weights one rank of `world` holds: each tensor of the model's meta-device
+    shapes as `split_rule` cuts it (every rank holds the same). Quantized weights: bits/8 per
+    value plus one scale per row (8 bits) or per group of `group_size` inputs (4 bits)."""
+    check_split(config, world)
     size = torch.finfo(dtype).bits // 8
     total = 0
-    for name, t in model.state_dict().items():
+    for name, shape in _shapes(config).items():
+        rule = split_rule(name)
+        shape = list(shape)
+        if rule in ("dim0", "qkv"):
+            shape[0] //= world
+        elif rule == "dim1":
+            shape[1] //= world
         if quant_bits and _is_quantized(name):
-            rows, cols = t.shape
+            rows, cols = shape
             groups = rows * (1 if quant_bits == 8 else -(-cols // group_size))
             total += rows * cols * quant_bits // 8 + groups * size
         else:
-            total += t.numel() * size
+            total += math.prod(shape) * size
     return total
 
 

@@ -217,8 +217,9 @@ class Driver:
     and web threads share it), with Ctrl-C held back until the call is done everywhere, so
     every rank always runs the same collectives in the same order."""
 
-    def __init__(self, procs: list[subprocess.Popen] | None = None) -> None:
+    def __init__(self, procs: list[subprocess.Popen] | None = None, threads: int | None = None) -> None:
         self.procs = procs or []  # the ranks we started (none under torchrun)
+        self.threads = threads  # this process's thread count before it shared the cores
         self.lock = threading.RLock()
         self.ids = itertools.count(1)
         self.dropped: deque[int] = deque()  # caches rank 0 let go of; the others free theirs next call
@@ -288,19 +289,29 @@ class Driver:
             if self.closed:
                 return
             self.closed = True
-            if not dist.is_initialized():
-                return
             try:
-                _broadcast(([], "stop", 0, []))
+                if dist.is_initialized():
+                    _broadcast(([], "stop", 0, []))
             except RuntimeError:
                 pass  # a rank is already gone: nothing left to tell
+        self._end(wait=30)
+
+    def abort(self) -> None:
+        """Kill the other ranks at once (start-up failed or was interrupted)."""
+        self.closed = True
+        self._end(wait=0)
+
+    def _end(self, wait: float) -> None:
         for proc in self.procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
 
 def _is_comm_error(e: BaseException) -> bool:
@@ -420,21 +431,20 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
                                           stdout=subprocess.DEVNULL))
     else:
         rank = int(os.environ["RANK"])
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         _share_threads(world)
     if rank:
         _join_group(rank, world, device.type)
         sys.exit(_worker(world))
-    driver = Driver(procs)  # from here on, a rank that dies ends this process with a message
+    driver = Driver(procs, threads)  # from here on, a rank that dies ends this process with a message
     try:
         _join_group(0, world, device.type)
         _broadcast(spec)
         model, error = _load_or_error(spec, 0, world)
         errors = _exchange(error)
     except BaseException:
-        driver.closed = True
-        for proc in procs:
-            proc.kill()
+        driver.abort()
         raise
     if error is not None or any(errors):
         driver.close()

@@ -265,3 +265,14 @@ def test_plan_command_says_what_fits(capsys):
     assert main(["plan", "cogvlm-chat-v1.1", "--tp", "3"]) == 2
     assert "possible rank counts: 1, 2, 4" in capsys.readouterr().err
     assert main(["plan", "no-such-model"]) == 2
+
+
+def test_plan_counts_what_a_rank_builds():
+    from cogvlm.plan import rank_weight_bytes
+    from cogvlm.tp import ParallelCogVLM
+
+    cfg = tiny_test_config(vocab_size=400)
+    for world in (1, 2, 4):
+        with torch.device("meta"):
+            rank = ParallelCogVLM(cfg, world - 1, world)
+        assert rank_weight_bytes(cfg, world, torch.float32) == sum(t.numel() * 4 for t in rank.state_dict().values())
