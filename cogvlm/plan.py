@@ -180,12 +180,14 @@ def advice(config: CogVLMConfig, memory: int, dtype: torch.dtype, batch: int, ma
 def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: int | None, max_length: int,
                device: torch.device) -> None:
     """Before a CUDA load: raise `PlanError` with advice if the weights, one prompt's cache and its
-    prefill cannot fit the GPU's free memory (instead of an out-of-memory crash mid-load)."""
+    prefill cannot fit the GPUs (instead of an out-of-memory crash mid-load). Reads the cards'
+    sizes only: that creates no CUDA context on the other ranks' GPUs."""
     if device.type != "cuda":
         return
-    free = min(torch.cuda.mem_get_info(i)[0] for i in range(tp)) if tp > 1 else torch.cuda.mem_get_info(device)[0]
+    cards = range(tp) if tp > 1 else [device.index or 0]
+    memory = min(torch.cuda.get_device_properties(i).total_memory for i in cards)
     p = plan(config, tp, quant, dtype, 1, max_length)
-    if not p.fits(free):
-        raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but "
-                        f"{gb(free)} is free; {advice(config, free, dtype, 1, max_length)}. "
+    if not p.fits(memory):
+        raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but the GPU "
+                        f"has {gb(memory)}; {advice(config, memory, dtype, 1, max_length)}. "
                         f"`cogvlm plan` shows the numbers")
