@@ -1,4 +1,5 @@
-"""Checkpoint loading: our meta-device streaming loader vs the naive `load_state_dict` path.
+"""Checkpoint loading: our meta-device streaming loader vs the naive `load_state_dict` path, and
+one rank of a 2-way tensor-parallel load (it reads only its slices: about half the memory).
 
 Writes a ≈1.3 B-parameter bf16 checkpoint in the Hugging Face layout (sharded safetensors) to a
 temp folder, then loads it in fresh subprocesses, one per method, and prints seconds and peak
@@ -39,6 +40,12 @@ base = rss_kb()
 t = time.perf_counter()
 if method == "streaming":
     model, _ = load_model(folder, dtype=torch.bfloat16)
+elif method == "rank 0 of 2":  # what each process of `--tp 2` reads and holds (no process group needed)
+    from functools import partial
+    from cogvlm.checkpoint import load_weights
+    from cogvlm.tp import ParallelCogVLM
+    model = load_weights(folder, read_config(folder), torch.bfloat16, "cpu", 0, 2,
+                         build=partial(ParallelCogVLM, rank=0, world=2))
 else:  # what most code does: build (fp32 random init), cast, read every shard, load_state_dict
     model = CogVLMForCausalLM(read_config(folder)).to(torch.bfloat16)
     state = {}
@@ -69,7 +76,7 @@ def main() -> None:
     print(f"checkpoint: {params / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB bf16, "
           f"{len(list(folder.glob('*.safetensors')))} shards\n")
     print(f"{'method':<12} {'seconds':>8} {'peak RSS above baseline':>26}")
-    for method in ("streaming", "naive"):
+    for method in ("streaming", "rank 0 of 2", "naive"):
         out = subprocess.run([sys.executable, "-c", CHILD, str(folder), method], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
