@@ -14,7 +14,7 @@ on GPU, gloo on CPU: the same code.
 Rank 0 runs the program (terminal, HTTP, files) with a `Driver`: every model call it makes
 (prefill, decode step, cache allocation, rewinding, dropping or joining cache rows) is first
 broadcast to the other ranks, which run the same call on their shard (`serve_rank`) and print
-nothing. `CogVLM.from_pretrained(name, tp=N)` starts the other N-1 ranks itself (`launch`), or
+nothing. `CogVLM.from_pretrained(name, tp=N)` starts the other N-1 ranks itself (`load_parallel`), or
 joins the ranks `torchrun --nproc_per_node N` started: then rank 0 returns the model and the
 others serve it until rank 0 stops, and exit.
 """
@@ -245,7 +245,8 @@ class Driver:
             new_id = next(self.ids)
             dropped = [self.dropped.popleft() for _ in range(len(self.dropped))]
             sent = [_CacheRef(a.id) if isinstance(a, ParallelCache) else a for a in args]
-            self._busy = True
+            # Ctrl-C reaches the main thread only: hold it back while that thread is mid-call
+            self._busy = threading.current_thread() is threading.main_thread()
             try:
                 _broadcast((dropped, op, new_id, sent))
                 yield new_id
@@ -386,9 +387,11 @@ def load_rank(spec: LoadSpec, rank: int, world: int) -> ParallelCogVLM:
     return model
 
 
-def _join_group(rank: int, world: int, device_type: str) -> None:
+def _join_group(rank: int, world: int, device_type: str, address: str | None = None) -> None:
+    """Commands and small objects always go over gloo (CPU); activations over NCCL on GPUs."""
     backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=IDLE_TIMEOUT)
+    dist.init_process_group(backend, init_method=address or "env://", rank=rank, world_size=world,
+                            timeout=IDLE_TIMEOUT)
 
 
 def _share_threads(world: int) -> None:
@@ -412,23 +415,30 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
                   prepack: bool) -> tuple[ParallelCogVLM, Path]:
     """Rank 0's share, with the other ranks loading theirs: started here, or (under torchrun)
     already running this same call, in which case ranks > 0 serve and never return."""
+    if dist.is_initialized():
+        raise TensorParallelError("this process already runs a tensor-parallel model (one per process); "
+                                  "close() it first")
     if device.type not in ("cpu", "cuda") or device.index not in (None, 0):
-        raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick the "
-                         f"GPUs with CUDA_VISIBLE_DEVICES), not {device}")
+        raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick "
+                                  f"the GPUs with CUDA_VISIBLE_DEVICES), not {device}")
     folder = resolve(name_or_path)
     check_split(read_config(folder), world)
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise TensorParallelError(f"tp={world} needs {world} GPUs; {torch.cuda.device_count()} are visible")
     spec = LoadSpec(str(folder), dtype, device.type, prepack)
     procs: list[subprocess.Popen] = []
-    rank = 0
+    rank, address = 0, None
     if launched_by_torchrun() is None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        port = _free_port()
+        address = f"tcp://127.0.0.1:{port}"
         for r in range(1, world):
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                   "COGVLM_TP_DEVICE": device.type}
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "COGVLM_TP_DEVICE": device.type}
             procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL))
+    elif launched_by_torchrun() != world:
+        raise TensorParallelError(f"tp={world} but torchrun started {launched_by_torchrun()} processes; "
+                                  f"leave --tp out under torchrun, or make them equal")
     else:
         rank = int(os.environ["RANK"])
     threads = torch.get_num_threads()
@@ -439,7 +449,7 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
         sys.exit(_worker(world))
     driver = Driver(procs, threads)  # from here on, a rank that dies ends this process with a message
     try:
-        _join_group(0, world, device.type)
+        _join_group(0, world, device.type, address)
         _broadcast(spec)
         model, error = _load_or_error(spec, 0, world)
         errors = _exchange(error)
