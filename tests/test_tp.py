@@ -276,3 +276,11 @@ def test_plan_counts_what_a_rank_builds():
         with torch.device("meta"):
             rank = ParallelCogVLM(cfg, world - 1, world)
         assert rank_weight_bytes(cfg, world, torch.float32) == sum(t.numel() * 4 for t in rank.state_dict().values())
+
+
+def test_a_split_that_does_not_divide_is_one_line_before_any_process_starts(capsys):
+    from cogvlm.cli import main
+
+    assert main(["chat", "--tp", "3", "--device", "cpu", "--query", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm chat: error: cannot split this model over 3 ranks") and err.count("\n") == 1
