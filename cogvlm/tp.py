@@ -415,9 +415,6 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
                   prepack: bool) -> tuple[ParallelCogVLM, Path]:
     """Rank 0's share, with the other ranks loading theirs: started here, or (under torchrun)
     already running this same call, in which case ranks > 0 serve and never return."""
-    if dist.is_initialized():
-        raise TensorParallelError("this process already runs a tensor-parallel model (one per process); "
-                                  "close() it first")
     if device.type not in ("cpu", "cuda") or device.index not in (None, 0):
         raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick "
                                   f"the GPUs with CUDA_VISIBLE_DEVICES), not {device}")
@@ -425,6 +422,9 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
     check_split(read_config(folder), world)
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise TensorParallelError(f"tp={world} needs {world} GPUs; {torch.cuda.device_count()} are visible")
+    if dist.is_initialized():
+        raise TensorParallelError("this process already runs a tensor-parallel model (one per process); "
+                                  "close() it first")
     spec = LoadSpec(str(folder), dtype, device.type, prepack)
     procs: list[subprocess.Popen] = []
     rank, address = 0, None
