@@ -51,7 +51,7 @@ def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype =
     for name, shape in _shapes(config).items():
         rule = split_rule(name)
         shape = list(shape)
-        if rule in ("dim0", "qkv"):
+        if rule in ("dim0", "qkv", "kv"):
             shape[0] //= world
         elif rule == "dim1":
             shape[1] //= world

@@ -5,7 +5,8 @@ The split is the authors' SAT model parallelism (and gpt-fast's `tp.py`), and `s
 q/k/v rows of a head stay together, the output projection is split by its input columns), every
 MLP by columns then rows, for both experts and for the ViT; the token embedding and the output
 head are split over the vocabulary; the GLU adapter, norms, patch and position embeddings are
-replicated. So each rank holds 1/N of the weights (and of the KV cache, by heads), and a
+replicated (and so is CogAgent's high-resolution tower; its cross-attention splits by heads like
+the others). So each rank holds 1/N of the weights (and of the KV cache, by heads), and a
 row-split layer's partial outputs are summed by one all-reduce (`_reduce_hook`): one per
 attention and one per MLP per decode step; in a prefill with an image each expert reduces its
 own columns. The head's vocabulary parts are gathered before sampling. NCCL carries the tensors
@@ -46,7 +47,7 @@ from torch import nn
 
 from .checkpoint import load_weights, read_config, resolve, split_rule
 from .config import CogVLMConfig
-from .model import Chunk, CogVLMForCausalLM, KVCache, VisionAttention, VisionExpertAttention
+from .model import Chunk, CogVLMForCausalLM, CrossAttention, KVCache, VisionAttention, VisionExpertAttention
 
 # Ranks wait for rank 0's next command as long as a chat sits idle: the group's timeout must not
 # end them (a dead rank is noticed by its closed connection or by the launcher's watchdog)
@@ -62,6 +63,8 @@ def check_split(config: CogVLMConfig, world: int) -> None:
     sizes = {"attention heads": config.num_heads, "MLP width": config.intermediate_size,
              "vocabulary": config.vocab_size, "ViT heads": config.vision.num_heads,
              "ViT MLP width": config.vision.intermediate_size}
+    if config.cross_vision is not None:  # CogAgent's cross-attention splits by heads too
+        sizes["cross-attention width"] = config.cross_compute_hidden_size
     bad = [f"{k} {v}" for k, v in sizes.items() if v % world]
     if world < 1 or bad:
         fits = [n for n in range(1, 65) if all(v % n == 0 for v in sizes.values())]
@@ -115,7 +118,7 @@ class ParallelCogVLM(CogVLMForCausalLM):
         self.rank, self.world = rank, world
         self.driver: Driver | None = None  # rank 0 only: sends each call to the other ranks
         for name, module in list(self.named_modules()):
-            if isinstance(module, (VisionExpertAttention, VisionAttention)):
+            if isinstance(module, (VisionExpertAttention, VisionAttention, CrossAttention)):
                 module.num_heads //= world
             if not isinstance(module, nn.Linear):
                 continue

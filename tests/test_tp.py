@@ -271,8 +271,8 @@ def test_plan_counts_what_a_rank_builds():
     from cogvlm.plan import rank_weight_bytes
     from cogvlm.tp import ParallelCogVLM
 
-    cfg = tiny_test_config(vocab_size=400)
-    for world in (1, 2, 4):
+    for cfg, world in [(tiny_test_config(vocab_size=400), w) for w in (1, 2, 4)] + [
+            (tiny_test_config(vocab_size=400, template="inst", cross_vision={}), 2)]:
         with torch.device("meta"):
             rank = ParallelCogVLM(cfg, world - 1, world)
         assert rank_weight_bytes(cfg, world, torch.float32) == sum(t.numel() * 4 for t in rank.state_dict().values())
@@ -284,3 +284,43 @@ def test_a_split_that_does_not_divide_is_one_line_before_any_process_starts(caps
     assert main(["chat", "--tp", "3", "--device", "cpu", "--query", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cogvlm chat: error: cannot split this model over 3 ranks") and err.count("\n") == 1
+
+
+COGAGENT_CHECK = r"""
+import sys, torch
+from cogvlm.checkpoint import load_model
+from cogvlm.prompt import PromptTokens, layout_batch
+from cogvlm.tp import load_parallel
+from tests.test_cogagent import HIGH, LOW
+one, _ = load_model(sys.argv[1])
+two, _ = load_parallel(sys.argv[1], 2, torch.float32, torch.device("cpu"), prepack=True)
+g = torch.Generator().manual_seed(0)
+chunk = layout_batch([PromptTokens(torch.randn(3, LOW, LOW, generator=g), [5, 6, 7], torch.randn(3, HIGH, HIGH, generator=g))], one.config)
+worst = 0.0
+with torch.no_grad():
+    c1, c2 = one.new_cache(1, 64), two.new_cache(1, 64)
+    l1, l2 = one(chunk, c1, last_only=True), two(chunk, c2, last_only=True)
+    tok, pos = l1.argmax(-1), chunk.position_ids[:, -1] + 1
+    for _ in range(3):
+        worst = max(worst, (l1 - l2).abs().max().item())
+        l1, l2 = one.decode_step(tok, pos, c1), two.decode_step(tok, pos, c2)
+        tok, pos = l1.argmax(-1), pos + 1
+two.close()
+print(worst)
+"""
+
+
+@pytest.mark.slow
+def test_cogagent_cross_attention_splits_by_heads(tmp_path):
+    """CogAgent: the cross-attention's heads split like the others, its high-resolution tower
+    stays whole; prefill (both images) and decode logits within 1e-5 of one process."""
+    from tests.test_cogagent import randomize_all, tiny_cogagent_config
+
+    from cogvlm.model import CogVLMForCausalLM
+
+    config = tiny_cogagent_config()
+    save_hf(randomize_all(CogVLMForCausalLM(config)).state_dict(), config, tmp_path / "agent")
+    out = subprocess.run([sys.executable, "-c", COGAGENT_CHECK, str(tmp_path / "agent")], capture_output=True,
+                         text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) <= 1e-5
