@@ -77,7 +77,11 @@ def kv_cache_bytes(config: CogVLMConfig, batch: int, length: int, dtype: torch.d
     """Keys and values of every layer for `batch` rows of `length` slots (one rank's heads of
     `world`), plus the slots' validity mask."""
     size = torch.finfo(dtype).bits // 8
-    return 2 * config.num_layers * batch * length * (config.hidden_size // world) * size + batch * length
+    total = 2 * config.num_layers * batch * length * (config.hidden_size // world) * size + batch * length
+    if config.cross_vision is not None:  # CogAgent: each row's image keys/values for cross-attention
+        cross = config.cross_vision.num_patches * config.cross_compute_hidden_size // world
+        total += 2 * config.num_layers * batch * cross * size
+    return total
 
 
 def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
@@ -91,7 +95,12 @@ def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = 
     lm = batch * t * (4 * h + (10 * h + 3 * config.intermediate_size) // world) * size
     mask = batch * t * t  # boolean causal mask over the prompt
     logits = batch * config.vocab_size * 4 * 2  # fp32 logits, gathered from the ranks' parts
-    return max(vit, lm + mask) + batch * config.image_tokens * h * size + logits
+    cross = 0
+    if config.cross_vision is not None:  # CogAgent's high-resolution tower, whole on every rank
+        c = config.cross_vision
+        tokens = c.num_patches + 1
+        cross = batch * tokens * (6 * c.hidden_size + 3 * c.intermediate_size) * size
+    return max(vit, lm + mask, cross) + batch * config.image_tokens * h * size + logits
 
 
 @dataclass(frozen=True)
