@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .options import UsageError, add_tp_flag
+from .options import UsageError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .image import ImageError
@@ -77,19 +77,6 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from .finetune import merge_lora
 
     print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import CogVLM
-    from .evaluate import evaluate, format_table, write_json
-
-    vlm = CogVLM.from_pretrained(args.model, device=args.device, tokenizer=args.tokenizer, tp=args.tp)
-    result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
-    print(format_table(result))
-    if args.output:
-        write_json(result, args.output)
-        print(f"wrote {args.output}")
     return 0
 
 
@@ -242,21 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.set_defaults(func=cmd_merge_lora)
 
-    from .config import DEFAULT_MODEL
-
-    p = verbs.add_parser("eval", help="score a model on a JSONL set: VQA accuracy, REC Acc@0.5, caption match",
-                         description="Greedy answers for every turn of a JSONL set (training format); prints a "
-                                     "table of metrics and optionally writes them with every prediction as JSON.")
-    p.add_argument("data", help="JSONL file (docs/data-format.md)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, hub id or folder (default {DEFAULT_MODEL})")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: next to the weights)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    add_tp_flag(p)
-    p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
-    p.add_argument("--limit", type=int, help="only the first N records")
-    p.add_argument("--output", help="write metrics and predictions to this JSON file")
-    p.set_defaults(func=cmd_eval)
-
     p = verbs.add_parser("plan", help="memory per GPU for a model, split (--tp) and quantization; what fits",
                          description="Bytes per device of weights (exact, from the shapes), KV cache and peak "
                                      "activations (estimate: the prefill of one image), computed from the config "
@@ -293,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_verb(verbs)
     add_caption_verb(verbs)
+
+    from .eval.command import add_eval_verb
+
+    add_eval_verb(verbs)
     return parser
 
 

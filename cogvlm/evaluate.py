@@ -1,5 +1,6 @@
-"""Evaluation on a JSONL set in the training format: VQA accuracy, referring-expression
-Acc@0.5, caption object-set match (spec section 8 metric definitions).
+"""Evaluation on a JSONL set in the training format (`cogvlm eval DATA.jsonl`; the published
+benchmarks are in `cogvlm.eval`): VQA accuracy, referring-expression Acc@0.5, caption
+object-set match (spec section 8 metric definitions).
 
 Each turn is scored by the task its prompt shows: the vqa template → VQA accuracy; a box-only
 reference answer → REC (IoU ≥ 0.5); an empty base query → caption object set; a grounded-caption
@@ -15,47 +16,16 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.records import read_records
+from .eval.metrics import normalize_answer, vqa_accuracy as official_vqa_accuracy
 from .grounding import iou, parse_boxes
-
-# --- VQAv2 answer normalization (the official evaluation's rules) ---------------------------
-_CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
-                 "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't",
-                 "isnt": "isn't", "its": "it's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
-                 "theyre": "they're", "wasnt": "wasn't", "werent": "weren't", "whats": "what's", "wont": "won't",
-                 "wouldnt": "wouldn't", "youre": "you're"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_NUM = re.compile(r"(\d)(,)(\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_NUM.search(text):
-            text = text.replace(p, "")
-        else:
-            text = text.replace(p, " ")
-    text = _PERIOD.sub("", text)
-    words = []
-    for w in text.split():
-        w = _NUMBERS.get(w, w)
-        if w not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(w, w))
-    return " ".join(words)
 
 
 def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
-    """min(#annotators who gave it / 3, 1), averaged over the leave-one-out subsets; with a
-    single reference answer (our synthetic sets) this is normalized exact match."""
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in annotator_answers]
-    if len(gts) == 1:
-        return float(pred == gts[0])
-    scores = [min(1.0, sum(g == pred for g in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))]
-    return sum(scores) / len(scores)
+    """The official VQAv2 rule for several annotators; with a single reference answer (our
+    synthetic sets) normalized exact match, since leave-one-out needs more than one."""
+    if len(annotator_answers) == 1:
+        return float(normalize_answer(prediction) == normalize_answer(annotator_answers[0]))
+    return official_vqa_accuracy(prediction, annotator_answers)
 
 
 def object_set(caption: str) -> frozenset[str]:

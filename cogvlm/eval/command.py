@@ -1,0 +1,101 @@
+"""`cogvlm eval`: a published benchmark (--task), a JSONL set in the training format, or two
+reports side by side (--compare)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..options import UsageError, add_model_flags, load_model, sampling_flags
+from .tasks import TASKS
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.compare:
+        from .report import compare, load_report
+
+        a, b = args.compare
+        print(compare(load_report(a), load_report(b), (str(a), str(b))))
+        return 0
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, not {args.batch_size}")
+    if args.task is None:
+        return _eval_jsonl(args)
+    if args.data is not None:
+        raise UsageError("give either a JSONL file or --task, not both")
+    if not args.annotations:
+        raise UsageError(f"--task {args.task} needs --annotations FILE(S) (docs/eval.md says which)")
+    sampling = sampling_flags(args)
+    from .report import table
+    from .runner import read_benchmark, world
+
+    read_benchmark(TASKS[args.task], args.annotations, args.images, args.split)  # file mistakes before the load
+    rank, size = world()
+    if size > 1 and args.device is None:
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    vlm = load_model(args)
+    from .runner import run_task
+
+    result = run_task(vlm, args.task, args.annotations, args.images, args.split, args.limit, args.out,
+                      args.prompt, args.template, args.batch_size, sampling, args.model, args.progress_every)
+    if rank == 0:
+        if "submission" in result:
+            print(f"{TASKS[args.task].title} {result['split']}: answers are hidden; wrote the submission file "
+                  f"{result['submission']} ({result['n']} items) for the official server")
+        else:
+            print(table(result))
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _eval_jsonl(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate, format_table, write_json
+
+    if args.data is None:
+        raise UsageError("give a JSONL file, or --task NAME --annotations FILE(S) (see cogvlm eval --help)")
+    vlm = load_model(args)
+    result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
+    print(format_table(result))
+    if args.output:
+        write_json(result, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def add_eval_verb(verbs: Any) -> None:
+    """Register `cogvlm eval` on the top-level parser's subcommands."""
+    p = verbs.add_parser("eval", help="score a model on a published benchmark (--task) or a JSONL set",
+                         description="With --task: answer a published benchmark read from its publisher's files "
+                                     "(or VLMEvalKit's TSV), batched and resumable, score it with the official "
+                                     "metric and print the score beside the published number (hidden test answers: "
+                                     "writes the server's submission file). With a JSONL file: today's evaluation "
+                                     "of the training format. See docs/eval.md.")
+    p.add_argument("data", nargs="?", help="JSONL file in the training format (docs/data-format.md)")
+    p.add_argument("--task", choices=sorted(TASKS), help="benchmark to run")
+    p.add_argument("--annotations", nargs="+", type=Path, metavar="FILE",
+                   help="the benchmark's files as published (docs/eval.md lists them per task), or a VLMEvalKit .tsv")
+    p.add_argument("--images", type=Path, metavar="DIR", help="folder of the benchmark's images")
+    p.add_argument("--split", help="split inside the files (Karpathy: test; RefCOCO: val/testA/testB/test; ...)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N items (JSONL: records)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="predictions, report.json/.md or submission.json (default eval-results/TASK-SPLIT); "
+                        "a rerun with the same DIR resumes")
+    p.add_argument("--prompt", help="query instead of the documented one, with the task's {fields}, "
+                                    "e.g. '{question} Answer in one word.'")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="answers generated together (default 16)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
+                   help="seconds between progress lines when stderr is not a terminal (default 30)")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                   help="print two report.json files side by side and exit")
+    p.add_argument("--output", help="JSONL mode: write metrics and predictions to this JSON file")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_eval)

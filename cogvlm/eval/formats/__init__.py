@@ -1,0 +1,79 @@
+"""Readers for the benchmarks' files exactly as their publishers distribute them.
+
+Each reader turns its files into `Item`s (one question, expression or image to answer) and says
+which split they are. Items whose answers the publisher keeps hidden have `answers=None`: the
+runner writes the official server's submission file for them instead of a score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ...options import UsageError
+
+
+@dataclass
+class Item:
+    id: str  # unique within the benchmark; keys the predictions journal
+    image: Path | bytes  # a file, or encoded image bytes (VLMEvalKit TSV)
+    fields: dict[str, str]  # what the prompt may use: {question}, {expression}, {options}, ...
+    answers: list[str] | None  # None: hidden test answers; [] when the answer is a box in meta
+    meta: dict[str, Any] = field(default_factory=dict)  # what the metric or submission needs
+
+
+@dataclass
+class Benchmark:
+    split: str
+    items: list[Item]
+
+
+def load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); is the download complete?") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UsageError(f"{path} line {n} is not JSON") from None
+    return rows
+
+
+def one_file(paths: Sequence[Path], what: str) -> Path:
+    if len(paths) != 1:
+        raise UsageError(f"--annotations takes one file here ({what}), got {len(paths)}")
+    return paths[0]
+
+
+def require(obj: Any, keys: Iterable[str], path: Path, what: str) -> None:
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UsageError(f"{path} has no {', '.join(missing)}: is it {what}?")
+
+
+def find_image(images: Path | None, *names: str) -> Path:
+    """The first of `images/name` that exists (publishers nest their folders differently); the
+    first candidate when none does, so the missing-file message names the expected path."""
+    root = images or Path(".")
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    return root / names[0]
+
+
+def check_images(items: Sequence[Item]) -> None:
+    """Fail before any model work when images are missing: usually a wrong --images folder."""
+    missing = [it.image for it in items if isinstance(it.image, Path) and not it.image.is_file()]
+    if missing:
+        raise UsageError(f"{len(missing)} of {len(items)} images not found, e.g. {missing[0]}; check --images")

@@ -1,0 +1,62 @@
+"""VLMEvalKit's benchmark TSV files (one row per question, the image base64-encoded in the row),
+so a VLMEvalKit download can be reused: TextVQA_VAL, OK-VQA, VizWiz, GQA_TestDev_Balanced,
+ScienceQA_{VAL,TEST}, POPE, COCO_VAL."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ...options import UsageError
+from . import Benchmark, Item, one_file
+
+LETTERS = "ABCDE"
+
+
+def _answers(text: str) -> list[str]:
+    """VLMEvalKit stores several answers as a Python list literal: "['two', '2', ...]"."""
+    if text.startswith("["):
+        try:
+            value = ast.literal_eval(text)  # literals only: never runs code
+            return [str(v) for v in value]
+        except (ValueError, SyntaxError):
+            pass
+    return [text]
+
+
+def read_tsv(paths: Sequence[Path], kind: str, split: str | None) -> Benchmark:
+    """`kind` says how the task reads a row: 'vqa' (question, answer list), 'choice' (question,
+    hint, A-E, answer letter), 'yesno' (question, answer yes/no), 'caption' (answer list)."""
+    path = one_file(paths, "a VLMEvalKit .tsv")
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if rows and not {"index", "image"} <= set(rows[0]):
+        raise UsageError(f"{path} has no index and image columns: not a VLMEvalKit TSV")
+    by_index = {r["index"]: r["image"] for r in rows}
+    items = []
+    for r in rows:
+        image = r["image"]
+        if len(image) <= 64 and image.isdigit():  # a repeated image points at its first row
+            image = by_index[image]
+        try:
+            data = base64.b64decode(image, validate=True)
+        except binascii.Error:
+            raise UsageError(f"{path}: row {r['index']} has no base64 image") from None
+        answer = r.get("answer")
+        fields = {"question": r.get("question", "")}
+        if kind == "choice":
+            choices = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+            fields["options"] = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+            hint = r.get("hint", "")
+            fields["context"] = f"Context: {hint}\n" if hint and hint != "nan" else ""
+            answers = [answer] if answer else None
+        else:
+            answers = _answers(answer) if answer not in (None, "") else None
+        items.append(Item(r["index"], data, fields, answers, {"category": r.get("category")}))
+    return Benchmark(split or path.stem, items)

@@ -1,0 +1,100 @@
+"""The report: each metric beside the number published for that model and split, and the gap;
+as a terminal table, JSON and Markdown. `compare` puts two reports side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..options import UsageError
+from .tasks import Published, Task
+
+
+def published_for(task: Task, split: str, model: str) -> dict[str, Published]:
+    """Per metric, the published number for this split: the evaluated model's own if there is one,
+    else the first listed (the paper's CogVLM-17B)."""
+    found: dict[str, Published] = {}
+    for p in task.published:
+        if p.split == split and (p.metric not in found or Path(str(model)).name == p.model):
+            found[p.metric] = p
+    return found
+
+
+def build_report(task: Task, split: str, model: str, metrics: dict[str, float], n: int,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    """Scores in percent (CIDEr and BLEU x 100), as the papers print them."""
+    published = published_for(task, split, model)
+    rows = []
+    for name, value in metrics.items():
+        score = round(100 * value, 2)
+        pub = published.get(name)
+        rows.append({"metric": name, "score": score, "published": pub.value if pub else None,
+                     "gap": round(score - pub.value, 2) if pub else None,
+                     "published_model": pub.model if pub else None, "source": pub.source if pub else None})
+    return {"task": task.name, "title": task.title, "split": split, "model": str(model), "n": n,
+            "rows": rows, "settings": settings}
+
+
+def _gap(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    head = f"{report['title']} {report['split']} — {report['model']}, {report['n']} items"
+    lines = [head, f"{'metric':<26} {'score':>8} {'published':>10} {'gap':>8}"]
+    for r in report["rows"]:
+        pub = "—" if r["published"] is None else f"{r['published']:.2f}"
+        lines.append(f"{r['metric']:<26} {r['score']:>8.2f} {pub:>10} {_gap(r['gap']):>8}")
+    sources = sorted({f"{r['published_model']}: {r['source']}" for r in report["rows"] if r["source"]})
+    return "\n".join(lines + [f"published: {s}" for s in sources])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"### {report['title']} ({report['split']}), {report['model']}, {report['n']} items", "",
+             "| metric | score | published | gap | published for |", "| --- | ---: | ---: | ---: | --- |"]
+    for r in report["rows"]:
+        pub = "—" if r["published"] is None else f"{r['published']:.2f}"
+        who = f"{r['published_model']} ({r['source']})" if r["source"] else "—"
+        lines.append(f"| {r['metric']} | {r['score']:.2f} | {pub} | {_gap(r['gap'])} | {who} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", markdown(report))
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read report {path}: {e}") from None
+    if not isinstance(report, dict) or "rows" not in report:
+        raise UsageError(f"{path} is not a report.json written by cogvlm eval")
+    return report
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> str:
+    """Two runs side by side (e.g. bf16 vs int4): every metric either has, and B - A."""
+    if (a["task"], a["split"]) != (b["task"], b["split"]):
+        raise UsageError(f"the reports are of different benchmarks: {a['task']} {a['split']} vs "
+                         f"{b['task']} {b['split']}")
+    sa = {r["metric"]: r["score"] for r in a["rows"]}
+    sb = {r["metric"]: r["score"] for r in b["rows"]}
+    lines = [f"{a['title']} {a['split']}: A = {names[0]} ({a['model']}, {a['n']} items), "
+             f"B = {names[1]} ({b['model']}, {b['n']} items)",
+             f"{'metric':<26} {'A':>8} {'B':>8} {'B - A':>8}"]
+    for m in list(sa) + [m for m in sb if m not in sa]:
+        va, vb = sa.get(m), sb.get(m)
+        fa = "—" if va is None else f"{va:.2f}"
+        fb = "—" if vb is None else f"{vb:.2f}"
+        lines.append(f"{m:<26} {fa:>8} {fb:>8} {_gap(None if va is None or vb is None else round(vb - va, 2)):>8}")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Running a benchmark like a production job: batched, resumable, sharded, with progress.
+
+- Predictions are appended as whole JSON lines (flushed and fsynced after every batch) to
+  OUT/predictions.jsonl (rank 0) or OUT/predictions.rank<R>.jsonl: a SIGKILL loses at most the
+  batch in flight, and a rerun skips every item already answered (a partial last line from a
+  killed write is cut off before appending).
+- Under torchrun each process answers items[rank::world]; after a barrier rank 0 reads every
+  journal and scores, so one process and N processes give the same report.
+- Decoding goes through `CogVLM.generate` (batched, greedy unless sampling flags say otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
+
+from ..generate import ContextLengthError
+from ..options import UsageError
+from .formats import Benchmark, Item, check_images
+from .formats.vlmevalkit import read_tsv
+from .prompts import Prompt, prompt_for
+from .report import build_report, write_atomic, write_report
+from .tasks import TASKS, Task
+
+if TYPE_CHECKING:
+    from ..api import CogVLM
+
+
+def journal_path(out: Path, rank: int) -> Path:
+    return out / ("predictions.jsonl" if rank == 0 else f"predictions.rank{rank}.jsonl")
+
+
+def _complete_lines(path: Path) -> tuple[list[dict], int]:
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    rows = []
+    for n, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} line {n} is not a prediction record; fix or delete it") from None
+    return rows, end
+
+
+def read_predictions(out: Path) -> dict[str, str]:
+    """Every prediction recorded under OUT, by any rank, in this run or an interrupted one."""
+    preds: dict[str, str] = {}
+    for path in sorted(out.glob("predictions*.jsonl")):
+        for row in _complete_lines(path)[0]:
+            preds[row["id"]] = row["prediction"]
+    return preds
+
+
+class Journal:
+    """This process's append-only predictions file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():  # cut a partial last line, or the next record would extend it
+            os.truncate(path, _complete_lines(path)[1])
+        self._file = open(path, "ab")
+
+    def write(self, rows: Sequence[tuple[str, str]]) -> None:
+        self._file.write("".join(json.dumps({"id": i, "prediction": p}, ensure_ascii=False) + "\n"
+                                 for i, p in rows).encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Progress:
+    """Done / total, rate and ETA: redrawn in place on a terminal; in a log (not a terminal), one
+    plain line every `every` seconds and one at the end, never a carriage return."""
+
+    def __init__(self, total: int, desc: str, every: float = 30.0, stream: TextIO | None = None,
+                 enabled: bool = True) -> None:
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.stream.isatty()
+        self.start = self.last = time.monotonic()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = "?" if eta != eta else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        return (f"{self.desc}: {self.done}/{self.total} ({100 * self.done / self.total:.1f}%) "
+                f"{rate:.2f} items/s, ETA {eta_text}")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + self.line())
+        elif now - self.last >= self.every or self.done == self.total:
+            self.stream.write(self.line() + "\n")
+            self.last = now
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+def build_query(prompt: Prompt, item: Item) -> str:
+    try:
+        return prompt.query.format(**item.fields)
+    except KeyError as e:
+        raise UsageError(f"--prompt uses {{{e.args[0]}}}, which this task does not have; it has "
+                         f"{', '.join('{' + k + '}' for k in item.fields) or 'no fields'}") from None
+
+
+def answer_items(vlm: CogVLM, items: Sequence[Item], journal: Journal, prompt: Prompt, batch_size: int,
+                 sampling: dict[str, Any], progress: Progress) -> int:
+    """Generate answers for `items`, `batch_size` at a time, recording each batch as it ends."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        requests = [(it.image, build_query(prompt, it), None) for it in batch]
+        answers = vlm.generate(requests, template=prompt.template, **sampling)
+        journal.write([(it.id, a) for it, a in zip(batch, answers)])
+        progress.update(len(batch))
+    return len(items)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; joins a gloo group when there are several."""
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if size > 1:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=24))  # ranks may end far apart
+    return rank, size
+
+
+def barrier(size: int) -> None:
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def check_run(out: Path, settings: dict[str, Any]) -> None:
+    """OUT/run.json remembers what the predictions answer; resuming with other settings would mix
+    two runs' answers in one score."""
+    path = out / "run.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            raise UsageError(f"{out} holds predictions of another run ({', '.join(changed)} differ: "
+                             f"{before.get(changed[0])!r} vs {settings[changed[0]]!r}); use another --out")
+        return
+    tmp = out / f".run.json.{os.getpid()}.tmp"  # ranks may write at once: same content, own temp file
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+
+
+def read_benchmark(task: Task, annotations: Sequence[Path], images: Path | None, split: str | None) -> Benchmark:
+    """The task's own files, or VLMEvalKit's TSV of it (recognized by the .tsv suffix)."""
+    for path in annotations:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"annotations file not found: {path}")
+    if any(Path(p).suffix.lower() == ".tsv" for p in annotations):
+        if task.tsv_kind is None:
+            raise UsageError(f"VLMEvalKit does not ship {task.title}; give the publisher's files instead")
+        return read_tsv([Path(p) for p in annotations], task.tsv_kind, split)
+    return task.reader([Path(p) for p in annotations], images, split)
+
+
+def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: Path | None = None,
+             split: str | None = None, limit: int | None = None, out: Path | None = None,
+             query: str | None = None, template: str | None = None, batch_size: int = 16,
+             sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
+             progress: bool = True) -> dict[str, Any]:
+    """Answer (or resume answering) a benchmark and score it; returns the report (or, for hidden
+    answers, where the submission file is). Call it on every rank under torchrun: rank 0 scores."""
+    task = TASKS[task_name]
+    bench = read_benchmark(task, annotations, images, split)
+    items = bench.items[:limit]
+    if not items:
+        raise UsageError(f"no {task.title} items in split {bench.split!r}; is --split right?")
+    check_images(items)
+    prompt = prompt_for(task.prompt, model, query, template)
+    out = Path(out or Path("eval-results") / f"{task.name}-{bench.split}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
+    rank, size = world()
+    settings = {"task": task.name, "split": bench.split, "model": str(model), "template": prompt.template,
+                "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
+    check_run(out, settings)
+    done = read_predictions(out)
+    mine = [it for it in items[rank::size] if it.id not in done]
+    journal = Journal(journal_path(out, rank))
+    bar = Progress(len(mine), f"eval {task.name} {bench.split}" + (f" rank {rank}" if size > 1 else ""),
+                   progress_every, enabled=progress)
+    try:
+        answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"], bar)
+    except ContextLengthError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        journal.close()
+        bar.close()
+    barrier(size)
+    if rank != 0:
+        return {"task": task.name, "split": bench.split, "rank": rank}
+    preds = read_predictions(out)
+    if any(it.answers is None for it in items):
+        if task.submission is None:
+            raise UsageError(f"{task.title} {bench.split} has no answers to score against")
+        path = out / "submission.json"
+        write_atomic(path, json.dumps(task.submission(items, preds), ensure_ascii=False) + "\n")
+        return {"task": task.name, "split": bench.split, "n": len(items), "submission": str(path)}
+    report = build_report(task, bench.split, model, task.score(items, preds), len(items),
+                          {**settings, "prompt_source": prompt.source, "batch_size": batch_size})
+    write_report(report, out)
+    return report
