@@ -178,21 +178,29 @@ def pixel_iou(a: PixelBox, b: PixelBox) -> float:
 
 PTB_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
                    "...", ";"}  # pycocoevalcap's list (lower-cased, as -lowerCase makes the brackets)
+# what the Java tokenizer turns into the bracket and quote tokens of that list
+_PTB_DROPPED = PTB_PUNCTUATION | set('"()[]{}')
 _PTB_TOKEN = re.compile(r"""
-    \d+(?:[.,]\d+)+            # 1,000 and 3.5 stay whole
+    \d+(?:[.,:]\d+)+           # 1,000 and 3.5 and 12:30 stay whole
+  | (?:mr|mrs|ms|dr|st|jr|sr|mt|vs|etc)\.(?=\s|$)   # titles keep their period
+  | o'clock | 'n'                   # PTB's special words
   | (?:[a-z]\.){2,}            # u.s. / a.m. abbreviations keep their periods
   | [a-z0-9]+(?:[-&/][a-z0-9]+)*(?=n't)   # the stem before n't
   | n't | '(?:s|re|ve|ll|m|d)\b
-  | [a-z0-9]+(?:[-&/'][a-z0-9]+)*         # words, with inner hyphens, slashes, ampersands
+  | [a-z0-9]+(?:[-&/][a-z0-9]+)*          # words, with inner hyphens, slashes, ampersands
   | \.\.\.|--|[^\sa-z0-9]
 """, re.VERBOSE)
+
+
+_PTB_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b")
 
 
 def ptb_tokenize(text: str) -> str:
     """Lower-cased PTB-style tokens without punctuation, joined by spaces: what pycocoevalcap's
     PTBTokenizer (Stanford CoreNLP 3.4.1, -preserveLines -lowerCase) returns, without Java."""
-    tokens = _PTB_TOKEN.findall(text.replace("\n", " ").lower())
-    return " ".join(t for t in tokens if t not in PTB_PUNCTUATION)
+    text = _PTB_SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text.replace("\n", " ").lower())
+    tokens = _PTB_TOKEN.findall(text)
+    return " ".join(t for t in tokens if t not in _PTB_DROPPED)
 
 
 def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
