@@ -5,6 +5,7 @@ batches, recorded, scored and reported; hidden answers give the server's submiss
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from cogvlm.cli import main
 from cogvlm.eval.prompts import PROMPTS
 from cogvlm.eval.runner import build_query, read_benchmark, run_task
 from cogvlm.eval.tasks import TASKS
+from cogvlm.options import UsageError
 from tests import eval_fixtures as F
 
 
@@ -122,25 +124,38 @@ def test_cli_runs_a_task_prints_the_table_and_compares(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--task", "vqav2"], "needs --annotations"),
     (["--task", "vqav2", "--annotations", "missing.json"], "not found"),
-    (["--task", "gqa", "--annotations", "{tsv}"], "VLMEvalKit does not ship|not a GQA"),
-    (["--task", "refcoco", "--annotations", "{refs}"], "refs(…).p file and instances.json"),
-    (["--task", "vqav2", "--annotations", "{vqa}", "--prompt", "{nope}"], "does not have"),
-    (["--task", "vqav2", "--annotations", "{vqa}", "--images", "{tmp}/nowhere"], "images not found"),
+    (["--task", "visual7w", "--annotations", "{tsv}"], "VLMEvalKit does not ship Visual7W"),
+    (["--task", "refcoco", "--annotations", "{refs}"], "refs.*instances.json"),
+    (["--task", "textvqa", "--annotations", "{refs}"], "not valid JSON|not a"),
+    (["--task", "vqav2", "--annotations", "{q}", "{a}", "--images", "{images}", "--prompt", "{{nope}}"], "does not have"),
+    (["--task", "vqav2", "--annotations", "{q}", "{a}", "--images", "{tmp}/nowhere"], "images not found"),
+    (["--task", "vqav2", "--annotations", "{q}", "{a}", "--batch-size", "0"], "--batch-size"),
+    (["--compare", "{q}", "{a}"], "not a report"),
     ([], "give a JSONL file"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    vqa = F.vqa_files(tmp_path)
-    tsv = F.tsv_file(tmp_path, "vqa")[0]
-    refs = F.refcoco_files(tmp_path)[0]
-    argv = [a.format(tsv=tsv, refs=refs, vqa=vqa[0], tmp=tmp_path) for a in argv]
-    if "--images" not in argv and "{vqa}" in " ".join(argv) or argv[-2:-1] == ["--prompt"]:
-        pass
-    if "--prompt" in argv:
-        argv[argv.index("--annotations") + 1:argv.index("--annotations") + 2] = map(str, vqa)
-        argv += ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
-    assert main(["eval", *argv]) == 2
+    q, a = F.vqa_files(tmp_path)
+    files = {"q": q, "a": a, "tsv": F.tsv_file(tmp_path, "vqa")[0], "refs": F.refcoco_files(tmp_path)[0],
+             "images": tmp_path / "images", "tmp": tmp_path}
+    argv = [x.format(**files) for x in argv]
+    assert main(["eval", *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cogvlm eval: error:")
-    import re
-
+    assert len(err) == 1 and err[0].startswith("cogvlm eval: error:"), err
     assert re.search(message, err[0]), err[0]
+
+
+def test_a_second_run_with_other_settings_into_the_same_folder_is_refused(vlm, tmp_path):
+    paths = F.vqa_files(tmp_path, n=1)
+    run_task(vlm, "vqav2", paths, tmp_path / "images", out=tmp_path / "out", progress=False)
+    with pytest.raises(UsageError, match="another run .*prompt"):
+        run_task(vlm, "vqav2", paths, tmp_path / "images", out=tmp_path / "out", query="{question} One word.",
+                 progress=False)
+
+
+def test_jsonl_evaluation_still_works_from_the_cli(tmp_path, capsys):
+    from cogvlm.data.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "set", 2, seed=31, image_size=112, tasks=("vqa", "rec"))
+    assert main(["eval", str(data), "--output", str(tmp_path / "r.json")]) == 0
+    assert "vqa_accuracy" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {"vqa_accuracy", "rec_acc@0.5"}

@@ -4,10 +4,10 @@ as a terminal table, JSON and Markdown. `compare` puts two reports side by side.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..caption import write_atomic
 from ..options import UsageError
 from .tasks import Published, Task
 
@@ -59,12 +59,6 @@ def markdown(report: dict[str, Any]) -> str:
         who = f"{r['published_model']} ({r['source']})" if r["source"] else "—"
         lines.append(f"| {r['metric']} | {r['score']:.2f} | {pub} | {_gap(r['gap'])} | {who} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

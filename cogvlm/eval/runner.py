@@ -23,7 +23,8 @@ from ..options import UsageError
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
 from .prompts import Prompt, prompt_for
-from .report import build_report, write_atomic, write_report
+from ..caption import write_atomic
+from .report import build_report, write_report
 from .tasks import TASKS, Task
 
 if TYPE_CHECKING:
@@ -162,9 +163,8 @@ def check_run(out: Path, settings: dict[str, Any]) -> None:
             raise UsageError(f"{out} holds predictions of another run ({', '.join(changed)} differ: "
                              f"{before.get(changed[0])!r} vs {settings[changed[0]]!r}); use another --out")
         return
-    tmp = out / f".run.json.{os.getpid()}.tmp"  # ranks may write at once: same content, own temp file
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    if int(os.environ.get("RANK", 0)) == 0:  # the other ranks check it on their next start
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def read_benchmark(task: Task, annotations: Sequence[Path], images: Path | None, split: str | None) -> Benchmark:

@@ -36,17 +36,18 @@ def load_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); is the download complete?") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not valid JSON (not UTF-8 text); is it the right file?") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path} line {n} is not JSON") from None
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UsageError(f"{path} line {n} is not JSON") from None
     return rows
 
 
