@@ -152,6 +152,15 @@ def test_a_second_run_with_other_settings_into_the_same_folder_is_refused(vlm, t
                  progress=False)
 
 
+def test_an_unreadable_image_is_an_empty_answer_not_a_dead_job(vlm, tmp_path, capsys):
+    paths = F.vqa_files(tmp_path)
+    (tmp_path / "images" / "val2014" / "COCO_val2014_000000000101.jpg").write_bytes(b"not a jpeg")
+    report = run_task(vlm, "vqav2", paths, tmp_path / "images", out=tmp_path / "out", progress=False)
+    preds = {json.loads(x)["id"]: json.loads(x)["prediction"] for x in (tmp_path / "out" / "predictions.jsonl").open()}
+    assert report["n"] == 3 and preds["1010"] == "" and preds["1000"] != ""
+    assert "item 1010: unreadable image" in capsys.readouterr().err
+
+
 def test_jsonl_evaluation_still_works_from_the_cli(tmp_path, capsys):
     from cogvlm.data.synthetic import make_dataset
 

@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
+from PIL import Image
+
+from ..caption import write_atomic
 from ..generate import ContextLengthError
+from ..image import ImageError, load_image
 from ..options import UsageError
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
 from .prompts import Prompt, prompt_for
-from ..caption import write_atomic
 from .report import build_report, write_report
 from .tasks import TASKS, Task
 
@@ -120,14 +123,27 @@ def build_query(prompt: Prompt, item: Item) -> str:
                          f"{', '.join('{' + k + '}' for k in item.fields) or 'no fields'}") from None
 
 
+def _load(item: Item) -> Image.Image | None:
+    """The item's image, or None (said on stderr) when it cannot be read: one bad file among
+    thousands must not stop the job; its answer is recorded empty and scores as wrong."""
+    try:
+        return load_image(item.image)
+    except (ImageError, OSError) as e:
+        print(f"cogvlm eval: item {item.id}: unreadable image, answer left empty ({e})", file=sys.stderr)
+        return None
+
+
 def answer_items(vlm: CogVLM, items: Sequence[Item], journal: Journal, prompt: Prompt, batch_size: int,
                  sampling: dict[str, Any], progress: Progress) -> int:
     """Generate answers for `items`, `batch_size` at a time, recording each batch as it ends."""
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        requests = [(it.image, build_query(prompt, it), None) for it in batch]
-        answers = vlm.generate(requests, template=prompt.template, **sampling)
-        journal.write([(it.id, a) for it, a in zip(batch, answers)])
+        images = [_load(it) for it in batch]
+        readable = [(it, img) for it, img in zip(batch, images) if img is not None]
+        answers = vlm.generate([(img, build_query(prompt, it), None) for it, img in readable],
+                               template=prompt.template, **sampling)
+        found = {it.id: a for (it, _), a in zip(readable, answers)}
+        journal.write([(it.id, found.get(it.id, "")) for it in batch])
         progress.update(len(batch))
     return len(items)
 

@@ -158,7 +158,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("vizwiz", "VizWiz-VQA", read_vizwiz, score_evalai_vqa, "short_answer", 16, "vqa", _vizwiz_submission),
     Task("gqa", "GQA", read_gqa, score_exact, "short_answer", 16, "vqa", _gqa_submission),
     Task("scienceqa", "ScienceQA (image subset)", read_scienceqa, score_choice, "choice", 8, "choice", None,
-         (Published("test", "accuracy", 91.2, PAPER, "paper (IMG subset)"),)),
+         (Published("test", "accuracy", 91.2, PAPER, "paper, as listed by leaderboards (subset not stated there)"),)),
     Task("coco", "COCO captions (Karpathy test)", read_karpathy, score_captions, "caption", 64, "caption",
          _caption_submission, (Published("test", "cider", 148.7, PAPER, "paper Table 1"),)),
     Task("nocaps", "NoCaps", read_coco_captions, score_captions, "caption", 64, None, _caption_submission,
