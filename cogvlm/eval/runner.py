@@ -168,7 +168,7 @@ def barrier(size: int) -> None:
         dist.barrier()
 
 
-def check_run(out: Path, settings: dict[str, Any]) -> None:
+def check_run(out: Path, settings: dict[str, Any], rank: int = 0) -> None:
     """OUT/run.json remembers what the predictions answer; resuming with other settings would mix
     two runs' answers in one score."""
     path = out / "run.json"
@@ -179,7 +179,7 @@ def check_run(out: Path, settings: dict[str, Any]) -> None:
             raise UsageError(f"{out} holds predictions of another run ({', '.join(changed)} differ: "
                              f"{before.get(changed[0])!r} vs {settings[changed[0]]!r}); use another --out")
         return
-    if int(os.environ.get("RANK", 0)) == 0:  # the other ranks check it on their next start
+    if rank == 0:  # the other ranks check it on their next start
         write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
@@ -217,7 +217,7 @@ def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: P
     rank, size = world()
     settings = {"task": task.name, "split": bench.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
-    check_run(out, settings)
+    check_run(out, settings, rank)
     done = read_predictions(out)
     mine = [it for it in items[rank::size] if it.id not in done]
     journal = Journal(journal_path(out, rank))
