@@ -28,9 +28,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--task {args.task} needs --annotations FILE(S) (docs/eval.md says which)")
     sampling = sampling_flags(args)
     from .report import table
-    from .runner import read_benchmark, world
+    from .runner import prepare, run_job, world
 
-    read_benchmark(TASKS[args.task], args.annotations, args.images, args.split)  # file mistakes before the load
+    job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
+                  args.template)  # every file or prompt mistake before the (slow) model load
     rank, size = world()
     if size > 1 and args.device is None:
         import os
@@ -40,10 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     vlm = load_model(args)
-    from .runner import run_task
-
-    result = run_task(vlm, args.task, args.annotations, args.images, args.split, args.limit, args.out,
-                      args.prompt, args.template, args.batch_size, sampling, args.model, args.progress_every)
+    result = run_job(vlm, job, args.out, args.batch_size, sampling, args.model, args.progress_every)
     if rank == 0:
         if "submission" in result:
             print(f"{TASKS[args.task].title} {result['split']}: answers are hidden; wrote the submission file "

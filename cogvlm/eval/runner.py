@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
@@ -24,6 +24,7 @@ from ..caption import write_atomic
 from ..generate import ContextLengthError
 from ..image import ImageError, load_image
 from ..options import UsageError
+from ..progress import Progress
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
 from .prompts import Prompt, prompt_for
@@ -76,43 +77,6 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
-
-
-class Progress:
-    """Done / total, rate and ETA: redrawn in place on a terminal; in a log (not a terminal), one
-    plain line every `every` seconds and one at the end, never a carriage return."""
-
-    def __init__(self, total: int, desc: str, every: float = 30.0, stream: TextIO | None = None,
-                 enabled: bool = True) -> None:
-        self.total, self.desc, self.every, self.done = total, desc, every, 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and total > 0
-        self.tty = self.stream.isatty()
-        self.start = self.last = time.monotonic()
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_text = "?" if eta != eta else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-        return (f"{self.desc}: {self.done}/{self.total} ({100 * self.done / self.total:.1f}%) "
-                f"{rate:.2f} items/s, ETA {eta_text}")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r" + self.line())
-        elif now - self.last >= self.every or self.done == self.total:
-            self.stream.write(self.line() + "\n")
-            self.last = now
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
 
 
 def build_query(prompt: Prompt, item: Item) -> str:
@@ -195,13 +159,21 @@ def read_benchmark(task: Task, annotations: Sequence[Path], images: Path | None,
     return task.reader([Path(p) for p in annotations], images, split)
 
 
-def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: Path | None = None,
-             split: str | None = None, limit: int | None = None, out: Path | None = None,
-             query: str | None = None, template: str | None = None, batch_size: int = 16,
-             sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
-             progress: bool = True) -> dict[str, Any]:
-    """Answer (or resume answering) a benchmark and score it; returns the report (or, for hidden
-    answers, where the submission file is). Call it on every rank under torchrun: rank 0 scores."""
+@dataclass
+class Job:
+    """A benchmark read and checked, ready to answer: what `prepare` returns."""
+
+    task: Task
+    split: str
+    items: list[Item]
+    prompt: Prompt
+
+
+def prepare(task_name: str, annotations: Sequence[Path], images: Path | None = None, split: str | None = None,
+            limit: int | None = None, model: str = "", query: str | None = None,
+            template: str | None = None) -> Job:
+    """Read the files, pick the prompt and check both (images exist, the prompt's fields are the
+    task's): every user mistake is found here, before the model loads."""
     task = TASKS[task_name]
     bench = read_benchmark(task, annotations, images, split)
     items = bench.items[:limit]
@@ -209,20 +181,31 @@ def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: P
         raise UsageError(f"no {task.title} items in split {bench.split!r}; is --split right?")
     check_images(items)
     prompt = prompt_for(task.prompt, model, query, template)
-    out = Path(out or Path("eval-results") / f"{task.name}-{bench.split}")
+    build_query(prompt, items[0])  # every item of a task has the same fields
+    return Job(task, bench.split, items, prompt)
+
+
+def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16,
+            sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
+            progress: bool = True) -> dict[str, Any]:
+    """Answer (or resume answering) a prepared benchmark and score it; returns the report (or, for
+    hidden answers, where the submission file is). Call it on every rank under torchrun: rank 0
+    scores."""
+    task, items, prompt = job.task, job.items, job.prompt
+    out = Path(out or Path("eval-results") / f"{task.name}-{job.split}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
     rank, size = world()
-    settings = {"task": task.name, "split": bench.split, "model": str(model), "template": prompt.template,
+    settings = {"task": task.name, "split": job.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
     check_run(out, settings, rank)
     done = read_predictions(out)
     mine = [it for it in items[rank::size] if it.id not in done]
     journal = Journal(journal_path(out, rank))
-    bar = Progress(len(mine), f"eval {task.name} {bench.split}" + (f" rank {rank}" if size > 1 else ""),
-                   progress_every, enabled=progress)
+    bar = Progress(len(mine), f"eval {task.name} {job.split}" + (f" rank {rank}" if size > 1 else ""),
+                   "item", enabled=progress and bool(mine), every=progress_every)
     try:
         answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"], bar)
     except ContextLengthError as e:
@@ -232,15 +215,25 @@ def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: P
         bar.close()
     barrier(size)
     if rank != 0:
-        return {"task": task.name, "split": bench.split, "rank": rank}
+        return {"task": task.name, "split": job.split, "rank": rank}
     preds = read_predictions(out)
     if any(it.answers is None for it in items):
         if task.submission is None:
-            raise UsageError(f"{task.title} {bench.split} has no answers to score against")
+            raise UsageError(f"{task.title} {job.split} has no answers to score against")
         path = out / "submission.json"
         write_atomic(path, json.dumps(task.submission(items, preds), ensure_ascii=False) + "\n")
-        return {"task": task.name, "split": bench.split, "n": len(items), "submission": str(path)}
-    report = build_report(task, bench.split, model, task.score(items, preds), len(items),
+        return {"task": task.name, "split": job.split, "n": len(items), "submission": str(path)}
+    report = build_report(task, job.split, model, task.score(items, preds), len(items),
                           {**settings, "prompt_source": prompt.source, "batch_size": batch_size})
     write_report(report, out)
     return report
+
+
+def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: Path | None = None,
+             split: str | None = None, limit: int | None = None, out: Path | None = None,
+             query: str | None = None, template: str | None = None, batch_size: int = 16,
+             sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
+             progress: bool = True) -> dict[str, Any]:
+    """`prepare` then `run_job`: one call from the Python API."""
+    job = prepare(task_name, annotations, images, split, limit, model, query, template)
+    return run_job(vlm, job, out, batch_size, sampling, model, progress_every, progress)
