@@ -243,3 +243,15 @@ def test_refs_pickle_is_read_without_running_code(tmp_path):
     bad.write_bytes(pickle.dumps([_Boom()], protocol=2))
     with pytest.raises(UsageError, match="refused posix.system|refused os.system|refused nt.system"):
         load_refs(bad)
+
+
+def test_pope_per_category_rows_for_vlmevalkit_files():
+    from cogvlm.eval.formats import Item
+    from cogvlm.eval.tasks import score_pope
+
+    items = [Item(str(i), b"", {}, [label], {"category": cat}) for i, (label, cat) in
+             enumerate([("yes", "random"), ("no", "random"), ("yes", "adversarial"), ("no", "adversarial")])]
+    preds = {"0": "Yes.", "1": "No.", "2": "No, there is not.", "3": "There is no such thing."}
+    out = score_pope(items, preds)
+    assert out["accuracy"] == 0.75 and out["accuracy/random"] == 1.0 and out["accuracy/adversarial"] == 0.5
+    assert out["f1/adversarial"] == 0.0 and out["f1/random"] == 1.0

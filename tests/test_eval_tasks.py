@@ -106,7 +106,8 @@ def test_vlmevalkit_tsv(vlm, tmp_path, kind, task):
     else:
         assert bench.items[0].fields["context"] == "Context: Look.\n" and bench.items[1].fields["context"] == ""
     report = run_task(vlm, task, paths, None, out=tmp_path / "out", progress=False)
-    assert report["n"] == 3
+    assert report["n"] == 3 and report["split"] == ("val" if kind == "vqa" else "test")
+    assert report["rows"][0]["published"] == (70.4 if kind == "vqa" else 91.2)
 
 
 def test_cli_runs_a_task_prints_the_table_and_compares(tmp_path, capsys):

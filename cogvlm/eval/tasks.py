@@ -112,7 +112,14 @@ def score_pointing(items: Sequence[Item], preds: Predictions) -> dict[str, float
 
 
 def score_pope(items: Sequence[Item], preds: Predictions) -> dict[str, float]:
-    return M.pope_metrics((M.pope_answer(preds[it.id]), it.answers[0]) for it in items)
+    """One file per setting from POPE's repository; VLMEvalKit's POPE mixes the three settings in
+    one file with a category column, so each category also gets its accuracy and F1."""
+    out = M.pope_metrics((M.pope_answer(preds[it.id]), it.answers[0]) for it in items)
+    for cat in sorted({it.meta.get("category") for it in items} - {None}):
+        part = M.pope_metrics((M.pope_answer(preds[it.id]), it.answers[0]) for it in items
+                              if it.meta.get("category") == cat)
+        out.update({f"accuracy/{cat}": part["accuracy"], f"f1/{cat}": part["f1"]})
+    return out
 
 
 def score_tdiuc(items: Sequence[Item], preds: Predictions) -> dict[str, float]:

@@ -59,4 +59,5 @@ def read_tsv(paths: Sequence[Path], kind: str, split: str | None) -> Benchmark:
         else:
             answers = _answers(answer) if answer not in (None, "") else None
         items.append(Item(r["index"], data, fields, answers, {"category": r.get("category")}))
-    return Benchmark(split or path.stem, items)
+    suffix = path.stem.rsplit("_", 1)[-1].lower()  # TextVQA_VAL, ScienceQA_TEST: the publisher's split
+    return Benchmark(split or (suffix if suffix in ("val", "test") else path.stem), items)
