@@ -132,6 +132,7 @@ def test_cli_runs_a_task_prints_the_table_and_compares(tmp_path, capsys):
     (["--task", "vqav2", "--annotations", "{q}", "{a}", "--images", "{tmp}/nowhere"], "images not found"),
     (["--task", "vqav2", "--annotations", "{q}", "{a}", "--batch-size", "0"], "--batch-size"),
     (["--compare", "{q}", "{a}"], "not a report"),
+    (["{q}", "--images", "{images}"], "--images need --task"),
     ([], "give a JSONL file"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -139,7 +140,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     files = {"q": q, "a": a, "tsv": F.tsv_file(tmp_path, "vqa")[0], "refs": F.refcoco_files(tmp_path)[0],
              "images": tmp_path / "images", "tmp": tmp_path}
     argv = [x.format(**files) for x in argv]
-    assert main(["eval", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cogvlm eval: error:"), err
     assert re.search(message, err[0]), err[0]

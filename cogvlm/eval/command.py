@@ -60,6 +60,9 @@ def _eval_jsonl(args: argparse.Namespace) -> int:
 
     if args.data is None:
         raise UsageError("give a JSONL file, or --task NAME --annotations FILE(S) (see cogvlm eval --help)")
+    task_only = [f"--{k}" for k in ("annotations", "images", "split", "out", "prompt") if getattr(args, k)]
+    if task_only:
+        raise UsageError(f"{', '.join(task_only)} need --task NAME (a JSONL file needs none of them)")
     vlm = load_model(args)
     result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
     print(format_table(result))
