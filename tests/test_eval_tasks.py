@@ -170,3 +170,13 @@ def test_jsonl_evaluation_still_works_from_the_cli(tmp_path, capsys):
     assert main(["eval", str(data), "--output", str(tmp_path / "r.json")]) == 0
     assert "vqa_accuracy" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {"vqa_accuracy", "rec_acc@0.5"}
+
+
+def test_prompts_follow_the_model_family_and_overrides():
+    from cogvlm.eval.prompts import prompt_for
+
+    assert prompt_for("short_answer", "cogvlm-chat-v1.1").template == "vqa"
+    assert prompt_for("short_answer", "cogagent-vqa").template == "chat"  # chat_old, per the authors' README
+    assert prompt_for("rec", "cogagent-chat").query.startswith("Where is {expression}?")  # no CogAgent variant
+    custom = prompt_for("short_answer", "cogvlm-tiny", query="{question} One word.", template="chat")
+    assert (custom.template, custom.query) == ("chat", "{question} One word.")
