@@ -121,7 +121,8 @@ def _export(jsonl: Path, root: Path) -> tuple[Path, list[Path], list[Path]]:
 
 def test_held_out_scenes_score_the_same_as_benchmarks_and_as_jsonl(tmp_path):
     vlm = CogVLM.from_pretrained()
-    jsonl = make_dataset(tmp_path / "scenes", 6, seed=2027, image_size=112, tasks=("vqa", "rec"))
+    # crowded scenes (4 objects), where cogvlm-tiny misses some boxes: equal scores then say more
+    jsonl = make_dataset(tmp_path / "scenes", 6, seed=2027, image_size=112, tasks=("vqa", "rec"), min_objects=4)
     flat, vqa, refcoco = _export(jsonl, tmp_path)
     today = evaluate(vlm, flat, batch_size=8, progress=False)
     v = run_task(vlm, "vqav2", vqa, tmp_path / "images", out=tmp_path / "v", batch_size=8, progress=False)
@@ -129,4 +130,4 @@ def test_held_out_scenes_score_the_same_as_benchmarks_and_as_jsonl(tmp_path):
     assert today["counts"]["vqa_accuracy"] == v["n"] and today["counts"]["rec_acc@0.5"] == r["n"]
     assert v["rows"][0]["score"] == round(100 * today["metrics"]["vqa_accuracy"], 2)
     assert r["rows"][0]["score"] == round(100 * today["metrics"]["rec_acc@0.5"], 2)
-    assert 0 < r["rows"][0]["score"] and v["rows"][0]["score"] > 50  # a real model at work, not all zeros
+    assert 50 < r["rows"][0]["score"] < 100 and v["rows"][0]["score"] > 50  # 73.91 and 92.31 when written
