@@ -74,6 +74,19 @@ def test_torchrun_shards_give_the_one_process_report(tmp_path):
     assert a["rows"] == b["rows"] and a["n"] == b["n"] == 5
 
 
+@pytest.mark.slow
+def test_tensor_parallel_model_answers_every_item_on_rank_0(tmp_path):
+    """--tp 2 on CPU: two processes hold one model; the items are not split between them."""
+    paths = F.vqa_files(tmp_path, n=3)
+    run = _eval(["--task", "vqav2", "--annotations", *map(str, paths), "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "out"), "--tp", "2", "--device", "cpu"])
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert not list((tmp_path / "out").glob("predictions.rank*.jsonl"))
+    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["n"] == 3
+
+
 def _export(jsonl: Path, root: Path) -> tuple[Path, list[Path], list[Path]]:
     """One single-turn JSONL record per VQA question and per referring expression of the held-out
     scenes, and the same questions as VQAv2 files and the same expressions as RefCOCO files."""

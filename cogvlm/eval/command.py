@@ -32,7 +32,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
                   args.template)  # every file or prompt mistake before the (slow) model load
-    rank, size = world()
+    # under --tp the processes share one model (rank 0 drives it): they do not split the items
+    tensor_parallel = (args.tp or 1) > 1
+    rank, size = (0, 1) if tensor_parallel else world()
     if size > 1 and args.device is None:
         import os
 
@@ -41,7 +43,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     vlm = load_model(args)
-    result = run_job(vlm, job, args.out, args.batch_size, sampling, args.model, args.progress_every)
+    result = run_job(vlm, job, args.out, args.batch_size, sampling, args.model, args.progress_every,
+                     data_parallel=not tensor_parallel)
     if rank == 0:
         if "submission" in result:
             print(f"{TASKS[args.task].title} {result['split']}: answers are hidden; wrote the submission file "

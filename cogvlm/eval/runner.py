@@ -187,17 +187,18 @@ def prepare(task_name: str, annotations: Sequence[Path], images: Path | None = N
 
 def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16,
             sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, data_parallel: bool = True) -> dict[str, Any]:
     """Answer (or resume answering) a prepared benchmark and score it; returns the report (or, for
-    hidden answers, where the submission file is). Call it on every rank under torchrun: rank 0
-    scores."""
+    hidden answers, where the submission file is). Under torchrun call it on every rank: each
+    answers its share, rank 0 scores. `data_parallel=False` for a tensor-parallel model, whose
+    ranks all serve rank 0's calls instead."""
     task, items, prompt = job.task, job.items, job.prompt
     out = Path(out or Path("eval-results") / f"{task.name}-{job.split}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
-    rank, size = world()
+    rank, size = world() if data_parallel else (0, 1)
     settings = {"task": task.name, "split": job.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
     check_run(out, settings, rank)
