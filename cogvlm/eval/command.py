@@ -32,8 +32,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
                   args.template)  # every file or prompt mistake before the (slow) model load
-    # under --tp the processes share one model (rank 0 drives it): they do not split the items
-    tensor_parallel = (args.tp or 1) > 1
+    from ..tp import launched_by_torchrun
+
+    # the model's rule (CogVLM.from_pretrained): --tp N, or under torchrun its world size unless
+    # --tp 1. Tensor-parallel processes share one model that rank 0 drives: they do not split the
+    # items; with --tp 1 each torchrun process loads its own model and answers its share.
+    tensor_parallel = (args.tp or launched_by_torchrun() or 1) > 1
     rank, size = (0, 1) if tensor_parallel else world()
     if size > 1 and args.device is None:
         import os
