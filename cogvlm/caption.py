@@ -40,7 +40,7 @@ from .datasets import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OUTPUT_FORMATS as OUTPUT
                        parquet_columns, samples, sampling_json, temp_path)
 from .generate import ContextLengthError
 from .image import ImageError, ImageInput, load_image
-from .options import UsageError, add_model_flags, load_model, sampling_flags
+from .options import UsageError, add_model_flags, load_model, sampling_flags, share_items
 from .progress import Progress
 from .prompt import build_prompt
 
@@ -409,16 +409,6 @@ def caption_shards(vlm: CogVLM, shards: Sequence[Path], writer: ShardWriter, col
 
 # ---- command line ------------------------------------------------------------------------------
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; joins the gloo group when there are several."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # ranks may end far apart
-    return rank, world
-
-
 COUNTS = ("done", "skipped", "tokens", "shards_written", "shards_skipped")
 
 
@@ -533,14 +523,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
             print(f"cogvlm caption: would caption {todo} of {len(images)} images ({len(images) - todo} already done) "
                   f"-> {args.output or '.txt next to each image'} (dry run: nothing was loaded or written)")
             return 0
-    rank, world = _world()
+    rank, world = share_items(args)
     # checked before the model loads: an --output that cannot be written, .txt files that would clash
     sink = None if dataset else RecordFile(args.output, rank) if args.output else TextFiles(images)
-    if world > 1 and args.device is None:
-        import torch
-
-        if torch.cuda.is_available():
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     vlm = load_model(args)
     progress = None if rank == 0 else False
     try:

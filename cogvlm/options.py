@@ -8,6 +8,8 @@ surface at once.
 from __future__ import annotations
 
 import argparse
+import os
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MODEL, TEMPLATE_ALIASES, TEMPLATES
@@ -65,6 +67,35 @@ def add_tp_flag(parser: argparse.ArgumentParser) -> None:
                         help="split the model over N GPUs (or N CPU processes) with tensor parallelism; "
                              "the N-1 other processes are started for you (under torchrun: its world size). "
                              "`cogvlm plan` says which N fits")
+
+
+def torchrun_group() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, joining the gloo group the ranks meet in
+    when there are several (once; ranks may end far apart, hence the long timeout)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    return rank, world
+
+
+def share_items(args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size) for the jobs that split their *items* over torchrun's processes (caption,
+    eval): each process loads a model of its own, on its own GPU, and takes every world-th item.
+    Only `--tp N` asks for the other split, one model over the processes, driven by rank 0: then
+    rank 0 takes every item, (0, 1). Call it before `load_model(args)`."""
+    if (args.tp or 1) > 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 0, 1
+    args.tp = 1  # not the torchrun default of chat and serve, which split the model
+    rank, world = torchrun_group()
+    if world > 1 and args.device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return rank, world
 
 
 def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:

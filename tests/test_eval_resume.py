@@ -61,13 +61,13 @@ def test_sigkill_then_resume_answers_every_item_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_shards_give_the_one_process_report(tmp_path):
-    """torchrun with --tp 1: data parallel (each process its own model and a share of the items)."""
+    """torchrun: data parallel (each process its own model and a share of the items), as caption."""
     paths = F.vqa_files(tmp_path, n=5)
     common = ["--task", "vqav2", "--annotations", *map(str, paths), "--images", str(tmp_path / "images")]
     one = _eval([*common, "--out", str(tmp_path / "one")])
     assert one.wait(timeout=600) == 0, one.stderr.read()
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "cogvlm", "eval", *common, "--tp", "1", "--out", str(tmp_path / "two")],
+                          "29533", "-m", "cogvlm", "eval", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two" / "predictions.rank1.jsonl").exists()

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..options import UsageError, add_model_flags, load_model, sampling_flags
+from ..options import UsageError, add_model_flags, load_model, sampling_flags, share_items
 from .tasks import TASKS
 
 
@@ -28,24 +28,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--task {args.task} needs --annotations FILE(S) (docs/eval.md says which)")
     sampling = sampling_flags(args)
     from .report import table
-    from .runner import prepare, run_job, world
+    from .runner import prepare, run_job
 
     job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
                   args.template)  # every file or prompt mistake before the (slow) model load
-    from ..tp import launched_by_torchrun
-
-    # the model's rule (CogVLM.from_pretrained): --tp N, or under torchrun its world size unless
-    # --tp 1. Tensor-parallel processes share one model that rank 0 drives: they do not split the
-    # items; with --tp 1 each torchrun process loads its own model and answers its share.
-    tensor_parallel = (args.tp or launched_by_torchrun() or 1) > 1
-    rank, size = (0, 1) if tensor_parallel else world()
-    if size > 1 and args.device is None:
-        import os
-
-        import torch
-
-        if torch.cuda.is_available():
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    # under torchrun each process answers its share of the items with a model of its own, unless
+    # --tp N splits one model over the processes (then rank 0 answers every item)
+    rank, size = share_items(args)
+    tensor_parallel = (args.tp or 1) > 1
     vlm = load_model(args)
     result = run_job(vlm, job, args.out, args.batch_size, sampling, args.model, args.progress_every,
                      data_parallel=not tensor_parallel)

@@ -23,7 +23,7 @@ from PIL import Image
 from ..caption import write_atomic
 from ..generate import ContextLengthError
 from ..image import ImageError, load_image
-from ..options import UsageError
+from ..options import UsageError, torchrun_group
 from ..progress import Progress
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
@@ -112,19 +112,6 @@ def answer_items(vlm: CogVLM, items: Sequence[Item], journal: Journal, prompt: P
     return len(items)
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; joins a gloo group when there are several."""
-    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if size > 1:
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(hours=24))  # ranks may end far apart
-    return rank, size
-
-
 def barrier(size: int) -> None:
     if size > 1:
         import torch.distributed as dist
@@ -198,7 +185,7 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
-    rank, size = world() if data_parallel else (0, 1)
+    rank, size = torchrun_group() if data_parallel else (0, 1)
     settings = {"task": task.name, "split": job.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
     check_run(out, settings, rank)
