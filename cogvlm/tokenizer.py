@@ -53,12 +53,7 @@ class Tokenizer:
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` without special tokens; TokenizerError for text that is not valid
-        Unicode (a lone surrogate, as JSON "\\ud800" or undecodable command-line bytes give)."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise TokenizerError(f"the text is not valid Unicode: {e.reason} at character {e.start}") from None
+        """Token ids of `text` without special tokens."""
         return self.sp.encode(text) if text else []
 
     def decode(self, ids: list[int]) -> str:
