@@ -346,7 +346,7 @@ def check_names(expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int,
     if wrong:
         problems.append(f"{len(wrong)} with the wrong shape: {_listing(wrong)}")
     if problems:
-        raise CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint {where} does not match its config: " + "; ".join(problems))
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -374,7 +374,7 @@ def report_weights(found: dict[str, list[str]], where: str) -> None:
     if found.get("finite"):
         problems.append(f"{len(found['finite'])} with NaN or inf values: {_listing(found['finite'])}")
     if problems:
-        raise CheckpointError(f"checkpoint {where} holds unusable weights:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint {where} holds unusable weights: " + "; ".join(problems))
 
 
 def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

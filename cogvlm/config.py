@@ -278,7 +278,10 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
 
 # ---- checking values: a config file is user input ------------------------------------------
 
-MINIMUM = {"max_position_embeddings": 2}  # int fields: >= 1 unless named here; token ids >= 0
+# int fields: in [1, 2**20] unless named here (token ids from 0): far past any real model, short
+# of sizes that would build for hours or overflow a tensor's shape
+MINIMUM = {"max_position_embeddings": 2}
+MAXIMUM = {"num_layers": 1024, "max_position_embeddings": 2**24}
 
 
 def check_numbers(config: Any, where: str = "") -> None:
@@ -292,8 +295,9 @@ def check_numbers(config: Any, where: str = "") -> None:
             continue
         elif isinstance(f.default, int):
             low = 0 if f.name.endswith("_token_id") else MINIMUM.get(f.name, 1)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"model config: {name} must be an integer >= {low}, not {value!r}")
+            high = MAXIMUM.get(f.name, 2**20)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"model config: {name} must be an integer in [{low}, {high}], not {str(value)[:40]}")
         elif isinstance(f.default, float):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"model config: {name} must be a finite number > 0, not {value!r}")

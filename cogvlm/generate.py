@@ -312,9 +312,13 @@ class BatchDecoder:
             return {}
         params = [self.params[r] for r in self.active]
         generators = [self.generators[r] for r in self.active]
+        states = [None if g is None else g.get_state() for g in generators]  # ~5 kB each: cheap
         try:
             tokens = sample(self.logits, params, self.seen, generators)
         except Exception:  # one row's trouble must not end the others: find it by sampling alone
+            for g, state in zip(generators, states):
+                if g is not None:  # rows sampled before the failure drew from their generators
+                    g.set_state(state)
             tokens = self._sample_alone(params, generators)
         self.seen.scatter_(1, tokens[:, None], True)
         out = {}
