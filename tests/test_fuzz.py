@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cogvlm.data.synthetic import make_scene
 from cogvlm.generate import MAX_STOP_CHARS, MAX_STOPS, SamplingParams, sample
+from tests.test_caption import ENV
 from tests.test_server import assert_openai_error, data_url, post, scene, serving_process, user
 
 CONTEXT = 96  # the fuzz server's --max_length: any answer a fuzzed request asks for stays short
@@ -395,3 +399,131 @@ def test_bad_sampling_flags_end_in_one_line(capsys, flag, value):
     assert code == 2 and err, err
     ours = [line for line in err.splitlines() if not line.startswith(("usage:", " "))]  # argparse: usage first
     assert len(ours) == 1 and ours[0].startswith("cogvlm chat: error: "), err
+
+
+# ---- commands: one line and exit 2, never a traceback -------------------------------------------
+
+def one_line_error(result: subprocess.CompletedProcess | tuple[int, str], verb: str) -> str:
+    code, err = (result.returncode, result.stderr) if isinstance(result, subprocess.CompletedProcess) else result
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cogvlm {verb}: error: "), err
+    return lines[0]
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    from cogvlm.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_chat_mistakes_end_in_one_line(capsys, tmp_path):
+    assert "File name too long" in one_line_error(run_main(capsys, "chat", "--image", "a" * 5000, "--query", "hi"),
+                                                  "chat")
+    assert "not valid Unicode" in one_line_error(run_main(capsys, "chat", "--query", "what is \udcff?"), "chat")
+
+
+def test_chat_with_binary_stdin_ends_in_one_line(tmp_path):
+    garbage = bytes(range(128, 256)) * 20
+    result = subprocess.run([sys.executable, "-m", "cogvlm", "chat"], input=b"\n" + garbage + b"\nstop\n",
+                            capture_output=True, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
+    result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout, result.stderr.decode())
+    assert "standard input is not UTF-8" in one_line_error(result, "chat")
+
+
+def test_merge_lora_refuses_pickled_adapters(capsys, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    line = one_line_error(run_main(capsys, "merge-lora", "cogvlm-tiny", str(tmp_path), str(tmp_path / "out")),
+                          "merge-lora")
+    assert "adapter_model.safetensors" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_caption_on_a_full_disk_reports_the_write_error(tmp_path):
+    """A file-size limit makes every write past 100 bytes fail as a full disk does: the first error
+    is the one reported, in one line (before, closing the journal failed again and hid it)."""
+    for i in range(2):
+        make_scene(i, 48).image.save(tmp_path / f"scene{i}.png")
+    script = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "from cogvlm.cli import main\nresource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+              "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", script, "caption", str(tmp_path), "--output",
+                             str(tmp_path / "out" / "captions.jsonl")], capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert "cannot write" in one_line_error(result, "caption")
+
+
+# ---- weights: bad files are refused with one message naming the tensors ------------------------
+
+def _with_state(tiny_checkpoint: Path, out: Path, change) -> Path:
+    from safetensors.torch import load_file
+
+    from cogvlm.checkpoint import read_config, save_hf
+
+    state = {}
+    for shard in sorted(tiny_checkpoint.glob("*.safetensors")):
+        state.update(load_file(shard))
+    change(state)
+    return save_hf(state, read_config(tiny_checkpoint), out, extra_files=(tiny_checkpoint / "tokenizer.model",))
+
+
+def test_unusable_weights_are_named(tiny_checkpoint, tmp_path, capsys):
+    from cogvlm import CogVLM
+    from cogvlm.checkpoint import CheckpointError
+
+    def spoil(state):
+        state["model.norm.weight"][3] = float("nan")
+        state["lm_head.weight"][0, 0] = float("inf")
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].double()
+        state["model.vision.boi"] = state["model.vision.boi"].to(torch.int64)
+
+    folder = _with_state(tiny_checkpoint, tmp_path / "bad", spoil)
+    with pytest.raises(CheckpointError) as bad:
+        CogVLM.from_pretrained(folder, device="cpu")
+    message = str(bad.value)
+    assert "\n" not in message
+    for name in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight (float64)",
+                 "model.vision.boi (int64)"):
+        assert name in message
+    one_line_error(run_main(capsys, "convert", str(folder), str(tmp_path / "out")), "convert")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_overflow_is_caught_when_loading(tiny_checkpoint, tmp_path):
+    """Finite in the file, inf once loaded in float16 (past 65504): checked after conversion."""
+    from cogvlm import CogVLM
+    from cogvlm.checkpoint import CheckpointError
+
+    folder = _with_state(tiny_checkpoint, tmp_path / "big", lambda s: s["model.norm.weight"].__setitem__(0, 1e6))
+    CogVLM.from_pretrained(folder, device="cpu")
+    with pytest.raises(CheckpointError, match="NaN or inf values: model.norm.weight"):
+        CogVLM.from_pretrained(folder, device="cpu", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "a/../../x.safetensors", 7])
+def test_weight_files_stay_inside_the_checkpoint(tiny_checkpoint, tmp_path, target):
+    from cogvlm import CogVLM
+    from cogvlm.checkpoint import HF_INDEX, CheckpointError
+
+    folder = _with_state(tiny_checkpoint, tmp_path / "ckpt", lambda s: None)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model-00001-of-00001.safetensors").read_bytes())
+    index = json.loads((folder / HF_INDEX).read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = target
+    (folder / HF_INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not inside the checkpoint folder"):
+        CogVLM.from_pretrained(folder, device="cpu")
+
+
+def test_pre_zip_sat_checkpoints_load(tiny_model, tmp_path):
+    """torch.save files from before torch 1.6 cannot be memory-mapped; they are read whole."""
+    from cogvlm.checkpoint import load_model
+    from tests.test_checkpoint import same_weights, write_sat
+
+    write_sat(tmp_path / "sat", tiny_model)
+    for f in (tmp_path / "sat").rglob("*.pt"):
+        blob = torch.load(f, weights_only=True)
+        torch.save(blob, f, _use_new_zipfile_serialization=False)
+    loaded, _ = load_model(tmp_path / "sat")
+    same_weights(loaded, tiny_model)
