@@ -180,6 +180,8 @@ def main() -> None:
     print(f"server RSS: {start_rss / mb:.0f} MB at start, {max(memory, default=0) / mb:.0f} MB peak, "
           f"{end_rss / mb:.0f} MB at the end; /metrics running: {metrics['requests']['running']}, "
           f"finished: {metrics['requests']['finished']}")
+    step = max(1, len(memory) // 12)
+    print("server RSS over time (MB): " + " ".join(f"{m / mb:.0f}" for m in memory[::step]))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,30 @@ def test_a_row_whose_sampling_fails_leaves_the_batch_alone(talkative_vlm):
     assert batch.generated[0] == alone.generated[0] and len(batch.generated[2]) == 6
 
 
+def test_a_batch_that_never_drains_does_not_grow(talkative_vlm):
+    """A busy server's batch never empties: rows keep joining as others leave. The cache's slots
+    are shared columns, so without dropping the ones no row uses any more it would grow by one
+    every step (memory and attention cost without bound); and each new row must still decode
+    exactly as alone."""
+    vlm = talkative_vlm
+    params = vlm.sampling(max_new_tokens=4, top_k=1)
+    prompt = vlm.prompt_tokens(None, "a question")
+    alone = vlm.decoder([prompt], [params])
+    for _ in alone.run():
+        pass
+    batch = vlm.decoder([prompt], [params])
+    rows, lengths = [0], []
+    for step in range(120):
+        if step % 2:
+            rows += batch.join(vlm.decoder([prompt], [params]))
+        batch.step()
+        lengths.append(batch.cache.length)
+    for _ in batch.run():
+        pass
+    assert max(lengths[-40:]) <= 16, lengths
+    assert all(batch.generated[r] == alone.generated[0] for r in rows)
+
+
 def test_a_prompt_that_fails_its_prefill_fails_alone(talkative_vlm):
     """Newcomers are prefilled together; when that fails, each is retried alone: only the bad one
     ends with an error, and every job ends exactly once."""
@@ -424,6 +448,7 @@ def test_chat_mistakes_end_in_one_line(capsys, tmp_path):
     assert "not valid Unicode" in one_line_error(run_main(capsys, "chat", "--query", "what is \udcff?"), "chat")
 
 
+@pytest.mark.slow
 def test_chat_with_binary_stdin_ends_in_one_line(tmp_path):
     garbage = bytes(range(128, 256)) * 20
     result = subprocess.run([sys.executable, "-m", "cogvlm", "chat"], input=b"\n" + garbage + b"\nstop\n",
@@ -440,6 +465,7 @@ def test_merge_lora_refuses_pickled_adapters(capsys, tmp_path):
     assert "adapter_model.safetensors" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
 def test_caption_on_a_full_disk_reports_the_write_error(tmp_path):
     """A file-size limit makes every write past 100 bytes fail as a full disk does: the first error
