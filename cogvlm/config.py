@@ -219,7 +219,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
         raise ConfigError(f"config.json lacks the key {e.args[0]!r}; is this a CogVLM config?") from None
     except ConfigError:
         raise
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # OverflowError: int(Infinity)
         raise wrong_value(d, e, "config.json") from None
 
 
@@ -272,7 +272,7 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
         ) from None
     except ConfigError:
         raise
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # OverflowError: int(Infinity)
         raise wrong_value(d, e, "model_config.json") from None
 
 
@@ -316,7 +316,8 @@ def wrong_value(d: Any, error: Exception, file: str) -> ConfigError:
             return ConfigError(f"{file}: {key} must be an object, not {json.dumps(value)[:40]}")
     for scope, values in [("", d)] + [(f"{k}.", v) for k, v in d.items() if isinstance(v, dict)]:
         for key, value in values.items():
-            if value is None or (isinstance(value, str) and str(error).endswith(repr(value))):
+            if (value is None or (isinstance(value, float) and not math.isfinite(value))
+                    or (isinstance(value, str) and str(error).endswith(repr(value)))):
                 return ConfigError(f"{file}: {scope}{key} has the wrong value {json.dumps(value)[:40]}")
     return ConfigError(f"{file} has a value of the wrong type: {error}")
 
