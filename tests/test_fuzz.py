@@ -307,7 +307,7 @@ def test_a_batch_that_never_drains_does_not_grow(talkative_vlm):
         lengths.append(batch.cache.length)
     for _ in batch.run():
         pass
-    assert max(lengths[-20:]) <= 16, lengths
+    assert max(lengths[-20:]) <= vlm.prompt_length(prompt) + 16, lengths  # without the trim: + 60 and rising
     assert all(batch.generated[r] == alone.generated[0] for r in rows)
 
 
