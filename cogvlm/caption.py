@@ -18,6 +18,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import io
@@ -158,8 +159,11 @@ class RecordFile:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            # every write is flushed: close has only a failed write's rest to flush, and that write's
+            # error (a full disk) is the one to report, not this second one
+            with contextlib.suppress(OSError):
+                file.close()
 
     def merge(self) -> None:
         """Fold every journal into the output (atomically, sorted), then delete the journals."""

@@ -25,6 +25,7 @@ from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_
 from .image import ImageError, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags, spellings
 from .prompt import ImageRequiredError
+from .tokenizer import TokenizerError
 
 if TYPE_CHECKING:
     from .api import ChatSession, CogVLM
@@ -126,6 +127,8 @@ def _read(prompt: str) -> str | None:
     except EOFError:
         print()
         return None
+    except UnicodeDecodeError:
+        raise UsageError("standard input is not UTF-8 text") from None
 
 
 def _turn(args: argparse.Namespace, text: Strings, session: ChatSession, query: str,
@@ -133,7 +136,7 @@ def _turn(args: argparse.Namespace, text: Strings, session: ChatSession, query: 
     print(text.answer, end="", flush=True)
     try:
         finished = print_stream(session.stream(query), sys.stdout)
-    except ContextLengthError as e:
+    except (ContextLengthError, TokenizerError) as e:
         print(f"\n{e}")
         return
     print("" if finished else f" {text.stopped}")

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -120,7 +121,7 @@ def _hf_shards(folder: Path) -> list[Path]:
             weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{folder / HF_INDEX} is not a valid index: {e}") from None
-        shards = [folder / f for f in dict.fromkeys(weight_map.values())]
+        shards = [folder / _shard_name(f, folder) for f in dict.fromkeys(weight_map.values())]
     else:
         shards = [folder / HF_SINGLE]
     missing = [s.name for s in shards if not s.is_file()]
@@ -131,6 +132,14 @@ def _hf_shards(folder: Path) -> list[Path]:
 
 
 _BUFFERS = ("inv_freq", "rope.freqs_cos", "rope.freqs_sin")  # derived: recomputed, never read
+
+
+def _shard_name(name: object, folder: Path) -> str:
+    """A weight_map entry, if it names a file inside the checkpoint folder (not ../x, not /etc/x)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{folder / HF_INDEX} names the weight file {json.dumps(name)[:80]}, which is not "
+                              f"inside the checkpoint folder")
+    return name
 
 
 def _iter_hf(folder: Path, device: str, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -291,7 +300,8 @@ def _read_sat(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Te
     states = []
     for f in files:
         try:
-            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            # files from before torch 1.6 (not zip) cannot be memory-mapped: those are read whole
+            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # pickle / zip errors come in many types
             raise CheckpointError(f"cannot read SAT checkpoint {f}: {e}") from None
         states.append(blob["module"] if isinstance(blob, dict) and "module" in blob else blob)
@@ -336,7 +346,35 @@ def check_names(expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int,
     if wrong:
         problems.append(f"{len(wrong)} with the wrong shape: {_listing(wrong)}")
     if problems:
-        raise CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint {where} does not match its config: " + "; ".join(problems))
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def scan_weights(stored: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
+                 found: dict[str, list[str]]) -> None:
+    """Note in `found` the tensors a model must not be built from: stored in a dtype no weight
+    has (int64, bool, float64: a wrong export), or not finite once loaded (NaN/inf: a broken
+    checkpoint, or values past the range of the dtype loaded to). Called while streaming."""
+    for name, t in stored.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            found.setdefault("dtype", []).append(f"{name} ({str(t.dtype).removeprefix('torch.')})")
+    for name, t in loaded.items():
+        if t.dtype.is_floating_point and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            found.setdefault("finite", []).append(name)
+
+
+def report_weights(found: dict[str, list[str]], where: str) -> None:
+    """One CheckpointError naming every tensor `scan_weights` found."""
+    problems = []
+    if found.get("dtype"):
+        problems.append(f"{len(found['dtype'])} in a dtype weights do not have (only float32, bfloat16, float16): "
+                        f"{_listing(found['dtype'])}")
+    if found.get("finite"):
+        problems.append(f"{len(found['finite'])} with NaN or inf values: {_listing(found['finite'])}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} holds unusable weights: " + "; ".join(problems))
 
 
 def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -364,13 +402,16 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     seen: dict[str, tuple[int, ...]] = {}
     read_device = "cpu" if device.type == "meta" else str(device)
+    bad: dict[str, list[str]] = {}
     for group in iter_tensors(folder, device=read_device, rank=rank, world=world):
         seen.update({k: tuple(v.shape) for k, v in group.items()})
         fitting = {k: owned(v, device, dtype) for k, v in group.items()
                    if k in expected and tuple(v.shape) == expected[k]}
+        scan_weights(group, fitting, bad)
         model.load_state_dict(fitting, strict=False, assign=True)
         del group, fitting
     check_names(expected, seen, str(folder))
+    report_weights(bad, str(folder))
     model.inv_freq = CogVLMForCausalLM.rope_inv_freq(config).to(device)
     if config.cross_vision is not None:  # its 2-D RoPE tables are buffers made on the CPU
         model.model.cross_vision.to(device)
@@ -441,7 +482,10 @@ def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) 
     folder = resolve(src)
     config = read_config(folder)
     state: dict[str, torch.Tensor] = {}
+    bad: dict[str, list[str]] = {}
     for group in iter_tensors(folder):
+        scan_weights(group, group, bad)
         state.update(group)
+    report_weights(bad, str(folder))
     extra = tuple(p for p in [folder / "tokenizer.model"] if p.is_file())
     return save_hf(state, config, dst, max_shard_bytes, extra_files=extra)

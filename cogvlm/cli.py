@@ -74,9 +74,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from .finetune import merge_lora
+    from .finetune import TrainingError, merge_lora
 
-    print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
+    try:
+        print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
+    except TrainingError as e:
+        raise UsageError(str(e)) from None
     return 0
 
 

@@ -8,7 +8,8 @@ maps our short names to the published checkpoints, so `load_model("cogvlm-chat-v
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ class CogVLMConfig:
     cross_compute_hidden_size: int = 1024  # inner width of that cross-attention (heads x 32)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.template not in TEMPLATES:
             raise ConfigError(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
         if self.hidden_size % self.num_heads:
@@ -215,6 +217,10 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
         )
     except KeyError as e:
         raise ConfigError(f"config.json lacks the key {e.args[0]!r}; is this a CogVLM config?") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # OverflowError: int(Infinity)
+        raise wrong_value(d, e, "config.json") from None
 
 
 def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
@@ -264,6 +270,56 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
         raise ConfigError(
             f"model_config.json lacks the key {e.args[0]!r}; is this a SAT CogVLM config?"
         ) from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # OverflowError: int(Infinity)
+        raise wrong_value(d, e, "model_config.json") from None
+
+
+# ---- checking values: a config file is user input ------------------------------------------
+
+# int fields: in [1, 2**20] unless named here (token ids from 0): far past any real model, short
+# of sizes that would build for hours or overflow a tensor's shape
+MINIMUM = {"max_position_embeddings": 2}
+MAXIMUM = {"num_layers": 1024, "max_position_embeddings": 2**24}
+
+
+def check_numbers(config: Any, where: str = "") -> None:
+    """Every int field an int in range, every float finite and > 0, in nested configs too: so a
+    bad config.json fails here, in one line, and not as a tensor shape error while loading."""
+    for f in fields(config):
+        value, name = getattr(config, f.name), where + f.name
+        if is_dataclass(value):
+            check_numbers(value, f"{name}.")
+        elif isinstance(f.default, bool) or isinstance(value, (str, type(None))):
+            continue
+        elif isinstance(f.default, int):
+            low = 0 if f.name.endswith("_token_id") else MINIMUM.get(f.name, 1)
+            high = MAXIMUM.get(f.name, 2**20)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"model config: {name} must be an integer in [{low}, {high}], not {str(value)[:40]}")
+        elif isinstance(f.default, float):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a finite number > 0, not {value!r}")
+    vocab = getattr(config, "vocab_size", None)
+    for f in fields(config):
+        if f.name.endswith("_token_id") and getattr(config, f.name) >= vocab:
+            raise ConfigError(f"model config: {where}{f.name} is {getattr(config, f.name)}, past vocab_size {vocab}")
+
+
+def wrong_value(d: Any, error: Exception, file: str) -> ConfigError:
+    """A ConfigError for a value int()/float() or a nested lookup could not take, naming it."""
+    if not isinstance(d, dict):
+        return ConfigError(f"{file} must hold a JSON object, not {type(d).__name__}")
+    for key, value in d.items():
+        if key.endswith(("_config", "_args")) and not isinstance(value, dict):
+            return ConfigError(f"{file}: {key} must be an object, not {json.dumps(value)[:40]}")
+    for scope, values in [("", d)] + [(f"{k}.", v) for k, v in d.items() if isinstance(v, dict)]:
+        for key, value in values.items():
+            if (value is None or (isinstance(value, float) and not math.isfinite(value))
+                    or (isinstance(value, str) and str(error).endswith(repr(value)))):
+                return ConfigError(f"{file}: {scope}{key} has the wrong value {json.dumps(value)[:40]}")
+    return ConfigError(f"{file} has a value of the wrong type: {error}")
 
 
 def _template_name(version: str, cogagent: bool = False) -> str:

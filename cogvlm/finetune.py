@@ -229,9 +229,19 @@ def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
     peft = _peft()
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise TrainingError(f"{adapter} holds no adapter_config.json: pass the adapter folder finetune --lora wrote")
+    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
+        raise TrainingError(f"{adapter} holds no adapter_model.safetensors; other adapter files (adapter_model.bin "
+                            f"is a pickle, which can run code when loaded) are not read")
     folder = resolve(base)
     model = load_weights(folder, read_config(folder), dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    try:
+        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:  # peft's errors for files it cannot use
+        raise TrainingError(f"cannot apply the adapter in {adapter} to {base}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
     extra = tuple(p for p in [folder / TOKENIZER_FILE, Path(adapter) / TOKENIZER_FILE] if p.is_file())[:1]
     return save_hf(state, merged.config, out, extra_files=extra)

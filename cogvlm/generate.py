@@ -7,6 +7,7 @@ Everything that talks to users (API, CLI, web demo, server, captioning) goes thr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Sequence
 
@@ -20,9 +21,39 @@ class ContextLengthError(ValueError):
     """The prompt leaves no room to generate within `max_length`."""
 
 
+# The one place the sampling ranges live (API, CLI, web demo and server all build SamplingParams).
+# Values inside the ranges but past what float32 or torch can represent are clamped, so that no
+# request can make the shared decode step fail (see SamplingParams).
+MIN_TEMPERATURE = 1e-5  # 0 < temperature below this: greedy (logits / t would overflow float32)
+MIN_TOP_P = 1e-6  # 0 < top_p below this: 1e-6, only the likeliest token (1e-300 is 0 in float32)
+MAX_TOP_K = 2**31 - 1  # larger top_k: 0, no limit (no vocabulary is larger; int64 would overflow)
+PENALTY_RANGE = (0.01, 100.0)
+SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # every stop string is checked after every token of its row
+
+
+def _number(x: Any) -> bool:
+    """A finite real that converts to float (10**400 does not)."""
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """The authors' defaults: top-k 1 makes it greedy; max_length counts image slots too."""
+    """The authors' defaults: top-k 1 makes it greedy; max_length counts image slots too.
+
+    Ranges (checked here, once, for every surface): temperature >= 0 (0 greedy; below 1e-5 counts
+    as 0); top_k an integer >= 0 (0 no limit, 1 greedy; above 2^31-1 counts as 0); top_p in (0, 1]
+    (below 1e-6 counts as 1e-6); repetition_penalty in [0.01, 100] (1 off); max_new_tokens an
+    integer >= 1; max_length an integer >= 2; seed an integer in [-2^63, 2^64); stop at most 16
+    non-empty strings of at most 256 characters. Numbers must be finite.
+    """
 
     temperature: float = 0.8
     top_k: int = 1
@@ -34,22 +65,32 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if isinstance(stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(stop))
+        low, high = PENALTY_RANGE
         checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = no limit, 1 = greedy)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
-            ("max_new_tokens", self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1), "must be an integer >= 1"),
-            ("max_length", isinstance(self.max_length, int) and self.max_length >= 2, "must be an integer >= 2"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("temperature", _number(self.temperature) and self.temperature >= 0, "must be a finite number >= 0 (0 means greedy)"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "must be an integer >= 0 (0 = no limit, 1 = greedy)"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+             f"must be in [{low}, {high:g}] (1 = off)"),
+            ("max_new_tokens", self.max_new_tokens is None or (_integer(self.max_new_tokens) and self.max_new_tokens >= 1), "must be an integer >= 1"),
+            ("max_length", _integer(self.max_length) and self.max_length >= 2, "must be an integer >= 2"),
+            ("seed", self.seed is None or (_integer(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+             "must be an integer in [-2**63, 2**64)"),
+            ("stop", isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOPS, f"must be at most {MAX_STOPS} strings"),
+            ("stop", all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+                raise ValueError(f"invalid {name}={_short(getattr(self, name))}: {why}")
+        temperature = float(self.temperature)
+        object.__setattr__(self, "temperature", 0.0 if temperature < MIN_TEMPERATURE else temperature)
+        object.__setattr__(self, "top_p", max(float(self.top_p), MIN_TOP_P))
+        if self.top_k > MAX_TOP_K:
+            object.__setattr__(self, "top_k", 0)
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +104,15 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s) {sorted(unknown)}; known: {sorted(names)}")
         return replace(base or cls(), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _short(value: Any) -> str:
+    """repr() cut to a readable length: the value may be a 5,000-digit number or 8,000 strings."""
+    try:
+        text = repr(value)
+    except ValueError:  # past Python's int-to-string limit
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor,
@@ -181,8 +231,9 @@ def final_text(tokenizer: Tokenizer, ids: Sequence[int], stop: Sequence[str] = (
 class BatchDecoder:
     """Decodes a batch after its prefill, one token per row per `step()`.
 
-    Rows end at `</s>`, at their token budget, or when the caller calls `finish(row)` (a stop
-    string). Ended rows are dropped from the cache, so they stop costing work.
+    Rows end at `</s>`, at their token budget, when the caller calls `finish(row)` (a stop
+    string), or when sampling fails for that row alone (`failed`: the other rows go on). Ended
+    rows are dropped from the cache, so they stop costing work.
     """
 
     def __init__(self, model: CogVLMForCausalLM, cache: KVCache, logits: torch.Tensor,
@@ -195,6 +246,7 @@ class BatchDecoder:
         self.active = list(range(len(params)))  # original row index of each cache row
         self.generated: list[list[int]] = [[] for _ in params]
         self.finished_by_eos = [False] * len(params)
+        self.failed: dict[int, Exception] = {}  # rows whose own sampling failed (they end; the rest go on)
         self.seen = torch.zeros(len(params), model.config.vocab_size, dtype=torch.bool, device=model.device)
         self.seen.scatter_(1, prompt_ids.to(model.device).clamp(0, model.config.vocab_size - 1), True)
         self.generators = [None if p.seed is None else torch.Generator(model.device).manual_seed(p.seed)
@@ -243,6 +295,12 @@ class BatchDecoder:
     def finish(self, row: int) -> None:
         self._ending.add(row)
 
+    def forget(self, row: int) -> list[int]:
+        """An ended row's tokens, handed over and dropped here with its generator, so that a batch
+        that keeps admitting rows (the server's) does not grow with every request it served."""
+        generated, self.generated[row], self.generators[row] = self.generated[row], [], None
+        return generated
+
     @torch.no_grad()
     def step(self) -> dict[int, int]:
         """Sample one token for every active row; returns {row: token} (`</s>` excluded)."""
@@ -253,11 +311,21 @@ class BatchDecoder:
         if not self.active:
             return {}
         params = [self.params[r] for r in self.active]
-        tokens = sample(self.logits, params, self.seen, [self.generators[r] for r in self.active])
+        generators = [self.generators[r] for r in self.active]
+        states = [None if g is None else g.get_state() for g in generators]  # ~5 kB each: cheap
+        try:
+            tokens = sample(self.logits, params, self.seen, generators)
+        except Exception:  # one row's trouble must not end the others: find it by sampling alone
+            for g, state in zip(generators, states):
+                if g is not None:  # rows sampled before the failure drew from their generators
+                    g.set_state(state)
+            tokens = self._sample_alone(params, generators)
         self.seen.scatter_(1, tokens[:, None], True)
         out = {}
         eos = self.model.config.eos_token_id
         for row, tok in zip(self.active, tokens.tolist()):
+            if row in self.failed:
+                continue
             if tok == eos:
                 self.finished_by_eos[row] = True
                 self._ending.add(row)
@@ -268,6 +336,17 @@ class BatchDecoder:
                 self._ending.add(row)
         self._last = tokens
         return out
+
+    def _sample_alone(self, params: list[SamplingParams], generators: list) -> torch.Tensor:
+        """Sample row by row; rows that fail go to `failed` and end (their token is a placeholder)."""
+        tokens = torch.zeros(len(self.active), dtype=torch.long, device=self.logits.device)
+        for i, row in enumerate(self.active):
+            try:
+                tokens[i] = sample(self.logits[i:i + 1], params[i:i + 1], self.seen[i:i + 1], generators[i:i + 1])[0]
+            except Exception as e:
+                self.failed[row] = e
+                self._ending.add(row)
+        return tokens
 
     def _advance(self) -> None:
         """Drop ended rows, then feed the last sampled tokens to get the next logits."""

@@ -38,11 +38,14 @@ def load_image(source: ImageInput, timeout: float = 20.0) -> Image.Image:
         except (urllib.error.URLError, OSError) as e:
             raise ImageError(f"could not download image {text}: {e}") from None
     path = Path(text).expanduser()
-    if not path.exists():
-        raise ImageError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ImageError(f"not a file: {path}")
-    return _decode(path.read_bytes(), str(path))
+    try:
+        if not path.exists():
+            raise ImageError(f"image file not found: {path}")
+        if not path.is_file():
+            raise ImageError(f"not a file: {path}")
+        return _decode(path.read_bytes(), str(path))
+    except OSError as e:  # a name too long, a folder we may not read, ...
+        raise ImageError(f"cannot read image {str(path)[:200]}: {e.strerror or e}") from None
 
 
 def _decode(data: bytes, name: str) -> Image.Image:

@@ -383,10 +383,16 @@ class KVCache:
         self.length = length
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows so they stop costing work."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        self.valid = self.valid.index_select(0, rows)
+        """Drop finished rows so they stop costing work, and the leading slots no kept row uses
+        (rows that joined later sit right-aligned behind the ones that left): a batch that keeps
+        admitting rows, as a busy server's does, would otherwise grow by a slot every step."""
+        valid = self.valid.index_select(0, rows)
+        used = valid[:, :self.length].any(0).nonzero()
+        start = int(used[0]) if len(used) else self.length
+        self.k = [t[:, :, start:].index_select(0, rows) for t in self.k]
+        self.v = [t[:, :, start:].index_select(0, rows) for t in self.v]
+        self.valid = valid[:, start:].contiguous()
+        self.length -= start
         if self.cross is not None:
             self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
 

@@ -10,6 +10,7 @@ import torch
 from .config import TEMPLATES, CogVLMConfig
 from .image import ImageInput, load_image, preprocess
 from .model import Chunk
+from .tokenizer import TokenizerError
 
 History = Sequence[tuple[str, str]]
 
@@ -30,16 +31,26 @@ def build_prompt(query: str, history: History = (), template: str = "chat", imag
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")
     if template == "base":
-        return query
+        return _unicode(query)
     if not image:
         turns = "".join(f"USER: {q} ASSISTANT: {a}\n" for q, a in history)
-        return f"{VICUNA_SYSTEM} {turns}USER: {query} ASSISTANT:"
+        return _unicode(f"{VICUNA_SYSTEM} {turns}USER: {query} ASSISTANT:")
     if template == "inst":  # CogAgent's chat (cogagent.md section 11)
         turns = "".join(f" [INST] {q} [/INST] {a}" for q, a in history)
-        return f"{turns} [INST] {query} [/INST] "
+        return _unicode(f"{turns} [INST] {query} [/INST] ")
     answer_format = "Answer:" if template == "chat" else "Short answer:"
     turns = "".join(f"Question: {q} {answer_format} {a}\n" for q, a in history)
-    return f"{turns}Question: {query} {answer_format}"
+    return _unicode(f"{turns}Question: {query} {answer_format}")
+
+
+def _unicode(text: str) -> str:
+    """`text`, if the tokenizer can take it: a lone surrogate (JSON's "\\ud800", or bytes that are
+    not UTF-8 on a command line) has no UTF-8 form and would fail deep inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text is not valid Unicode ({e.reason}: {text[e.start]!r})") from None
+    return text
 
 
 def agent_query(task: str, grounding: bool = True, sentence: str = "What steps do I need to take to <TASK>?") -> str:

@@ -3,10 +3,17 @@
 Requests that arrive while a batch is decoding are prefilled together and join it at the next
 step boundary (`BatchDecoder.join`); finished or cancelled rows leave at once. So throughput
 rises with concurrency instead of requests queueing one behind another.
+
+Every job ends exactly once (`Job._finish`), in one of four states, and a failure is confined to
+the requests it belongs to: a prompt that fails its prefill is retried alone, a row whose
+sampling fails leaves the batch alone (`BatchDecoder.failed`), and only an engine failure of the
+whole step (out of memory) ends the whole batch. A failed job keeps the error's message, not the
+exception: its traceback's frames would keep the batch's KV cache alive.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import Counter
@@ -18,6 +25,11 @@ from .generate import BatchDecoder, SamplingParams, TextStream, final_text
 from .prompt import PromptTokens
 
 _DONE = object()
+log = logging.getLogger("cogvlm.scheduler")
+
+
+class GenerationError(RuntimeError):
+    """The engine failed for this request (the server log has the traceback)."""
 
 
 @dataclass
@@ -29,8 +41,8 @@ class Job:
     prompt_tokens: int
     answer: str = ""
     completion_tokens: int = 0
-    finish_reason: str | None = None  # "stop" (</s> or a stop string) or "length"
-    error: BaseException | None = None
+    finish_reason: str | None = None  # "stop" (</s> or a stop string), "length", "cancelled" or "error"
+    error: GenerationError | None = None  # why, when finish_reason is "error"
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -52,6 +64,15 @@ class Job:
     def cancel(self) -> None:
         """Stop generating for this job (a client went away); its slot is freed at the next step."""
         self._cancelled.set()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        """The one way a job ends: once, waking whoever waits on `pieces()`."""
+        if self.finish_reason is not None:
+            return
+        if error is not None:
+            self.error = GenerationError(f"{type(error).__name__}: {error}")
+        self.finish_reason = reason
+        self._queue.put(_DONE)
 
 
 class Scheduler:
@@ -88,45 +109,58 @@ class Scheduler:
         decoder: BatchDecoder | None = None
         jobs: dict[int, tuple[Job, TextStream]] = {}
         while not self._stop:
-            running = sum(1 for j, _ in jobs.values() if j.finish_reason is None)
-            newcomers = self._take(self.max_batch - running)
-            if newcomers:
-                decoder = self._admit(decoder, jobs, newcomers)
-            if decoder is None or decoder.done:
-                decoder, jobs = None, {}
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            for row, (job, _) in jobs.items():
-                if job._cancelled.is_set() and job.finish_reason is None:
-                    decoder.finish(row)
-                    self._end(job, decoder, row, "cancelled")
             try:
-                tokens = decoder.step()
-            except Exception as e:  # e.g. out of memory: fail these requests, keep serving
-                for row, (job, _) in jobs.items():
-                    if job.finish_reason is None:
-                        job.error = e
-                        self._end(job, decoder, row, "error")
-                decoder, jobs = None, {}
+                decoder = self._tick(decoder, jobs)
+            except Exception as e:  # the engine failed for the whole batch (e.g. out of memory)
+                log.exception("decode step failed; failing the %d requests of this batch", len(jobs))
+                for job, _ in jobs.values():
+                    job._finish("error", e)
+                decoder = None
+            if decoder is None:
+                jobs.clear()
+        for job, _ in jobs.values():
+            job._finish("cancelled")
+        for job in self._take(self._pending.qsize() + 1):
+            job._finish("cancelled")
+
+    def _tick(self, decoder: BatchDecoder | None, jobs: dict[int, tuple[Job, TextStream]]) -> BatchDecoder | None:
+        """Admit newcomers, then one decode step; returns the decoder (None: the batch is over)."""
+        newcomers = self._take(self.max_batch - len(jobs))
+        if newcomers:
+            decoder = self._admit(decoder, jobs, newcomers)
+        if decoder is None or decoder.done:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return None
+        for row, (job, _) in list(jobs.items()):
+            if job._cancelled.is_set():
+                decoder.finish(row)
+                self._end(jobs, decoder, row, "cancelled")
+        tokens = decoder.step()
+        if decoder.active:  # the step after the last row ended samples nothing
+            self.batch_sizes[len(decoder.active)] += 1
+        for row, error in decoder.failed.items():
+            log.error("a request failed alone in its batch: %s: %s", type(error).__name__, error)
+            self._end(jobs, decoder, row, "error", error)
+        decoder.failed.clear()
+        for row, token in tokens.items():
+            if row not in jobs:  # cancelled before its first step
                 continue
-            if decoder.active:  # the step after the last row ended samples nothing
-                self.batch_sizes[len(decoder.active)] += 1
-            for row, token in tokens.items():
+            job, stream = jobs[row]
+            piece = stream.push(token)
+            if stream.stopped:
+                decoder.finish(row)
+            if piece:
+                job._queue.put(piece)
+        for row in decoder.ending:
+            if row in jobs:
                 job, stream = jobs[row]
-                piece = stream.push(token)
-                if stream.stopped:
-                    decoder.finish(row)
-                if piece:
-                    job._queue.put(piece)
-            for row in decoder.ending:
-                job, stream = jobs[row]
-                if job.finish_reason is None:
-                    tail = stream.finish()
-                    if tail:
-                        job._queue.put(tail)
-                    stop = decoder.finished_by_eos[row] or stream.stopped
-                    self._end(job, decoder, row, "stop" if stop else "length")
+                tail = stream.finish()
+                if tail:
+                    job._queue.put(tail)
+                stop = decoder.finished_by_eos[row] or stream.stopped
+                self._end(jobs, decoder, row, "stop" if stop else "length")
+        return decoder
 
     def _take(self, room: int) -> list[Job]:
         out = []
@@ -136,19 +170,23 @@ class Scheduler:
             except queue.Empty:
                 break
             if job._cancelled.is_set():  # gave up while waiting: nothing to generate
-                job.finish_reason = "cancelled"
-                job._queue.put(_DONE)
+                job._finish("cancelled")
             else:
                 out.append(job)
         return out
 
     def _admit(self, decoder: BatchDecoder | None, jobs: dict, newcomers: list[Job]) -> BatchDecoder | None:
+        """Prefill the newcomers together and join them to the batch. If that fails, each is
+        prefilled alone, so a request that fails for its own reasons fails alone."""
         try:
             fresh = self.vlm.decoder([j.prompt for j in newcomers], [j.params for j in newcomers])
-        except Exception as e:  # surface to the waiting clients instead of killing the loop
-            for job in newcomers:
-                job.error = e
-                job._queue.put(_DONE)
+        except Exception as e:
+            if len(newcomers) > 1:
+                for job in newcomers:
+                    decoder = self._admit(decoder, jobs, [job])
+                return decoder
+            log.exception("prefill failed")
+            newcomers[0]._finish("error", e)
             return decoder
         if decoder is None or decoder.done:
             decoder, rows = fresh, list(range(len(newcomers)))
@@ -159,9 +197,11 @@ class Scheduler:
             jobs[row] = (job, TextStream(self.vlm.tokenizer, job.params.stop))
         return decoder
 
-    def _end(self, job: Job, decoder: BatchDecoder, row: int, reason: str) -> None:
-        generated = decoder.generated[row]
+    def _end(self, jobs: dict[int, tuple[Job, TextStream]], decoder: BatchDecoder, row: int, reason: str,
+             error: BaseException | None = None) -> None:
+        """End a row's job and forget the row: a batch that never drains must not grow."""
+        job, _ = jobs.pop(row)
+        generated = decoder.forget(row)
         job.completion_tokens = len(generated)
         job.answer = final_text(self.vlm.tokenizer, generated, job.params.stop)
-        job.finish_reason = reason
-        job._queue.put(_DONE)
+        job._finish(reason, error)

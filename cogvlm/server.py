@@ -16,9 +16,11 @@ import contextlib
 import hmac
 import io
 import json
+import math
 import os
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,17 +28,19 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
 from .api import CogVLM
+from .config import TEMPLATES
 from .options import UsageError, add_model_flags, load_model, sampling_flags
 from .generate import ContextLengthError, SamplingParams
 from .image import ImageError, load_image
 from .prompt import ImageRequiredError
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
+from .tokenizer import TokenizerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -44,8 +48,20 @@ if TYPE_CHECKING:
 IMAGE_SOURCES_HINT = ("send the image inline as a data: URL (data:image/png;base64,...); "
                       "http(s) URLs need --allow-remote-images, local paths need --allow-local-files")
 API_NAMES = {"max_new_tokens": "max_tokens"}  # engine name -> OpenAI request field
-# refused when set: silently ignoring them would mislead the client
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")
+# The request fields: what we use; what we accept and ignore (they change nothing about an answer,
+# or only at the value given here); what we refuse when set (ignoring them would mislead the
+# client). Any other field is a 400 `unknown_parameter`, as OpenAI answers a misspelled one.
+USED = ("model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+        "n", "stream", "stream_options")
+EXTENSIONS = ("top_k", "repetition_penalty", "template")  # ours (and vLLM's): documented in docs/serve.md
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice")
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "logprobs": False,
+           "response_format": {"type": "text"}}
+UNSUPPORTED = ("tools", "functions", "function_call", "top_logprobs", "audio", "modalities", "prediction",
+               "web_search_options", "reasoning_effort")
+# Limits on what a request may make the server do (each 4xx names the one it hit).
+MAX_JSON_DEPTH = 32  # our own requests nest 6 deep
+MAX_INT_DIGITS = 24  # seeds reach 2**64 (20 digits); Python refuses to parse past 4,300 digits
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,10 @@ class ServeOptions:
     allow_local_files: bool = False
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
+    max_image_memory: int = 2**30  # decoded image bytes in flight, all requests together
     template: str | None = None  # None: the model's own
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header names; "*": any
+    docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json (never behind the API key)
 
     @property
     def max_body_bytes(self) -> int:
@@ -90,30 +109,60 @@ class Prepared:
     include_usage: bool
 
 
-def prepare(vlm: CogVLM, opts: ServeOptions, body: Any) -> Prepared:
+def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory") -> Prepared:
     """Check a chat completion request and turn it into prompt tokens and sampling parameters.
     Blocking (image download and decoding): call it in a worker thread."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
+    check_fields(body)
     model = body.get("model")
     if model is not None and model != opts.model_name:
-        raise APIError(f"model {model!r} does not exist; this server serves {opts.model_name!r} "
+        raise APIError(f"model {_quote(model)} does not exist; this server serves {opts.model_name!r} "
                        f"(see GET /v1/models)", "model", "model_not_found", status=404)
-    for key in UNSUPPORTED:
-        if body.get(key):
-            raise APIError(f"{key} is not supported by this server", key, "unsupported_parameter")
     if _field(body, "n", int, "an integer") not in (None, 1):
         raise APIError("only n=1 is supported", "n", "unsupported_parameter")
+    template = _field(body, "template", str, "a string") or opts.template
+    if template is not None and template not in TEMPLATES:
+        raise APIError(f"template must be one of {', '.join(TEMPLATES)}, not {_quote(template)}", "template",
+                       "invalid_value")
     params = sampling_params(vlm, body)
     image_url, query, history = parse_messages(body.get("messages"))
-    image = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
     stream = bool(_field(body, "stream", bool, "true or false"))
     stream_options = _field(body, "stream_options", dict, "an object") or {}
-    try:
-        prompt = vlm.prompt_tokens(image, query, history, opts.template)
-    except ImageRequiredError as e:  # CogAgent has no text-only mode
-        raise APIError(str(e), "messages", "image_required") from None
+    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
+    with images.reserve(fetched, image_url and image_url[1]):
+        image = None if fetched is None else _decode(fetched[0], image_url[1])
+        try:
+            prompt = vlm.prompt_tokens(image, query, history, template)
+        except TokenizerError as e:
+            raise APIError(str(e), "messages", "invalid_text") from None
+        except ImageRequiredError as e:  # CogAgent has no text-only mode
+            raise APIError(str(e), "messages", "image_required") from None
     return Prepared(prompt, params, stream, stream and bool(stream_options.get("include_usage")))
+
+
+def check_fields(body: dict) -> None:
+    """Refuse unknown fields and the OpenAI fields we cannot honour; see USED, IGNORED, NEUTRAL."""
+    for key, value in body.items():
+        if key in USED or key in EXTENSIONS or key in IGNORED:
+            continue
+        if key in NEUTRAL:
+            if value in (None, NEUTRAL[key]):
+                continue
+            raise APIError(f"{key} is not supported by this server (only {json.dumps(NEUTRAL[key])})", key,
+                           "unsupported_parameter")
+        if key in UNSUPPORTED:
+            if value in (None, False, [], {}):
+                continue
+            raise APIError(f"{key} is not supported by this server", key, "unsupported_parameter")
+        raise APIError(f"unrecognized request field {_quote(key)}; this server takes {', '.join(USED + EXTENSIONS)} "
+                       f"(see docs/serve.md)", key, "unknown_parameter")
+
+
+def _quote(value: Any) -> str:
+    """A client's value inside a message: JSON-quoted (so safe to print) and cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _field(body: dict, key: str, kinds: type | tuple[type, ...], what: str) -> Any:
@@ -122,7 +171,7 @@ def _field(body: dict, key: str, kinds: type | tuple[type, ...], what: str) -> A
     if value is None:
         return None
     if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
-        raise APIError(f"{key} must be {what}, not {json.dumps(value)[:60]}", key, "invalid_type")
+        raise APIError(f"{key} must be {what}, not {_quote(value)}", key, "invalid_type")
     return value
 
 
@@ -176,7 +225,7 @@ def parse_messages(messages: Any) -> tuple[tuple[str, str] | None, str, list[tup
         if role in ("system", "developer"):
             continue
         if role not in ("user", "assistant"):
-            raise APIError(f"{where} has role {role!r}; CogVLM takes user and assistant messages "
+            raise APIError(f"{where} has role {_quote(role)}; CogVLM takes user and assistant messages "
                            f"(system messages are ignored)", f"{where}.role")
         text, urls = _content(message.get("content"), f"{where}.content")
         if role == "assistant" and urls:
@@ -220,8 +269,9 @@ def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
     return "\n".join(texts), urls
 
 
-def fetch_image(url: str, where: str, opts: ServeOptions) -> Image.Image:
-    """The image behind a data:, http(s) or local URL, within the size limits."""
+def fetch_image(url: str, where: str, opts: ServeOptions) -> tuple[bytes, int]:
+    """The image file behind a data:, http(s) or local URL, within the size limits, and the bytes
+    decoding it will take."""
     limit = opts.max_image_bytes
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -243,13 +293,13 @@ def fetch_image(url: str, where: str, opts: ServeOptions) -> Image.Image:
         if not opts.allow_local_files:
             raise APIError(f"local image paths are off on this server: {IMAGE_SOURCES_HINT}", where,
                            "image_url_not_allowed")
-        data = _read_local(Path(url.removeprefix("file://")).expanduser(), where, limit)
+        data = _read_local(url.removeprefix("file://"), where, limit)
     if len(data) > limit:
         raise _too_big(f"the image is {len(data)} bytes", where, "--max-image-bytes")
-    return _decode(data, where, opts.max_image_pixels)
+    return data, _decoded_size(data, where, opts.max_image_pixels)
 
 
-def _too_big(what: str, where: str, flag: str) -> APIError:
+def _too_big(what: str, where: str | None, flag: str) -> APIError:
     return APIError(f"{what}, over this server's limit ({flag})", where, "image_too_large", status=413)
 
 
@@ -258,34 +308,69 @@ def _download(url: str, where: str, limit: int) -> bytes:
         with urllib.request.urlopen(url, timeout=20) as response:
             return response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise APIError(f"could not download the image {url}: {e}", where, "image_download_failed") from None
+        raise APIError(f"could not download the image {_quote(url)}: {e}", where, "image_download_failed") from None
 
 
-def _read_local(path: Path, where: str, limit: int) -> bytes:
+def _read_local(name: str, where: str, limit: int) -> bytes:
     try:
+        path = Path(name).expanduser()
         size = path.stat().st_size
         if size > limit:
-            raise _too_big(f"{path} is {size} bytes", where, "--max-image-bytes")
+            raise _too_big(f"{_quote(name)} is {size} bytes", where, "--max-image-bytes")
         return path.read_bytes()
-    except OSError as e:
-        raise APIError(f"could not read the image {path}: {e.strerror or e}", where, "image_not_found") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the name
+        why = getattr(e, "strerror", None) or "not a usable file name"
+        raise APIError(f"could not read the image {_quote(name)}: {why}", where, "image_not_found") from None
 
 
-def _decode(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """Check the pixel count from the header *before* decoding: a small file can hold a huge bitmap."""
+def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
+    """Bytes the decoded image and its RGB copy take, from the header *before* decoding: a small
+    file can hold a huge bitmap. 0 for data that is not an image (`_decode` says why)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+            bands = len(img.getbands())
     except Image.DecompressionBombError as e:
         raise _too_big(str(e).split(" could")[0], where, "--max-image-pixels") from None
     except (UnidentifiedImageError, OSError, ValueError):
-        width = height = 0  # not an image: load_image below says why
+        return 0
     if width * height > max_pixels:
         raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
+    return width * height * (bands + 3)
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
     try:
         return load_image(data)
     except ImageError as e:
         raise APIError(str(e).replace("the given bytes", "the image"), where, "invalid_image") from None
+
+
+class ImageMemory:
+    """Admission control for decoding: the bytes that decoded images of concurrent requests may
+    take together (`--max-image-memory`). The per-image limits alone let 40 concurrent large
+    images take gigabytes; here a request waits (up to `wait` seconds, then 429) for room."""
+
+    def __init__(self, limit: int, wait: float = 10.0) -> None:
+        self.limit, self.wait, self.used = limit, wait, 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, image: tuple[bytes, int] | None, where: str | None) -> Iterator[None]:
+        need = 0 if image is None else image[1]
+        if need > self.limit:
+            raise _too_big(f"decoding the image takes about {need} bytes", where, "--max-image-memory")
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + need <= self.limit, timeout=self.wait):
+                raise APIError("the server is decoding too many images at once (--max-image-memory); retry "
+                               "shortly", where, "image_memory_busy", status=429)
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= need
+                self._room.notify_all()
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -334,16 +419,39 @@ def _settle(job: Job) -> None:
         job.result()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as they appear in Host headers
+ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
+
+
+def json_response(body: dict[str, Any], status: int) -> Any:
+    """JSON with non-ASCII escaped: an error may quote a client's string with a lone surrogate,
+    which has no UTF-8 form (Starlette's JSONResponse would fail on it with a 500)."""
+    from starlette.responses import Response
+
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """The Host header's name (port dropped) is one of `allowed`: refuses DNS rebinding, where a
+    web page's own name resolves to 127.0.0.1 and its scripts then talk to a local server."""
+    if "*" in allowed:
+        return True
+    name = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return name.lower() in allowed
+
+
 def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI":
     """The ASGI app. Its scheduler thread is closed when the app shuts down."""
     import anyio
     from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     scheduler = Scheduler(vlm, max_batch)
     requests = RequestLog()
+    images = ImageMemory(opts.max_image_memory)
 
     def require_key(request: Request) -> None:
         if opts.api_key is None:
@@ -360,20 +468,33 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
         yield
         scheduler.close()
 
-    app = FastAPI(title="cogvlm", lifespan=lifespan)
+    docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="cogvlm", lifespan=lifespan, **docs)
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next: Any) -> Any:
+        host = request.headers.get("host", "")
+        if not host_allowed(host, opts.allowed_hosts):
+            error = APIError(f"Host {_quote(host)} is not allowed here (--allowed-hosts)", code="invalid_host")
+            return json_response(error.body(), 400)
+        return await call_next(request)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    async def api_error(_: Request, e: APIError) -> Any:
+        return json_response(e.body(), e.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(APIError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
+    async def http_error(request: Request, e: HTTPException) -> Any:
+        if e.status_code == 404:
+            message = (f"Invalid URL ({request.method} {_quote(request.url.path)}): this server serves "
+                       f"{ENDPOINTS}")
+            return json_response(APIError(message, code="unknown_url", status=404).body(), 404)
+        return json_response(APIError(str(e.detail), status=e.status_code).body(), e.status_code)
 
     @app.exception_handler(Exception)
-    async def server_error(_: Request, e: Exception) -> JSONResponse:
+    async def server_error(_: Request, e: Exception) -> Any:
         body = APIError(f"internal error ({type(e).__name__}); see the server log", kind="server_error").body()
-        return JSONResponse(body, status_code=500)
+        return json_response(body, 500)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -395,7 +516,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
     @app.post("/v1/chat/completions", dependencies=protected, response_model=None)
     async def chat_completions(request: Request) -> Any:
         body = await _read_json(request, opts.max_body_bytes)
-        ready = await run_in_threadpool(prepare, vlm, opts, body)
+        ready = await run_in_threadpool(prepare, vlm, opts, body, images)
         try:
             job = scheduler.submit(ready.prompt, ready.params)
         except ContextLengthError as e:
@@ -449,7 +570,13 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
 
 
 async def _read_json(request: "Request", limit: int) -> Any:
-    """The body as JSON, refusing oversized bodies before reading them whole."""
+    """The body as JSON: only `application/json` (a web page may send text/plain to any server
+    without asking it first), oversized bodies refused before they are read whole, and no
+    numbers or nesting that Python cannot parse or that no request needs."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(f"the request body must be sent as Content-Type: application/json, not "
+                       f"{_quote(media_type or 'none')}", code="unsupported_media_type", status=415)
     declared = request.headers.get("content-length", "")
     too_big = APIError(f"the request body is over {limit} bytes (raise --max-image-bytes for bigger images)",
                        code="request_too_large", status=413)
@@ -460,10 +587,45 @@ async def _read_json(request: "Request", limit: int) -> Any:
         raw += part
         if len(raw) > limit:
             raise too_big
+    too_deep = APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except RecursionError:
+        raise too_deep from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise APIError(f"the request has an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are taken",
+                       code="number_too_large")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise APIError(f"the request has a number out of range: {_quote(text)}", code="number_too_large")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise APIError(f"{text} is not JSON", code="invalid_json")
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in `value`, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -487,7 +649,8 @@ def add_serve_verb(verbs: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY; unset: no auth)")
+                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY; unset: no auth; "
+                        "an empty key is refused)")
     p.add_argument("--max-batch", type=_positive, default=16, metavar="N",
                    help="most requests decoded together (default 16)")
     p.add_argument("--allow-remote-images", action="store_true", help="let requests name http(s) image URLs")
@@ -496,8 +659,35 @@ def add_serve_verb(verbs: Any) -> None:
                    help=f"largest image file (default {ServeOptions.max_image_bytes})")
     p.add_argument("--max-image-pixels", type=_positive, default=ServeOptions.max_image_pixels, metavar="N",
                    help=f"largest image, width x height (default {ServeOptions.max_image_pixels})")
+    p.add_argument("--max-image-memory", type=_positive, default=ServeOptions.max_image_memory, metavar="N",
+                   help="bytes that images being decoded may take together, all requests at once; more wait "
+                        f"(default {ServeOptions.max_image_memory})")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma list of names the Host header may carry, or '*' (default: 127.0.0.1,localhost,[::1] "
+                        "on a loopback --host, else '*')")
+    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve /docs, /redoc and /openapi.json, without the key (default: only on a loopback "
+                        "--host without --api-key)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The flags as ServeOptions, with the safe defaults that depend on --host and --api-key."""
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("the API key is empty (--api-key or $COGVLM_API_KEY): set a real key, or unset "
+                         "COGVLM_API_KEY to serve without one")
+    loopback = args.host in LOOPBACK
+    if args.allowed_hosts is None:
+        hosts = LOOPBACK_HOSTS if loopback else ("*",)
+    else:
+        hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+        if not hosts:
+            raise UsageError("--allowed-hosts is empty; give names (e.g. myhost.example,127.0.0.1) or '*'")
+    docs = loopback and args.api_key is None if args.docs is None else args.docs
+    return ServeOptions(args.served_model_name or args.model, args.api_key, args.allow_remote_images,
+                        args.allow_local_files, args.max_image_bytes, args.max_image_pixels, args.max_image_memory,
+                        args.template, hosts, docs)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -507,11 +697,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'cogvlm[serve]'") from None
     sampling = sampling_flags(args)
+    opts = serve_options(args)
     vlm = load_model(args)
     vlm.defaults = vlm.sampling(**sampling)
-    opts = ServeOptions(args.served_model_name or args.model, args.api_key, args.allow_remote_images,
-                        args.allow_local_files, args.max_image_bytes, args.max_image_pixels, args.template)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and opts.api_key is None:
+    if args.host not in LOOPBACK and opts.api_key is None:
         print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
     uvicorn.run(create_app(vlm, opts, args.max_batch), host=args.host, port=args.port, log_level=args.log_level)

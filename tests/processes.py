@@ -18,9 +18,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(args: list[str], log: Path, ready: Callable[[], bool], timeout: float, **popen) -> Iterator[None]:
-    """`python -m cogvlm *args` with its output in `log`; returns once `ready()` is true, and
-    stops the process afterwards."""
+def running(args: list[str], log: Path, ready: Callable[[], bool], timeout: float,
+            **popen) -> Iterator[subprocess.Popen]:
+    """`python -m cogvlm *args` with its output in `log`; yields the process once `ready()` is
+    true, and stops it afterwards."""
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cogvlm", *args], stdout=out, stderr=subprocess.STDOUT,
                                 **popen)
@@ -32,7 +33,7 @@ def running(args: list[str], log: Path, ready: Callable[[], bool], timeout: floa
             if ready():
                 break
             time.sleep(0.2)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
+import subprocess
 import sys
 import threading
 import time
@@ -51,8 +53,8 @@ def user(text: str, *urls: str) -> dict:
 
 
 @contextmanager
-def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
-    """`python -m cogvlm serve` in a subprocess; yields its URL once /health answers."""
+def serving_process(model: Path, log: Path, *flags: str, context: int = CONTEXT) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m cogvlm serve` in a subprocess; yields its URL and process once /health answers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
@@ -62,9 +64,32 @@ def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
         except httpx.TransportError:
             return False
 
-    with running(["serve", "--model", str(model), "--port", str(port), "--max_length", str(CONTEXT),
-                  "--log-level", "warning", *flags], log, healthy, timeout=120, cwd=ROOT, env=ENV):
+    with running(["serve", "--model", str(model), "--port", str(port), "--max_length", str(context),
+                  "--log-level", "warning", *flags], log, healthy, timeout=120, cwd=ROOT, env=ENV) as proc:
+        yield url, proc
+
+
+@contextmanager
+def serving(model: Path, log: Path, *flags: str) -> Iterator[str]:
+    with serving_process(model, log, *flags) as (url, _):
         yield url
+
+
+def post(url: str, body: object, **headers: str) -> httpx.Response:
+    """POST a JSON body as OpenAI clients do, any string allowed (a lone surrogate too: escaped)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/v1/chat/completions", content=content, timeout=60,
+                      headers={"content-type": "application/json", **headers})
+
+
+def assert_openai_error(response: httpx.Response, status: int | None = None) -> dict:
+    """A 4xx (or the given status) with OpenAI's error body; returns the error object."""
+    assert (response.status_code == status) if status else 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    assert error["type"] == "invalid_request_error", error
+    return error
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +215,23 @@ def _noise_png(side: int) -> bytes:
 
 BAD_REQUESTS = {  # name: (body, status, param, code)
     "bad json": (b'{"messages": [', 400, None, "invalid_json"),
+    "NaN": (b'{"messages": [], "temperature": NaN}', 400, None, "invalid_json"),
+    "float past float64": (b'{"messages": [], "temperature": 1e999}', 400, None, "number_too_large"),
+    "5000-digit integer": (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "number_too_large"),
+    "nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, 400, None, "json_too_deep"),
+    "nested 40 deep": (_request(metadata=functools.reduce(lambda x, _: [x], range(40), 0)), 400, None,
+                       "json_too_deep"),
+    "lone surrogate": (_request(messages=[user("what is \ud800 this?")]), 400, "messages", "invalid_text"),
+    "unknown field": (_request(temprature=0.5), 400, "temprature", "unknown_parameter"),
+    "unknown template": (_request(template="instruct"), 400, "template", "invalid_value"),
+    "template not a string": (_request(template=1), 400, "template", "invalid_type"),
+    "response_format json": (_request(response_format={"type": "json_object"}), 400, "response_format",
+                             "unsupported_parameter"),
+    "frequency_penalty": (_request(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported_parameter"),
+    "seed 2**64": (_request(seed=2**64, temperature=1), 400, "seed", "invalid_value"),
+    "seed below -2**63": (_request(seed=-2**63 - 1, temperature=1), 400, "seed", "invalid_value"),
+    "17 stop strings": (_request(stop=["x"] * 17), 400, "stop", "invalid_value"),
+    "a stop string of 257 characters": (_request(stop=["x" * 257]), 400, "stop", "invalid_value"),
     "not an object": ([1, 2], 400, None, None),
     "unknown model": (_request(model="gpt-4o"), 404, "model", "model_not_found"),
     "no messages": ({"max_tokens": 4}, 400, "messages", None),
@@ -229,12 +271,76 @@ BAD_REQUESTS = {  # name: (body, status, param, code)
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_requests_get_4xx_and_openai_errors(server, name):
     body, status, param, code = BAD_REQUESTS[name]
-    content = body if isinstance(body, bytes) else None
-    response = httpx.post(f"{server}/v1/chat/completions", content=content, json=None if content else body, timeout=60)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    error = assert_openai_error(post(server, body), status)
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_only_json_bodies_and_known_hosts(server):
+    """A web page may POST text/plain to any server without asking (CORS lets "simple" requests
+    through), and DNS rebinding gives a page's own name the address 127.0.0.1: both refused."""
+    body = json.dumps(_request()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers)
+        assert assert_openai_error(response, 415)["code"] == "unsupported_media_type"
+    assert post(server, _request(), **{"content-type": "application/json; charset=utf-8"}).status_code == 200
+    for path in ("/health", "/v1/models"):
+        response = httpx.get(f"{server}{path}", headers={"host": "attacker.example:8000"})
+        assert assert_openai_error(response, 400)["code"] == "invalid_host"
+    port = server.rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(f"{server}/health", headers={"host": host}).status_code == 200
+
+
+def test_endpoints_we_do_not_serve_name_the_ones_we_do(server):
+    for method, path in [("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/files"),
+                         ("POST", "/v1/images/generations"), ("GET", "/")]:
+        response = httpx.request(method, f"{server}{path}", json={})
+        error = assert_openai_error(response, 404)
+        assert error["code"] == "unknown_url" and path in error["message"]
+        assert "POST /v1/chat/completions" in error["message"] and "GET /v1/models" in error["message"]
+
+
+def test_template_per_request(server, talkative, talkative_vlm):
+    """Our extension: one server answers with every template (VQA and grounding need different ones)."""
+    image = scene(6)
+    for template in ("base", "vqa", "chat"):
+        reply = post(server, {"messages": [user("What is it?", data_url(image))], "temperature": 0, "max_tokens": 8,
+                              "template": template})
+        assert reply.status_code == 200, reply.text
+        want = reference(talkative_vlm, image, "What is it?", max_new_tokens=8, template=template)
+        assert reply.json()["choices"][0]["message"]["content"] == want
+    base = reference(talkative_vlm, image, "What is it?", max_new_tokens=8, template="base")
+    assert base != reference(talkative_vlm, image, "What is it?", max_new_tokens=8, template="vqa")
+
+
+def test_standard_fields_we_ignore_are_accepted(server):
+    """OpenAI's fields that change nothing about an answer (or only at the neutral values) pass."""
+    ignored = dict(user="u-1", metadata={"k": "v"}, store=False, service_tier="auto", parallel_tool_calls=True,
+                   tool_choice="none", frequency_penalty=0, presence_penalty=0, logit_bias={}, logprobs=False,
+                   response_format={"type": "text"}, tools=[])
+    response = post(server, _request(**ignored))
+    assert response.status_code == 200, response.text
+
+
+def test_docs_only_on_a_keyless_loopback_server(server, open_server):
+    assert httpx.get(f"{server}/docs").status_code == 200
+    assert httpx.get(f"{server}/openapi.json").status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_openai_error(httpx.get(f"{open_server}{path}"), 404)
+
+
+@pytest.mark.parametrize("flags, env", [(["--api-key", ""], {}), ([], {"COGVLM_API_KEY": ""}),
+                                        (["--api-key", "  ", "--host", "0.0.0.0"], {})])
+def test_empty_api_keys_are_refused(flags, env, monkeypatch, capsys):
+    """An empty key would silently mean "no auth" (before the slow model load: no model needed)."""
+    from cogvlm.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--model", "no-such-model", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "API key is empty" in err and len(err.strip().splitlines()) == 1
 
 
 def _metrics(url: str) -> dict:
