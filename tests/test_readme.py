@@ -3,13 +3,15 @@
 Blocks run in a scratch folder that links the checkout's `cogvlm/` (so the example image paths
 resolve) and `.venv`, with HOME pointing there, so nothing lands in the checkout or the user's
 home. The set-up lines `make chat` / `make test` / `make test-fast` are checked with `make -n`
-(they exist and would run), not run: the suite itself runs inside what they build.
+(they exist and would run), not run: the suite itself runs inside what they build. `text`
+blocks show commands that need the published weights: their flags are parsed by the real CLI.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,6 +39,18 @@ def params() -> list:
         slow = any(word in code for word in ("finetune", "cogvlm serve"))
         cases.append(pytest.param(lang, code, id=f"{i}-{lang}", marks=[pytest.mark.slow] if slow else []))
     return cases
+
+
+def test_commands_that_need_real_weights_parse():
+    """`text` blocks hold `cogvlm ...` commands for the published models: not run here (no
+    download), but every flag must be one the CLI takes."""
+    from cogvlm.cli import build_parser
+
+    commands = [shlex.split(code.replace("\\\n", " ")) for lang, code in FENCE.findall((ROOT / "README.md").read_text())
+                if lang == "text" and code.startswith("cogvlm ")]
+    assert commands
+    for argv in commands:
+        build_parser().parse_args(argv[1:])
 
 
 def test_the_readme_has_runnable_examples():
