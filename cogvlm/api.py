@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import load_model, read_config, resolve
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
@@ -17,7 +17,7 @@ from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
 from .tp import launched_by_torchrun, load_parallel
-from .tokenizer import TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError
+from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
 Request = tuple[ImageInput | None, str, History | None]
 
@@ -26,11 +26,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _find_tokenizer(folder: Path, tokenizer: str | Path | None) -> Tokenizer:
+def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMConfig) -> Tokenizer:
     if tokenizer is not None:
         return Tokenizer(tokenizer)
-    if (folder / TOKENIZER_FILE).is_file():
-        return Tokenizer(folder / TOKENIZER_FILE)
+    if tokenizer_file(folder) is not None:
+        return Tokenizer(tokenizer_file(folder))
+    if config.vocab_size == LLAMA3_VOCAB:
+        raise TokenizerError(f"no {BPE_FILE} next to the weights in {folder}: CogVLM2's Llama-3 tokenizer ships "
+                             f"in its hub repo (e.g. THUDM/cogvlm2-llama3-chat-19B); pass "
+                             f"tokenizer=/path/to/{BPE_FILE} (CLI: --tokenizer PATH).")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -51,9 +55,9 @@ class CogVLM:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        # the authors' max_length (2048) is the real model's context; smaller models have less
-        self.defaults = defaults or SamplingParams(
-            max_length=min(SamplingParams.max_length, model.config.max_position_embeddings))
+        # answers may run to the end of the model's context: the authors' max_length 2048 for v1,
+        # 8192 for CogVLM2 (whose image alone takes 2306 slots)
+        self.defaults = defaults or SamplingParams(max_length=model.config.max_position_embeddings)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
                                  f"{model.config.vocab_size} embeddings; wrong tokenizer?")
@@ -98,7 +102,7 @@ class CogVLM:
             model = prepack_model(model)
         if compile:
             model.compile_decode()
-        return cls(model, _find_tokenizer(folder, tokenizer))
+        return cls(model, _find_tokenizer(folder, tokenizer, model.config))
 
     def close(self) -> None:
         """Stop the other processes of a tensor-parallel model (also done at exit); else nothing."""

@@ -1,6 +1,7 @@
 """Finding, reading, checking and writing CogVLM checkpoints (spec section 7).
 
-Two layouts are read: Hugging Face (config.json + sharded safetensors) and the authors' SAT
+Two layouts are read: Hugging Face (config.json + sharded safetensors, or pytorch_model*.bin
+torch pickles, possibly bitsandbytes 4-bit as the CogVLM2 int4 copies) and the authors' SAT
 (model_config.json + latest + <iter>/mp_rank_XX_model_states.pt, possibly several ranks).
 Both become one stream of Hugging Face-named tensors, checked against the model's expected
 names and shapes. `load_model` builds the model on the meta device and assigns tensors shard by
@@ -22,15 +23,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .bnb import Bnb4bitError, unpack_state
 from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config, registry_entry
 from .model import CogVLMForCausalLM
-from .tokenizer import TOKENIZER_FILE, VICUNA_REPO
+from .tokenizer import TOKENIZER_FILE, TOKENIZER_FILES, VICUNA_REPO, tokenizer_file
 
 HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
 SAT_CONFIG = "model_config.json"
-HUB_PATTERNS = ["config.json", "*.safetensors", HF_INDEX, "tokenizer.model"]
+HUB_PATTERNS = ["config.json", "*.safetensors", HF_INDEX, *TOKENIZER_FILES]
+BIN_PATTERNS = ["config.json", "pytorch_model*.bin", BIN_INDEX, *TOKENIZER_FILES]  # e.g. the CogVLM2 int4 repos
 
 
 class CheckpointError(ValueError):
@@ -71,7 +76,10 @@ def _download(repo: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # a repo of torch pickles only
+            folder = Path(snapshot_download(repo, allow_patterns=BIN_PATTERNS))
+        return folder
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({type(e).__name__})"
@@ -105,25 +113,35 @@ def read_config(folder: Path) -> CogVLMConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0,
-                 world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0, world: int = 1,
+                 rope_buffers: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the checkpoint's tensors in groups (one shard or one SAT state at a time): whole,
-    or with `world` > 1 only tensor-parallel rank `rank`'s part of each (see `split_rule`)."""
+    or with `world` > 1 only tensor-parallel rank `rank`'s part of each (see `split_rule`).
+    Derived buffers are left out (recomputed), except the decoder's `rotary_emb.inv_freq` with
+    `rope_buffers`: CogVLM2 rotates with the stored ones (v1 copies that hold them are read
+    without, cogvlm.md section 7)."""
     if layout_of(folder) == "hf":
-        yield from _iter_hf(folder, device, rank, world)
+        groups = _iter_hf(folder, device, rank, world)
     else:
-        yield _read_sat(folder, rank, world)
+        groups = iter([_read_sat(folder, rank, world)])
+    keep = ("rotary_emb.inv_freq",) if rope_buffers else ()
+    for group in groups:
+        yield {k: v for k, v in group.items() if not k.endswith(_BUFFERS) or k.endswith(keep)}
 
 
 def _hf_shards(folder: Path) -> list[Path]:
-    if (folder / HF_INDEX).is_file():
+    index, single = (HF_INDEX, HF_SINGLE)
+    if not (folder / HF_INDEX).is_file() and not (folder / HF_SINGLE).is_file() and (
+            (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file()):
+        index, single = BIN_INDEX, BIN_SINGLE  # torch pickles, as the CogVLM2 int4 repos ship
+    if (folder / index).is_file():
         try:
-            weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{folder / HF_INDEX} is not a valid index: {e}") from None
+            raise CheckpointError(f"{folder / index} is not a valid index: {e}") from None
         shards = [folder / _shard_name(f, folder) for f in dict.fromkeys(weight_map.values())]
     else:
-        shards = [folder / HF_SINGLE]
+        shards = [folder / single]
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{folder} lacks {len(missing)} weight file(s): {', '.join(missing[:5])}"
@@ -144,9 +162,13 @@ def _shard_name(name: object, folder: Path) -> str:
 
 def _iter_hf(folder: Path, device: str, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     for shard in _hf_shards(folder):
+        if shard.suffix == ".bin":
+            for group in _iter_bin(shard):
+                yield {k: take_rank(v, split_rule(k), rank, world) for k, v in group.items()}
+            continue
         try:
             with safe_open(str(shard), framework="pt", device=device) as f:
-                names = [k for k in f.keys() if not k.endswith(_BUFFERS)]
+                names = list(f.keys())
                 if world == 1:
                     yield {k: f.get_tensor(k) for k in names}
                 else:  # a slice object reads only the rows / columns asked for
@@ -155,6 +177,28 @@ def _iter_hf(folder: Path, device: str, rank: int, world: int) -> Iterator[dict[
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"cannot read {shard}: {e}") from None
+
+
+def _iter_bin(shard: Path, group_bytes: int = 2**30) -> Iterator[dict[str, torch.Tensor]]:
+    """A torch-pickle shard (memory-mapped) in groups of about `group_bytes`, bitsandbytes 4-bit
+    weights unpacked: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked."""
+    try:
+        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle / zip errors come in many types
+        raise CheckpointError(f"cannot read {shard}: {e}") from None
+    group: dict[str, torch.Tensor] = {}
+    size = 0
+    try:
+        for name, tensor in unpack_state(state):
+            group[name] = tensor
+            size += tensor.numel() * tensor.element_size()
+            if size >= group_bytes:
+                yield group
+                group, size = {}, 0
+    except Bnb4bitError as e:
+        raise CheckpointError(f"{shard}: {e}") from None
+    if group:
+        yield group
 
 
 # SAT → Hugging Face names (sat-names.md). `{i}` / `{j}` stand for a layer number.
@@ -403,7 +447,8 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
     seen: dict[str, tuple[int, ...]] = {}
     read_device = "cpu" if device.type == "meta" else str(device)
     bad: dict[str, list[str]] = {}
-    for group in iter_tensors(folder, device=read_device, rank=rank, world=world):
+    for group in iter_tensors(folder, device=read_device, rank=rank, world=world,
+                              rope_buffers=config.rope_freqs_in_weights):
         seen.update({k: tuple(v.shape) for k, v in group.items()})
         fitting = {k: owned(v, device, dtype) for k, v in group.items()
                    if k in expected and tuple(v.shape) == expected[k]}
@@ -415,6 +460,11 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
     model.inv_freq = CogVLMForCausalLM.rope_inv_freq(config).to(device)
     if config.cross_vision is not None:  # its 2-D RoPE tables are buffers made on the CPU
         model.model.cross_vision.to(device)
+    if config.rope_freqs_in_weights and device.type != "meta":
+        stored = [layer.self_attn.rotary_emb.inv_freq for layer in model.model.layers]
+        if not all(torch.equal(f, stored[0]) for f in stored):
+            raise CheckpointError(f"checkpoint {folder} stores different RoPE frequencies in different layers; "
+                                  f"this runtime rotates every layer with one table")
     return model.eval().requires_grad_(False)
 
 
@@ -483,9 +533,9 @@ def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) 
     config = read_config(folder)
     state: dict[str, torch.Tensor] = {}
     bad: dict[str, list[str]] = {}
-    for group in iter_tensors(folder):
+    for group in iter_tensors(folder, rope_buffers=config.rope_freqs_in_weights):
         scan_weights(group, group, bad)
         state.update(group)
     report_weights(bad, str(folder))
-    extra = tuple(p for p in [folder / "tokenizer.model"] if p.is_file())
+    extra = tuple(p for p in [tokenizer_file(folder)] if p is not None)
     return save_hf(state, config, dst, max_shard_bytes, extra_files=extra)

@@ -56,7 +56,8 @@ FINETUNE_HELP = {
     "resume": "continue from the newest checkpoint under OUT/checkpoints",
     "fsdp": "with torchrun: shard parameters with FSDP instead of replicating them (DDP)",
     "save_dtype": "dtype of the final weights: fp32, bf16 or fp16",
-    "max_length": "longest example in tokens (image slots included); longer records are reported and skipped",
+    "max_length": "longest example in tokens (image slots included; 0 = the model's context); longer records "
+                  "are reported and skipped",
     "progress": "show a progress bar",
 }
 

@@ -34,10 +34,16 @@ class VisionConfig:
     num_heads: int = 16
     intermediate_size: int = 15360
     layer_norm_eps: float = 1e-6
+    downsample: int = 1  # CogVLM2: 2, a 2x2 stride-2 conv merges each 2x2 block of patch features
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch vectors one image gives the decoder, after the downsample conv."""
+        return (self.image_size // self.patch_size // self.downsample) ** 2
 
     @property
     def num_positions(self) -> int:
@@ -74,19 +80,32 @@ class CrossVisionConfig:
 
 @dataclass(frozen=True)
 class CogVLMConfig:
-    """The visual-expert LLaMA decoder plus its vision encoder (spec section 2)."""
+    """The visual-expert LLaMA decoder plus its vision encoder (spec section 2).
+
+    The defaults are CogVLM v1's (Vicuna-7B). CogVLM2 (Llama-3-8B) is the same model with
+    options: grouped-query attention (`num_key_value_heads`), a bias on the vision expert's
+    QKV, a 2x2 conv after the ViT (`vision.downsample`), RoPE base 500000 whose inverse
+    frequencies are checkpoint buffers (`rope_freqs_in_weights`), and a second stop id.
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_layers: int = 32
     num_heads: int = 32
+    num_key_value_heads: int | None = None  # None: as many as query heads (no GQA)
+    vision_qkv_bias: bool = False
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # CogVLM2: every layer keeps RoPE's inverse frequencies as a checkpoint buffer (bf16 in the
+    # published files) that is cast with the model, and angles are computed in that dtype, as
+    # the authors' code does; v1 computes them in fp32 from rope_theta
+    rope_freqs_in_weights: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
+    eos_token_id: int = 2  # the tokenizer's eos: ends fine-tuning answers, and a stop id
+    stop_token_ids: tuple[int, ...] = ()  # further ids that end an answer (CogVLM2: 128009 <|eot_id|>)
+    pad_token_id: int = 0  # also the placeholder id of image slots
     template: str = "chat"
     vision: VisionConfig = field(default_factory=VisionConfig)
     # CogAgent: a high-resolution tower feeding a cross-attention block in every decoder layer
@@ -94,11 +113,21 @@ class CogVLMConfig:
     cross_compute_hidden_size: int = 1024  # inner width of that cross-attention (heads x 32)
 
     def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_heads)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         check_numbers(self)
         if self.template not in TEMPLATES:
             raise ConfigError(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
         if self.hidden_size % self.num_heads:
             raise ConfigError("hidden_size must be a multiple of num_heads")
+        if self.num_key_value_heads < 1 or self.num_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                              f"({self.num_key_value_heads})")
+        grid = self.vision.image_size // self.vision.patch_size
+        if self.vision.downsample < 1 or grid % self.vision.downsample:
+            raise ConfigError(f"the {grid}x{grid} patch grid does not divide into "
+                              f"{self.vision.downsample}x{self.vision.downsample} blocks")
         if self.vision.hidden_size % self.vision.num_heads:
             raise ConfigError("vision hidden_size must be a multiple of vision num_heads")
         if self.vision.image_size % self.vision.patch_size:
@@ -119,9 +148,18 @@ class CogVLMConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def qkv_size(self) -> int:
+        """Width of an expert's fused QKV output: q for every head, k and v for every KV head."""
+        return (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id, *self.stop_token_ids)
+
+    @property
     def image_tokens(self) -> int:
-        """Sequence slots one image takes: boi + patches + eoi."""
-        return self.vision.num_patches + 2
+        """Sequence slots one image takes: boi + patch vectors + eoi."""
+        return self.vision.num_tokens + 2
 
     @property
     def cross_head_dim(self) -> int:
@@ -138,12 +176,15 @@ class CogVLMConfig:
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
+            "num_multi_query_heads": self.num_key_value_heads,  # the authors' name for it
+            "vision_qkv_bias": self.vision_qkv_bias,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_freqs_in_weights": self.rope_freqs_in_weights,
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.stop_ids) if self.stop_token_ids else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "tie_word_embeddings": False,
             "template_version": _template_version(self.template, self.cross_vision is not None),
@@ -158,6 +199,7 @@ class CogVLMConfig:
                 "intermediate_size": v.intermediate_size,
                 "layer_norm_eps": v.layer_norm_eps,
                 "num_positions": v.num_positions,
+                "downsample": v.downsample,
                 "hidden_act": "gelu",
                 "dropout_prob": 0.0,
             },
@@ -171,10 +213,34 @@ class CogVLMConfig:
         return d
 
 
+LLAMA3_VOCAB = 128256  # a config with this vocabulary is a CogVLM2 (Llama-3 decoder)
+
+# config.json keys the published files may leave out, and their values: CogVLM2's come from the
+# defaults of the authors' config class and constants hard-coded in their code (cogvlm2.md
+# section 2), v1's from cogvlm.md section 2
+_HF_DEFAULTS = {
+    "v1": {"num_multi_query_heads": None, "vision_qkv_bias": False, "rope_theta": 10000.0,
+           "rope_freqs_in_weights": False, "max_position_embeddings": 2048, "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 0, "downsample": 1},
+    "cogvlm2": {"num_multi_query_heads": 8, "vision_qkv_bias": True, "rope_theta": 500000.0,
+                "rope_freqs_in_weights": True, "max_position_embeddings": 8192, "bos_token_id": 128000,
+                "eos_token_id": [128001, 128009], "pad_token_id": 128002, "downsample": 2},
+}
+
+
 def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
-    """Read a Hugging Face `config.json` (a path or the parsed dict)."""
+    """Read a Hugging Face `config.json` (a path or the parsed dict); keys it leaves out get the
+    published checkpoints' values for its family (CogVLM2 when the vocabulary is Llama-3's)."""
     d = _read_json(source) if not isinstance(source, dict) else source
+    if "CogVLMVideoForCausalLM" in d.get("architectures", ()):
+        raise ConfigError("CogVLM2-Video checkpoints (CogVLMVideoForCausalLM) are not supported: "
+                          "they have no visual expert and take video frames")
     try:
+        family = _HF_DEFAULTS["cogvlm2" if int(d["vocab_size"]) == LLAMA3_VOCAB else "v1"]
+
+        def get(key: str) -> Any:
+            return d.get(key, family[key])
+
         vd = d["vision_config"]
         vision = VisionConfig(
             image_size=int(vd["image_size"]),
@@ -185,6 +251,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             num_heads=int(vd["num_heads"]),
             intermediate_size=int(vd["intermediate_size"]),
             layer_norm_eps=float(vd.get("layer_norm_eps", 1e-6)),
+            downsample=int(vd.get("downsample", family["downsample"])),
         )
         if "num_positions" in vd and int(vd["num_positions"]) != vision.num_positions:
             raise ConfigError(
@@ -198,18 +265,25 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             if int(d.get("cross_compute_hidden_size", 1024)) != cross.hidden_size:
                 raise ConfigError("cross_compute_hidden_size must equal cross_hidden_size (the authors' "
                                   "code reshapes the cross-attention output to cross_hidden_size)")
+        eos = get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        kv_heads = d.get("num_key_value_heads", get("num_multi_query_heads"))
         return CogVLMConfig(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=None if kv_heads is None else int(kv_heads),
+            vision_qkv_bias=bool(get("vision_qkv_bias")),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            bos_token_id=int(d.get("bos_token_id", 1)),
-            eos_token_id=int(d.get("eos_token_id", 2)),
-            pad_token_id=int(d.get("pad_token_id", 0)),
+            rope_theta=float(get("rope_theta")),
+            rope_freqs_in_weights=bool(get("rope_freqs_in_weights")),
+            max_position_embeddings=int(get("max_position_embeddings")),
+            bos_token_id=int(get("bos_token_id")),
+            eos_token_id=int(eos[0]),
+            stop_token_ids=tuple(int(i) for i in eos[1:]),
+            pad_token_id=int(get("pad_token_id")),
             template=_template_name(d.get("template_version", "chat"), cross is not None),
             vision=vision,
             cross_vision=cross,
@@ -393,6 +467,14 @@ def _cogagent(template: str) -> CogVLMConfig:
     return CogVLMConfig(template=template, vision=VisionConfig(image_size=224), cross_vision=CrossVisionConfig())
 
 
+# CogVLM2-19B (cogvlm2.md section 2): the chat and Chinese models (and their int4 copies) share it
+COGVLM2 = CogVLMConfig(
+    vocab_size=LLAMA3_VOCAB, intermediate_size=14336, num_key_value_heads=8, vision_qkv_bias=True,
+    rope_theta=500000.0, rope_freqs_in_weights=True, max_position_embeddings=8192, bos_token_id=128000,
+    eos_token_id=128001, stop_token_ids=(128009,), pad_token_id=128002, template="chat",
+    vision=VisionConfig(image_size=1344, downsample=2))
+
+
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
@@ -412,6 +494,14 @@ REGISTRY: dict[str, ModelEntry] = {
                    "GUI agent, multi-turn chat, grounding (1120 px screenshots)"),
         ModelEntry("cogagent-vqa", "THUDM/cogagent-vqa-hf", _cogagent("chat"),
                    "single-turn VQA benchmarks (1120 px)"),
+        ModelEntry("cogvlm2-llama3-chat-19B", "THUDM/cogvlm2-llama3-chat-19B", COGVLM2,
+                   "CogVLM2, English: image understanding and multi-turn dialogue, 8K context"),
+        ModelEntry("cogvlm2-llama3-chinese-chat-19B", "THUDM/cogvlm2-llama3-chinese-chat-19B", COGVLM2,
+                   "CogVLM2, Chinese and English"),
+        ModelEntry("cogvlm2-llama3-chat-19B-int4", "THUDM/cogvlm2-llama3-chat-19B-int4", COGVLM2,
+                   "bitsandbytes fp4 copy of cogvlm2-llama3-chat-19B (unpacked on load)"),
+        ModelEntry("cogvlm2-llama3-chinese-chat-19B-int4", "THUDM/cogvlm2-llama3-chinese-chat-19B-int4", COGVLM2,
+                   "bitsandbytes fp4 copy of cogvlm2-llama3-chinese-chat-19B (unpacked on load)"),
         ModelEntry("cogvlm-tiny", None, None,
                    "9 M-parameter CogVLM trained on synthetic shapes; ships with the package (the default)"),
     )

@@ -27,7 +27,7 @@ from .data.records import Record, RecordError, read_records
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
-from .tokenizer import TOKENIZER_FILE, Tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 
 IGNORE = -100
 LossAverage = Literal["token", "example"]
@@ -44,8 +44,8 @@ PARTS = {
     "vision_expert": lambda n: n.startswith("model.layers.") and ("vision_expert" in n or "vision_mlp" in n),
     "language": lambda n: not n.startswith(("model.vision.", "model.cross_vision.")) and not _is_cross(n)
     and "vision_expert" not in n and "vision_mlp" not in n,
-    "adapter": lambda n: n.startswith(("model.vision.linear_proj.", "model.vision.boi", "model.vision.eoi",
-                                       "model.vision.pos_embed")),
+    "adapter": lambda n: n.startswith(("model.vision.linear_proj.", "model.vision.conv.", "model.vision.boi",
+                                       "model.vision.eoi", "model.vision.pos_embed")),
     "vit": lambda n: n.startswith(("model.vision.patch_embedding.", "model.vision.transformer.")),
     # CogAgent: the high-resolution tower and the decoder's cross-attention (nothing in CogVLM)
     "cross": lambda n: n.startswith("model.cross_vision.") or _is_cross(n),
@@ -92,7 +92,7 @@ class TrainArgs:
     resume: bool = False
     fsdp: bool = False
     save_dtype: str = "fp32"
-    max_length: int = 2048
+    max_length: int = 0  # 0: the model's context (2048 for CogVLM, 8192 for CogVLM2)
     progress: bool = True
 
 
@@ -243,7 +243,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: to
         raise TrainingError(f"cannot apply the adapter in {adapter} to {base}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
-    extra = tuple(p for p in [folder / TOKENIZER_FILE, Path(adapter) / TOKENIZER_FILE] if p.is_file())[:1]
+    extra = tuple(p for p in [tokenizer_file(folder), tokenizer_file(Path(adapter))] if p is not None)[:1]
     return save_hf(state, merged.config, out, extra_files=extra)
 
 
@@ -293,14 +293,15 @@ class Trainer:
             torch.manual_seed(self.args.seed)
             model = CogVLMForCausalLM(from_hf_config(a.init_config))
             init_weights(model)
-        tok_path = a.tokenizer or (folder / TOKENIZER_FILE if folder else None)
+        tok_path = a.tokenizer or (tokenizer_file(folder) or folder / TOKENIZER_FILE if folder else None)
         if tok_path is None:
             raise TrainingError("--init-config needs --tokenizer PATH")
         return model, Tokenizer(tok_path), folder
 
     def _load(self, path: Path) -> tuple[list[Example], list[RecordError]]:
         records, errors = read_records(path)
-        examples, more = make_examples(records, self.tokenizer, self.cfg, self.args.max_length)
+        examples, more = make_examples(records, self.tokenizer, self.cfg,
+                                       self.args.max_length or self.cfg.max_position_embeddings)
         errors += more
         if self.is_main:
             for e in errors:
@@ -417,7 +418,7 @@ class Trainer:
             if self.args.lora:
                 tmp.mkdir(parents=True)
                 self.inner.save_pretrained(str(tmp))
-                shutil.copy2(self.tokenizer.path, tmp / TOKENIZER_FILE)
+                shutil.copy2(self.tokenizer.path, tmp / self.tokenizer.file_name)
             else:
                 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
                     self.args.save_dtype if final else "fp32"]

@@ -322,11 +322,11 @@ class BatchDecoder:
             tokens = self._sample_alone(params, generators)
         self.seen.scatter_(1, tokens[:, None], True)
         out = {}
-        eos = self.model.config.eos_token_id
+        stops = self.model.config.stop_ids  # eos, and CogVLM2's <|eot_id|>
         for row, tok in zip(self.active, tokens.tolist()):
             if row in self.failed:
                 continue
-            if tok == eos:
+            if tok in stops:
                 self.finished_by_eos[row] = True
                 self._ending.add(row)
                 continue

@@ -127,13 +127,17 @@ class GLUAdapter(nn.Module):
 
 
 class EVA2CLIPModel(nn.Module):
-    """Image → `boi, P adapted patch vectors, eoi`: the P+2 image embeddings."""
+    """Image → `boi, P adapted patch vectors, eoi`: the P+2 image embeddings (CogVLM2: P/4, after
+    a 2x2 stride-2 conv over the grid of ViT features)."""
 
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
-        self.patch_embedding = PatchEmbedding(cfg.vision)
-        self.transformer = VisionTransformer(cfg.vision)
-        self.linear_proj = GLUAdapter(cfg.vision.hidden_size, cfg)
+        v = cfg.vision
+        self.patch_embedding = PatchEmbedding(v)
+        self.transformer = VisionTransformer(v)
+        if v.downsample > 1:
+            self.conv = nn.Conv2d(v.hidden_size, v.hidden_size, v.downsample, v.downsample)
+        self.linear_proj = GLUAdapter(v.hidden_size, cfg)
         self.boi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         if cfg.cross_vision is not None:  # CogAgent adds a learned table to the patches before the adapter
@@ -143,6 +147,10 @@ class EVA2CLIPModel(nn.Module):
         x = self.transformer(self.patch_embedding(images))[:, 1:]  # drop CLS
         if hasattr(self, "pos_embed"):
             x = x + self.pos_embed
+        if hasattr(self, "conv"):  # the row-major patch sequence is a (grid x grid) image of features
+            b, p, d = x.shape
+            grid = int(p ** 0.5)
+            x = self.conv(x.transpose(1, 2).reshape(b, d, grid, grid)).flatten(2).transpose(1, 2)
         x = on_rows(self.linear_proj, x)  # dropping CLS left a strided view: see `on_rows`
         n = x.shape[0]
         return torch.cat([self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)], dim=1)
@@ -336,14 +344,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def split_qkv(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor]
+def split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, rope: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, N, 3*hidden) → rotated q, rotated k, v, each (B, H, N, hd)."""
+    """(B, N, [q: heads | k: kv_heads | v: kv_heads] x hd) → rotated q (B, H, N, hd), rotated k and
+    v (B, H_kv, N, hd). With H_kv = H (v1) the three blocks are the QKV output's thirds."""
     b, n, _ = qkv.shape
-    qkv = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+    qkv = qkv.view(b, n, heads + 2 * kv_heads, -1).transpose(1, 2)  # (B, heads, N, hd)
     cos, sin = rope
-    q, k = qkv[:2] * cos + rotate_half(qkv[:2]) * sin  # rotate q and k in one go
-    return q, k, qkv[2]
+    qk = qkv[:, :heads + kv_heads]
+    qk = qk * cos + rotate_half(qk) * sin  # rotate q and k in one go
+    return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+
+
+def grouped(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend(q, k, v, mask)` for grouped-query attention: query head h reads KV head h // G
+    (G = H / H_kv). The G query heads of a group are folded into the query axis, which is
+    exact because query rows are independent, so any attention kernel runs it without copying
+    K and V G times. q (B, H, N, hd), k and v (B, H_kv, T, hd), mask (B, 1, N, T) or None."""
+    b, h, n, d = q.shape
+    g = h // k.shape[1]
+    if g == 1:
+        return attend(q, k, v, mask)
+    if mask is not None:
+        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * n, mask.shape[-1])
+    return attend(q.reshape(b, h // g, g * n, d), k, v, mask).reshape(b, h, n, d)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 DECODE_WINDOW = 64  # decode attention reads the cache in multiples of this many slots
@@ -358,7 +387,7 @@ class KVCache:
 
     def __init__(self, batch: int, max_len: int, cfg: CogVLMConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # GQA: only the KV heads
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -434,28 +463,40 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return (probs @ v.float()).to(q.dtype)
 
 
+class RotaryFrequencies(nn.Module):
+    """CogVLM2's per-layer `rotary_emb.inv_freq` checkpoint buffer (see `rope_freqs_in_weights`).
+    A fresh one holds the published values: theta^(-2i/head_dim), rounded to bf16."""
+
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        freqs = CogVLMForCausalLM.rope_inv_freq(cfg).to(torch.bfloat16).float()
+        self.register_buffer("inv_freq", freqs.to(torch.get_default_device()))
+
+
 class VisionExpertAttention(nn.Module):
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.language_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
-        self.vision_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_key_value_heads
+        self.language_expert_query_key_value = nn.Linear(h, cfg.qkv_size, bias=False)
+        self.vision_expert_query_key_value = nn.Linear(h, cfg.qkv_size, bias=cfg.vision_qkv_bias)
         self.language_expert_dense = nn.Linear(h, h, bias=False)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
+        if cfg.rope_freqs_in_weights:
+            self.rotary_emb = RotaryFrequencies(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 span: tuple[int, int] | None, layer: int, cache: KVCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = routed(x, self.language_expert_query_key_value, self.vision_expert_query_key_value, span)
-        q, k, v = split_qkv(qkv, self.num_heads, rope)
+        q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, rope)
         if cache is not None:
             start, end = cache.length, cache.length + n
             cache.k[layer][:, :, start:end] = k
             cache.v[layer][:, :, start:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = grouped(sdpa, q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return routed(out, self.language_expert_dense, self.vision_expert_dense, span)
 
@@ -463,10 +504,11 @@ class VisionExpertAttention(nn.Module):
                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One text token per row (B, hidden): written to cache slot `slot`, attending over the
         cache window under `mask`. Language expert only: generated tokens are never image tokens."""
-        q, k, v = split_qkv(self.language_expert_query_key_value(x)[:, None], self.num_heads, rope)
+        q, k, v = split_qkv(self.language_expert_query_key_value(x)[:, None], self.num_heads, self.num_kv_heads,
+                            rope)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v)
-        out = attend_one(q, k_cache, v_cache, mask)
+        out = grouped(attend_one, q, k_cache, v_cache, mask)
         return self.language_expert_dense(out.reshape(x.shape[0], -1))  # (local heads under tensor parallelism)
 
 
@@ -620,7 +662,14 @@ class CogVLMForCausalLM(nn.Module):
         return cache.cross
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        if self.config.rope_freqs_in_weights:
+            # the authors' CogVLM2: positions, angles, cos and sin in the buffer's dtype, which is
+            # the model's (a bf16 model rounds positions past 256); layers share one table, as
+            # the published checkpoints store the same frequencies in every layer
+            inv_freq = self.model.layers[0].self_attn.rotary_emb.inv_freq
+        else:
+            inv_freq = self.inv_freq.float()
+        freqs = position_ids.to(inv_freq.device, inv_freq.dtype)[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, N, hd)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 

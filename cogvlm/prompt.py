@@ -90,7 +90,8 @@ def image_pixels(image: ImageInput | None, cfg: CogVLMConfig) -> tuple[torch.Ten
 
 
 def image_advances(num_patches: int) -> list[bool]:
-    """Which image slots advance the position id: boi, the first patch, eoi (patches share one)."""
+    """Which image slots advance the position id: boi, the first patch vector, eoi (patch vectors
+    share one)."""
     return [True, True] + [False] * (num_patches - 1) + [True]
 
 
@@ -108,7 +109,7 @@ def layout_batch(prompts: Sequence[PromptTokens], cfg: CogVLMConfig) -> Chunk:
     ids = torch.full((len(prompts), length), cfg.pad_token_id, dtype=torch.long)
     valid = torch.zeros(len(prompts), length, dtype=torch.bool)
     advance = torch.zeros(len(prompts), length, dtype=torch.bool)
-    img_adv = torch.tensor(image_advances(cfg.vision.num_patches))
+    img_adv = torch.tensor(image_advances(cfg.vision.num_tokens))
     for row, p in enumerate(prompts):
         ids[row, 0] = cfg.bos_token_id
         valid[row, 0] = advance[row, 0] = True

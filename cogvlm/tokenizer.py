@@ -1,5 +1,13 @@
-"""The Vicuna / LLaMA-2 sentencepiece tokenizer, with Hugging Face `add_special_tokens=False`
-semantics for prompt text: a plain `encode` (with sentencepiece's leading "▁"), no `<s>`."""
+"""Tokenizers behind one small interface, with Hugging Face `add_special_tokens=False` semantics
+for prompt text (the model's config supplies bos, eos and pad):
+
+- CogVLM v1: the Vicuna / LLaMA-2 sentencepiece `tokenizer.model` (a plain `encode`, with
+  sentencepiece's leading "▁", no `<s>`);
+- CogVLM2: Llama-3's byte-level BPE, the `tokenizer.json` shipped in the model repos, read with
+  the `tokenizers` library; decoding skips special tokens, as the authors' demos do.
+
+`Tokenizer(path)` opens either file, or a folder holding one.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-TOKENIZER_FILE = "tokenizer.model"
-VICUNA_REPO = "lmsys/vicuna-7b-v1.5"  # the published checkpoints ship without a tokenizer
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece (CogVLM v1)
+BPE_FILE = "tokenizer.json"  # Hugging Face tokenizers (CogVLM2)
+TOKENIZER_FILES = (TOKENIZER_FILE, BPE_FILE)
+VICUNA_REPO = "lmsys/vicuna-7b-v1.5"  # the published v1 checkpoints ship without a tokenizer
 
 
 class TokenizerError(ValueError):
@@ -35,14 +45,53 @@ def train_tokenizer(texts: list[str], out_file: str | Path, vocab_size: int) -> 
     return out_file
 
 
+def tokenizer_file(folder: Path) -> Path | None:
+    """The tokenizer file in a checkpoint folder, if any (sentencepiece first)."""
+    return next((folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
+
+
 class Tokenizer:
+    """Text <-> token ids. `path` is the file it was read from; `file_name` the name a copy of it
+    takes next to saved weights."""
+
+    file_name: str
+    path: Path
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int
+
+    def __new__(cls, model_file: str | Path) -> Tokenizer:
+        if cls is Tokenizer:  # pick the implementation from the file
+            cls = BPETokenizer if _locate(model_file).name.endswith(".json") else SentencePieceTokenizer
+        return super().__new__(cls)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+
+def _locate(model_file: str | Path) -> Path:
+    path = Path(model_file)
+    if path.is_dir():
+        path = tokenizer_file(path) or path / TOKENIZER_FILE
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer not found: {path} (pass --tokenizer PATH to a sentencepiece "
+                             f"'{TOKENIZER_FILE}', e.g. the one of {VICUNA_REPO}, or to the '{BPE_FILE}' "
+                             f"of a CogVLM2 repo)")
+    return path
+
+
+class SentencePieceTokenizer(Tokenizer):
+    file_name = TOKENIZER_FILE
+
     def __init__(self, model_file: str | Path) -> None:
-        path = Path(model_file)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer model not found: {path} (pass --tokenizer PATH to a "
-                                 f"sentencepiece '{TOKENIZER_FILE}', e.g. the one of {VICUNA_REPO})")
+        path = _locate(model_file)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
@@ -53,7 +102,6 @@ class Tokenizer:
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` without special tokens."""
         return self.sp.encode(text) if text else []
 
     def decode(self, ids: list[int]) -> str:
@@ -61,3 +109,31 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (CogVLM2: Llama-3's 128000 BPE tokens + 256 specials)."""
+
+    file_name = BPE_FILE
+
+    def __init__(self, model_file: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = _locate(model_file)
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise TokenizerError(f"{path} is not a Hugging Face tokenizer.json: {e}") from None
+        self.path = path
+        self.bos_id = self.tok.token_to_id("<|begin_of_text|>")
+        self.eos_id = self.tok.token_to_id("<|end_of_text|>")
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id)

@@ -65,6 +65,9 @@ def check_split(config: CogVLMConfig, world: int) -> None:
              "ViT MLP width": config.vision.intermediate_size}
     if config.cross_vision is not None:  # CogAgent's cross-attention splits by heads too
         sizes["cross-attention width"] = config.cross_compute_hidden_size
+    if config.num_key_value_heads != config.num_heads:
+        raise TensorParallelError("tensor parallelism does not split grouped-query attention (CogVLM2) yet; "
+                                  "run it on one device, or with --quant 4 to fit one GPU")
     bad = [f"{k} {v}" for k, v in sizes.items() if v % world]
     if world < 1 or bad:
         fits = [n for n in range(1, 65) if all(v % n == 0 for v in sizes.values())]
@@ -120,6 +123,8 @@ class ParallelCogVLM(CogVLMForCausalLM):
         for name, module in list(self.named_modules()):
             if isinstance(module, (VisionExpertAttention, VisionAttention, CrossAttention)):
                 module.num_heads //= world
+            if isinstance(module, VisionExpertAttention):
+                module.num_kv_heads //= world
             if not isinstance(module, nn.Linear):
                 continue
             rule = split_rule(name + ".weight")
@@ -133,6 +138,7 @@ class ParallelCogVLM(CogVLMForCausalLM):
                 bias=module.bias is not None, device=module.weight.device))
         self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, rank, world)
         self.local_config = replace(cfg, num_heads=cfg.num_heads // world,
+                                    num_key_value_heads=cfg.num_key_value_heads // world,
                                     hidden_size=cfg.hidden_size // world)  # the KV cache's shape
 
     def row_parallel(self) -> list[str]:

@@ -98,3 +98,52 @@ def talkative_vlm(talkative: Path):
     from cogvlm import CogVLM
 
     return CogVLM.from_pretrained(talkative, device="cpu")
+
+
+# ---- CogVLM2 (cogvlm2.md): the same model with its options, and a Llama-3-style tokenizer ---------
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level BPE `tokenizer.json` shaped like Llama-3's (bos, eos, pad, eot after the
+    regular tokens)."""
+    from .llama3 import tiny_bpe_json
+
+    return tiny_bpe_json(tmp_path_factory.mktemp("bpe") / "tokenizer.json", CORPUS * 20)
+
+
+def tiny_cogvlm2_config(tokenizer_path: Path, **overrides) -> CogVLMConfig:
+    """CogVLM2's options on a tiny model: 4 query heads on 2 KV heads, vision QKV bias, a 4x4
+    patch grid merged 2x2 into 4 image tokens, RoPE base 500000 with stored frequencies, and
+    the tokenizer's bos / eos / pad / <|eot_id|> ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(str(tokenizer_path))
+    ids = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                                        "<|eot_id|>")]
+    base = dict(vocab_size=400, num_key_value_heads=2, vision_qkv_bias=True, rope_theta=500000.0,
+                rope_freqs_in_weights=True, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2],
+                stop_token_ids=(ids[3],), vision={"image_size": 56, "downsample": 2})
+    base.update(overrides)
+    return tiny_test_config(**base)
+
+
+@pytest.fixture
+def cogvlm2_model(bpe_tokenizer_path: Path) -> CogVLMForCausalLM:
+    return randomize(CogVLMForCausalLM(tiny_cogvlm2_config(bpe_tokenizer_path)), seed=7).eval()
+
+
+@pytest.fixture(scope="session")
+def cogvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_path: Path) -> Path:
+    """A random tiny CogVLM2 in the Hugging Face layout with its tokenizer.json."""
+    import shutil
+
+    from cogvlm.checkpoint import save_hf
+
+    model = randomize(CogVLMForCausalLM(tiny_cogvlm2_config(bpe_tokenizer_path, max_position_embeddings=1024)),
+                      seed=8)
+    with torch.no_grad():
+        model.lm_head.weight[list(model.config.stop_ids)] -= 0.3  # answers of some tokens, not endless ones
+    out = tmp_path_factory.mktemp("cogvlm2") / "tiny-cogvlm2"
+    save_hf(model.state_dict(), model.config, out)
+    shutil.copy(bpe_tokenizer_path, out / "tokenizer.json")
+    return out

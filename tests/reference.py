@@ -4,6 +4,9 @@ Deliberately naive: token-by-token expert choice through boolean masks, explicit
 eager softmax attention, the spec's token-type rule for positions. Shares no code with `cogvlm`.
 CogAgent (cogagent.md) is the same forward plus a high-resolution tower and a cross-attention
 step in every layer, present when the state dict has them.
+CogVLM2 (cogvlm2.md) is read off the weights present: the 2x2 conv (patch by patch), the vision
+QKV bias, [q | k | v] with fewer KV heads (query head h reads KV head h // group), and RoPE with
+each layer's stored `rotary_emb.inv_freq`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ def reference_prompt(query: str, history: list[tuple[str, str]], template: str) 
     return prompt + "Question: " + query + " " + fmt
 
 
-def reference_layout(text_ids: list[int], with_image: bool, num_patches: int):
+def reference_layout(text_ids: list[int], with_image: bool, num_patches: int, bos: int = 1, placeholder: int = 0):
     """Token ids, token types and position ids of one conversation (spec section 4)."""
     n_img = num_patches + 2 if with_image else 0
-    ids = [1] + [0] * n_img + list(text_ids)
+    ids = [bos] + [placeholder] * n_img + list(text_ids)
     types = [L] + [V] * n_img + [L] * len(text_ids)
     positions, pos = [], -1
     for t in range(len(ids)):
@@ -91,6 +94,14 @@ def reference_vision(sd, cfg, pixels):
     x = x[1:]
     if pre + "pos_embed" in w:  # CogAgent: a learned [P, 1792] table before the adapter
         x = x + w[pre + "pos_embed"]
+    if pre + "conv.weight" in w:  # CogVLM2: output (i, j) sees patches (2i+r, 2j+c), weight [out, in, r, c]
+        g = vc.image_size // vc.patch_size
+        conv, merged = w[pre + "conv.weight"], []
+        for i in range(g // 2):
+            for j in range(g // 2):
+                merged.append(w[pre + "conv.bias"] + sum(conv[:, :, r, c] @ x[(2 * i + r) * g + 2 * j + c]
+                                                         for r in range(2) for c in range(2)))
+        x = torch.stack(merged)
     a = pre + "linear_proj."
     x = x @ w[a + "linear_proj.weight"].T
     x = _gelu(_ln(x, w[a + "norm1.weight"], w[a + "norm1.bias"], 1e-5))
@@ -152,7 +163,9 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
     if cross:
         assert pixels is not None and cross_pixels is not None, "CogAgent has no text-only mode"
         enc = reference_cross_vision(sd, cfg, cross_pixels)
-    ids, types, positions = reference_layout(text_ids, pixels is not None, cfg.vision.num_patches)
+    merge = 4 if "model.vision.conv.weight" in w else 1
+    ids, types, positions = reference_layout(text_ids, pixels is not None, cfg.vision.num_patches // merge,
+                                             cfg.bos_token_id, cfg.pad_token_id)
     x = w["model.embed_tokens.weight"][torch.tensor(ids)]
     if pixels is not None:
         img = reference_vision(sd, cfg, pixels)
@@ -160,18 +173,19 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
     n = len(ids)
     vision_mask = torch.tensor([types[t] == V and t + 1 < n and types[t + 1] == V for t in range(n)])
     hd = cfg.hidden_size // cfg.num_heads
+    kv_heads = cfg.num_key_value_heads
 
-    def expert(h, lang_w, vis_w):
+    def expert(h, lang_w, vis_w, vis_b=None):
         out = torch.zeros(h.shape[0], lang_w.shape[0], dtype=h.dtype)
-        out[vision_mask] = h[vision_mask] @ vis_w.T
+        out[vision_mask] = h[vision_mask] @ vis_w.T + (0 if vis_b is None else vis_b)
         out[~vision_mask] = h[~vision_mask] @ lang_w.T
         return out
 
-    def rope(t):  # t: (heads, L, hd)
+    def rope(t, inv_freq):  # t: (heads, L, hd)
         out = torch.empty_like(t)
         for idx, p in enumerate(positions):
             for i in range(hd // 2):
-                theta = p * cfg.rope_theta ** (-2 * i / hd)
+                theta = p * (cfg.rope_theta ** (-2 * i / hd) if inv_freq is None else inv_freq[i].item())
                 c, s = math.cos(theta), math.sin(theta)
                 a, b = t[:, idx, i], t[:, idx, i + hd // 2]
                 out[:, idx, i] = a * c - b * s
@@ -182,10 +196,17 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
         p = f"model.layers.{i}."
         h = _rms(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         qkv = expert(h, w[p + "self_attn.language_expert_query_key_value.weight"],
-                     w[p + "self_attn.vision_expert_query_key_value.weight"])
-        q, k, v = (qkv[:, j * cfg.hidden_size:(j + 1) * cfg.hidden_size].view(n, cfg.num_heads, hd).transpose(0, 1)
-                   for j in range(3))
-        a = _attention(rope(q), rope(k), v, causal=True).transpose(0, 1).reshape(n, -1)
+                     w[p + "self_attn.vision_expert_query_key_value.weight"],
+                     w.get(p + "self_attn.vision_expert_query_key_value.bias"))
+        q = qkv[:, :cfg.num_heads * hd].view(n, cfg.num_heads, hd).transpose(0, 1)
+        k, v = (qkv[:, (cfg.num_heads + j * kv_heads) * hd:(cfg.num_heads + (j + 1) * kv_heads) * hd]
+                .view(n, kv_heads, hd).transpose(0, 1) for j in range(2))
+        inv_freq = w.get(p + "self_attn.rotary_emb.inv_freq")
+        q, k = rope(q, inv_freq), rope(k, inv_freq)
+        group = cfg.num_heads // kv_heads
+        a = torch.stack([_attention(q[h:h + 1], k[h // group:h // group + 1], v[h // group:h // group + 1],
+                                    causal=True)[0] for h in range(cfg.num_heads)])
+        a = a.transpose(0, 1).reshape(n, -1)
         x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w[p + "self_attn.vision_expert_dense.weight"])
         if cross:  # cogagent.md section 8: every token attends to all image features, no RoPE, no mask
             h = _rms(x, w[p + "post_cross_attention_layernorm.weight"], cfg.rms_norm_eps)
