@@ -1,6 +1,8 @@
 """Generation speed on CPU: ours vs Hugging Face transformers' LlamaForCausalLM, side by side.
 
-A mid-size random CogVLM (language hidden 1024, 8 layers, 16 heads; ViT 12 layers at 224 px).
+A mid-size random CogVLM (language hidden 1024, 8 layers, 16 heads; ViT 12 layers at 224 px), and
+the same shaped as CogVLM2 (16 query heads on 4 KV heads as its 32 on 8, RoPE base 500000 with
+bf16-stored frequencies, vision QKV bias, the 2x2 conv after the ViT).
 The peer is a LlamaForCausalLM with the same language weights (SDPA attention, static cache),
 decoding the same text-only prompt; both are greedy and must produce the same tokens. Decode
 speed is measured the same way for both: time(prefill + 1 + N tokens) - time(prefill + 1 token),
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -33,12 +36,15 @@ from cogvlm.quantize import prepack_model
 CONFIG = CogVLMConfig(eos_token_id=-1, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
                       vision=VisionConfig(image_size=224, hidden_size=768, num_layers=12, num_heads=12,
                                           intermediate_size=3072))
+CONFIG2 = replace(CONFIG, intermediate_size=3584, num_key_value_heads=4, vision_qkv_bias=True, rope_theta=500000.0,
+                  rope_freqs_in_weights=True, vision=replace(CONFIG.vision, downsample=2))
+SHAPES = {"CogVLM": CONFIG, "CogVLM2 (GQA)": CONFIG2}
 PROMPT_LEN = 16
 
 
-def random_model(dtype: torch.dtype) -> CogVLMForCausalLM:
+def random_model(dtype: torch.dtype, config: CogVLMConfig = CONFIG) -> CogVLMForCausalLM:
     torch.manual_seed(0)
-    model = CogVLMForCausalLM(CONFIG)
+    model = CogVLMForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name and p.ndim == 1 else torch.randn_like(p) * 0.02)
@@ -50,7 +56,8 @@ def hf_peer(model: CogVLMForCausalLM):
 
     c = model.config
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                      num_key_value_heads=c.num_key_value_heads,
                       rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=2048,
                       tie_word_embeddings=False, attn_implementation="sdpa", bos_token_id=1, eos_token_id=None,
                       pad_token_id=0)
@@ -60,7 +67,8 @@ def hf_peer(model: CogVLMForCausalLM):
              "lm_head.weight": sd["lm_head.weight"]}
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        q, k, v = sd[p + "self_attn.language_expert_query_key_value.weight"].chunk(3)
+        kv = c.num_key_value_heads * c.head_dim
+        q, k, v = sd[p + "self_attn.language_expert_query_key_value.weight"].split([c.hidden_size, kv, kv])
         state.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                       p + "self_attn.v_proj.weight": v,
                       p + "self_attn.o_proj.weight": sd[p + "self_attn.language_expert_dense.weight"],
@@ -69,6 +77,8 @@ def hf_peer(model: CogVLMForCausalLM):
         for name in ("gate_proj", "up_proj", "down_proj"):
             state[p + f"mlp.{name}.weight"] = sd[p + f"mlp.language_mlp.{name}.weight"]
     peer.load_state_dict(state, strict=False)
+    if c.rope_freqs_in_weights:  # rotate with the same (bf16-rounded) frequencies
+        peer.model.rotary_emb.inv_freq.copy_(model.model.layers[0].self_attn.rotary_emb.inv_freq)
     return peer
 
 
@@ -146,25 +156,28 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="best of this many, taken in turns (default 5)")
     ap.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = ap.parse_args()
     import transformers
 
     bw = bandwidth_gbs()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"read bandwidth (matrix-vector) {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens\n")
-    print("| dtype | image prefill ms (unpacked) | batch | ours tok/s | compiled tok/s | unpacked tok/s "
+    print("| model | dtype | image prefill ms (unpacked) | batch | ours tok/s | compiled tok/s | unpacked tok/s "
           "| HF Llama tok/s | ours / HF | compiled / HF | % of bandwidth bound: ours / compiled / HF | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in ({"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes):
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, dtype in ((s, {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for s in args.shapes
+                         for d in args.dtypes):
         torch._dynamo.reset()  # the previous dtype's compiled graphs count against dynamo's recompile limit
-        unpacked = random_model(dtype)
+        config = SHAPES[shape]
+        unpacked = random_model(dtype, config)
         peer = hf_peer(unpacked)
         bound = bw * 1e9 / weight_bytes_per_decode_step(unpacked)
-        model = prepack_model(random_model(dtype))
-        compiled = random_model(dtype)
+        model = prepack_model(random_model(dtype, config))
+        compiled = random_model(dtype, config)
         compiled.compile_decode()
         image = PromptTokens(torch.randn(3, 224, 224), list(range(10, 10 + PROMPT_LEN)))
-        chunk = layout_batch([image], CONFIG)
+        chunk = layout_batch([image], config)
         prefill = {}
         for name, m in (("ours", model), ("unpacked", unpacked)):
             with torch.no_grad():
@@ -177,7 +190,7 @@ def main() -> None:
             ours, fast, before, theirs = (rates[k][0] for k in ("ours", "compiled", "unpacked", "hf"))
             same = all(torch.equal(rates[k][1], rates["hf"][1]) for k in ("ours", "compiled"))
             share = " / ".join(f"{100 * r / (bound * batch):.0f}%" for r in (ours, fast, theirs))
-            print(f"| {str(dtype).removeprefix('torch.')} | {prefill['ours'] * 1e3:.0f} ({prefill['unpacked'] * 1e3:.0f}) "
+            print(f"| {shape} | {str(dtype).removeprefix('torch.')} | {prefill['ours'] * 1e3:.0f} ({prefill['unpacked'] * 1e3:.0f}) "
                   f"| {batch} | {ours:.1f} | {fast:.1f} | {before:.1f} | {theirs:.1f} | {ours / theirs:.2f}x "
                   f"| {fast / theirs:.2f}x | {share} | {'yes' if same else 'NO'} |")
 

@@ -23,7 +23,8 @@ SAMPLING_HELP = {
     "temperature": "sampling temperature (0 = greedy)", "top_p": "nucleus sampling mass",
     "top_k": "sample among the k likeliest tokens (1 = greedy, 0 = no limit)",
     "max_new_tokens": "longest answer in tokens (default: until max_length)",
-    "max_length": "longest prompt + answer in tokens, image slots included", "seed": "random seed for sampling",
+    "max_length": "longest prompt + answer in tokens, image slots included (default: the model's context, "
+                  "2048 for CogVLM, 8192 for CogVLM2)", "seed": "random seed for sampling",
 }
 
 
@@ -53,11 +54,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
                              "weights per frozen graph (batches; in bf16 batch 1 too)")
     parser.add_argument("--tokenizer", *spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
-                        help="sentencepiece tokenizer.model (default: the one next to the weights)")
+                        help="sentencepiece tokenizer.model (CogVLM) or tokenizer.json (CogVLM2) (default: the one "
+                             "next to the weights)")
     defaults = SamplingParams()
     for name in SAMPLING_FLAGS:
         kind = float if name in ("temperature", "top_p") else int
-        default = getattr(defaults, name)
+        default = None if name == "max_length" else getattr(defaults, name)  # max_length: in its help
         parser.add_argument(*spellings(name), type=kind, metavar="N",
                             help=SAMPLING_HELP[name] + ("" if default is None else f" (default {default})"))
 

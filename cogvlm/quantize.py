@@ -74,10 +74,11 @@ def prepack_model(model: CogVLMForCausalLM) -> CogVLMForCausalLM:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free Linear with int8 (one scale per output row) or int4 weights (one scale per
-    group of `group_size` inputs, two values packed per byte)."""
+    """A Linear with int8 (one scale per output row) or int4 weights (one scale per group of
+    `group_size` inputs, two values packed per byte); a bias (CogVLM2's vision QKV) stays as is."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 64) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 64,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
@@ -96,6 +97,7 @@ class QuantLinear(nn.Module):
             q = q[:, 0::2] | (q[:, 1::2] << 4)  # pack two 4-bit values per byte
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(self.dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def dequantize(self) -> torch.Tensor:
         if self.bits == 8:
@@ -105,13 +107,13 @@ class QuantLinear(nn.Module):
         return (q.view(*self.scale.shape[:2], -1) * self.scale).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def quantize_model(model: CogVLMForCausalLM, bits: int) -> CogVLMForCausalLM:
     """Replace every Linear of the decoder layers (both experts) and the output head in place."""
     _replace(model, nn.Linear, lambda name: name.startswith("model.layers.") or name == "lm_head",
-             lambda linear: QuantLinear(linear.weight, bits).to(linear.weight.device))
+             lambda linear: QuantLinear(linear.weight, bits, bias=linear.bias).to(linear.weight.device))
     return model
 
 

@@ -354,3 +354,16 @@ def test_int4_checkpoint_loads_into_the_model(cogvlm2_model, tmp_path):
     got = model.state_dict()
     assert sorted(got) == sorted(want)
     assert [k for k in want if not torch.equal(got[k], want[k].float())] == []
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_vision_qkv_keeps_its_bias(cogvlm2_model, bits):
+    from cogvlm.quantize import QuantLinear, quantize_model
+
+    original = cogvlm2_model.model.layers[0].self_attn.vision_expert_query_key_value
+    bias = original.bias.detach().clone()
+    quantize_model(cogvlm2_model, bits)
+    layer = cogvlm2_model.model.layers[0].self_attn.vision_expert_query_key_value
+    assert isinstance(layer, QuantLinear) and torch.equal(layer.bias, bias)
+    x = torch.randn(3, cogvlm2_model.config.hidden_size)
+    assert torch.allclose(layer(x), x @ layer.dequantize().T + bias, atol=1e-6)
