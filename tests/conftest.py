@@ -139,7 +139,7 @@ def cogvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_p
 
     from cogvlm.checkpoint import save_hf
 
-    model = randomize(CogVLMForCausalLM(tiny_cogvlm2_config(bpe_tokenizer_path, max_position_embeddings=1024)),
+    model = randomize(CogVLMForCausalLM(tiny_cogvlm2_config(bpe_tokenizer_path, max_position_embeddings=2048)),
                       seed=8)
     with torch.no_grad():
         model.lm_head.weight[list(model.config.stop_ids)] -= 0.3  # answers of some tokens, not endless ones

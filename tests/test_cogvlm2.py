@@ -15,9 +15,9 @@ from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, build_prompt, layout_batch
 from cogvlm.tokenizer import Tokenizer
 
-from .conftest import randomize, tiny_cogvlm2_config
+from .conftest import tiny_cogvlm2_config
 from .reference import reference_layout, reference_logits
-from .test_model import run_single
+from .test_model import SPEC_VISION_LAYER, run_single
 
 TOL = 1e-5  # fp32 model vs float64 reference; logits here are O(1), so this is ~100 ulp of fp32
 IMAGE = 56  # tiny CogVLM2: a 4x4 patch grid, merged 2x2 into 4 image tokens
@@ -154,14 +154,6 @@ SPEC_DECODER = {  # cogvlm2.md section 8, i over the 32 decoder layers
     "self_attn.rotary_emb.inv_freq": (64,),
     **{f"mlp.{e}.{p}.weight": (14336, 4096) for e in ("language_mlp", "vision_mlp") for p in ("gate_proj", "up_proj")},
     **{f"mlp.{e}.down_proj.weight": (4096, 14336) for e in ("language_mlp", "vision_mlp")},
-}
-SPEC_VISION_LAYER = {
-    "input_layernorm.weight": (1792,), "input_layernorm.bias": (1792,),
-    "attention.query_key_value.weight": (5376, 1792), "attention.query_key_value.bias": (5376,),
-    "attention.dense.weight": (1792, 1792), "attention.dense.bias": (1792,),
-    "mlp.fc1.weight": (15360, 1792), "mlp.fc1.bias": (15360,),
-    "mlp.fc2.weight": (1792, 15360), "mlp.fc2.bias": (1792,),
-    "post_attention_layernorm.weight": (1792,), "post_attention_layernorm.bias": (1792,),
 }
 SPEC_OTHER = {
     "model.embed_tokens.weight": (128256, 4096), "model.norm.weight": (4096,), "lm_head.weight": (128256, 4096),

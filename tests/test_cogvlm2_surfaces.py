@@ -5,7 +5,6 @@ evaluation, `cogvlm serve`, and fine-tuning (full and LoRA) from a random CogVLM
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,9 @@ from cogvlm.data.synthetic import make_dataset
 from cogvlm.finetune import TrainArgs, Trainer
 
 from .conftest import tiny_cogvlm2_config
-from .processes import free_port, running
 from .test_caption import ENV, ROOT
 from .test_cogvlm2 import on_fp4_grid, pack_fp4
+from .test_server import serving
 
 EXAMPLE = ROOT / "cogvlm" / "web_examples" / "shapes-4.png"
 GREEDY = {"top_k": 1, "max_new_tokens": 8}
@@ -134,23 +133,12 @@ def test_evaluate_scores_cogvlm2_answers(vlm, tmp_path):
 
 @pytest.mark.slow  # a server subprocess
 def test_served_under_its_model_name(vlm, cogvlm2_checkpoint, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    with running(["serve", "--model", str(cogvlm2_checkpoint), "--port", str(port), "--served-model-name",
-                  "cogvlm2-llama3-chinese-chat-19B", "--log-level", "warning"], tmp_path / "log", healthy,
-                 timeout=120, cwd=ROOT, env=ENV):
+    name = "cogvlm2-llama3-chinese-chat-19B"
+    with serving(cogvlm2_checkpoint, tmp_path / "log", "--served-model-name", name) as url:
         models = httpx.get(f"{url}/v1/models").json()
-        assert [m["id"] for m in models["data"]] == ["cogvlm2-llama3-chinese-chat-19B"]
+        assert [m["id"] for m in models["data"]] == [name]
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "model": "cogvlm2-llama3-chinese-chat-19B", "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "user", "content": CHINESE}]}).json()
+            "model": name, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": CHINESE}]}).json()
     assert reply["choices"][0]["message"]["content"] == vlm.chat(None, CHINESE, **GREEDY)[0]
 
 

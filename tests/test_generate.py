@@ -254,7 +254,7 @@ def test_errors(vlm, tmp_path):
         s = vlm.session(None, max_length=12)
         s.ask("a b c d e f g h i j k l m n o p")
     positions = vlm.config.max_position_embeddings
-    assert vlm.defaults.max_length == min(2048, positions)  # the authors' 2048, or all the model has
+    assert vlm.defaults.max_length == positions  # the whole context: the authors' 2048 for v1, 8192 for CogVLM2
     with pytest.raises(ValueError, match=f"invalid max_length={positions + 1}: this model has {positions} positions"):
         vlm.chat(None, "hi", max_length=positions + 1)
 
