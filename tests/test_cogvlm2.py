@@ -17,7 +17,7 @@ from cogvlm.tokenizer import Tokenizer
 
 from .conftest import tiny_cogvlm2_config
 from .reference import reference_layout, reference_logits
-from .test_model import SPEC_VISION_LAYER, run_single
+from .test_model import SPEC_VISION_LAYER, check_batch_against_reference, run_single
 
 TOL = 1e-5  # fp32 model vs float64 reference; logits here are O(1), so this is ~100 ulp of fp32
 IMAGE = 56  # tiny CogVLM2: a 4x4 patch grid, merged 2x2 into 4 image tokens
@@ -57,18 +57,9 @@ def test_history_prompt_matches_reference(cogvlm2_model, bpe_tokenizer_path):
 
 
 def test_padded_mixed_batch_matches_reference_per_row(cogvlm2_model):
-    prompts = [PromptTokens(pixels(3), [4, 5, 6, 7, 8, 9]), PromptTokens(None, [10, 11]),
-               PromptTokens(pixels(4), [12]), PromptTokens(pixels(5), [])]
-    chunk = layout_batch(prompts, cogvlm2_model.config)
-    with torch.no_grad():
-        logits = cogvlm2_model(chunk)
-        last = cogvlm2_model(chunk, last_only=True)
-    for row, p in enumerate(prompts):
-        want = reference_logits(cogvlm2_model.state_dict(), cogvlm2_model.config, p.text_ids, p.pixels)
-        got = logits[row][chunk.attention_mask[row]]
-        assert got.shape == want.shape
-        assert (got.double() - want).abs().max().item() <= TOL
-        assert (last[row].double() - want[-1]).abs().max().item() <= TOL
+    check_batch_against_reference(cogvlm2_model, [PromptTokens(pixels(3), [4, 5, 6, 7, 8, 9]),
+                                                  PromptTokens(None, [10, 11]), PromptTokens(pixels(4), [12]),
+                                                  PromptTokens(pixels(5), [])])
 
 
 def test_layout_uses_the_llama3_ids_and_the_merged_patch_count(cogvlm2_model):

@@ -63,12 +63,17 @@ def test_padded_mixed_batch_matches_reference_per_row(tiny_model):
         PromptTokens(torch.randn(3, 28, 28, generator=g), [12]),
         PromptTokens(torch.randn(3, 28, 28, generator=g), []),  # base captioning: empty query
     ]
-    chunk = layout_batch(prompts, tiny_model.config)
+    check_batch_against_reference(tiny_model, prompts)
+
+
+def check_batch_against_reference(model, prompts) -> None:
+    """Every row of one padded batch, all positions and the last-token shortcut, vs the reference."""
+    chunk = layout_batch(prompts, model.config)
     with torch.no_grad():
-        logits = tiny_model(chunk)
-        last = tiny_model(chunk, last_only=True)
+        logits = model(chunk)
+        last = model(chunk, last_only=True)
     for row, p in enumerate(prompts):
-        want = reference_logits(tiny_model.state_dict(), tiny_model.config, p.text_ids, p.pixels)
+        want = reference_logits(model.state_dict(), model.config, p.text_ids, p.pixels)
         got = logits[row][chunk.attention_mask[row]]
         assert got.shape == want.shape
         assert (got.double() - want).abs().max().item() <= TOL
