@@ -116,7 +116,8 @@ class CogVLM:
 
     def prompt_tokens(self, image: ImageInput | None, query: str, history: History | None = None,
                       template: str | None = None) -> PromptTokens:
-        text = build_prompt(query, history or (), template or self.config.template, image=image is not None)
+        text = build_prompt(query, history or (), template or self.config.template,
+                            image=image is not None or not self.config.vicuna_frame)
         pixels, cross = image_pixels(image, self.config)
         return PromptTokens(pixels, self.tokenizer.encode(text), cross)
 
@@ -213,7 +214,7 @@ class ChatSession:
         """Answer pieces as they are generated; the turn joins the history when it completes."""
         vlm, cfg = self.vlm, self.vlm.config
         params = SamplingParams.build(self.params, **sampling)
-        text = build_prompt(query, self.history, self.template, image=self.pixels is not None)
+        text = build_prompt(query, self.history, self.template, image=self.pixels is not None or not cfg.vicuna_frame)
         prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(text), self.cross_pixels)
         full = layout_batch([prompt], cfg)
         ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()

@@ -101,6 +101,9 @@ class CogVLMConfig:
     # published files) that is cast with the model, and angles are computed in that dtype, as
     # the authors' code does; v1 computes them in fp32 from rope_theta
     rope_freqs_in_weights: bool = False
+    # text-only conversations get Vicuna's system frame (prompt.build_prompt, the v1 demos);
+    # CogVLM2's Llama-3 decoder keeps the template without an image too (cogvlm2.md section 6)
+    vicuna_frame: bool = True
     max_position_embeddings: int = 2048
     bos_token_id: int = 1
     eos_token_id: int = 2  # the tokenizer's eos: ends fine-tuning answers, and a stop id
@@ -182,6 +185,7 @@ class CogVLMConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_freqs_in_weights": self.rope_freqs_in_weights,
+            "vicuna_frame": self.vicuna_frame,
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.stop_ids) if self.stop_token_ids else self.eos_token_id,
@@ -220,11 +224,11 @@ LLAMA3_VOCAB = 128256  # a config with this vocabulary is a CogVLM2 (Llama-3 dec
 # section 2), v1's from cogvlm.md section 2
 _HF_DEFAULTS = {
     "v1": {"num_multi_query_heads": None, "vision_qkv_bias": False, "rope_theta": 10000.0,
-           "rope_freqs_in_weights": False, "max_position_embeddings": 2048, "bos_token_id": 1,
+           "rope_freqs_in_weights": False, "vicuna_frame": True, "max_position_embeddings": 2048, "bos_token_id": 1,
            "eos_token_id": 2, "pad_token_id": 0, "downsample": 1},
     "cogvlm2": {"num_multi_query_heads": 8, "vision_qkv_bias": True, "rope_theta": 500000.0,
-                "rope_freqs_in_weights": True, "max_position_embeddings": 8192, "bos_token_id": 128000,
-                "eos_token_id": [128001, 128009], "pad_token_id": 128002, "downsample": 2},
+                "rope_freqs_in_weights": True, "vicuna_frame": False, "max_position_embeddings": 8192,
+                "bos_token_id": 128000, "eos_token_id": [128001, 128009], "pad_token_id": 128002, "downsample": 2},
 }
 
 
@@ -279,6 +283,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             rope_theta=float(get("rope_theta")),
             rope_freqs_in_weights=bool(get("rope_freqs_in_weights")),
+            vicuna_frame=bool(get("vicuna_frame")),
             max_position_embeddings=int(get("max_position_embeddings")),
             bos_token_id=int(get("bos_token_id")),
             eos_token_id=int(eos[0]),
@@ -470,7 +475,8 @@ def _cogagent(template: str) -> CogVLMConfig:
 # CogVLM2-19B (cogvlm2.md section 2): the chat and Chinese models (and their int4 copies) share it
 COGVLM2 = CogVLMConfig(
     vocab_size=LLAMA3_VOCAB, intermediate_size=14336, num_key_value_heads=8, vision_qkv_bias=True,
-    rope_theta=500000.0, rope_freqs_in_weights=True, max_position_embeddings=8192, bos_token_id=128000,
+    rope_theta=500000.0, rope_freqs_in_weights=True, vicuna_frame=False, max_position_embeddings=8192,
+    bos_token_id=128000,
     eos_token_id=128001, stop_token_ids=(128009,), pad_token_id=128002, template="chat",
     vision=VisionConfig(image_size=1344, downsample=2))
 

@@ -113,7 +113,8 @@ def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMCo
             errors.append(RecordError(rec.line, "CogAgent needs an image in every record"))
             continue
         for i, (query, answer) in enumerate(rec.turns):
-            prompt = tokenizer.encode(build_prompt(query, rec.turns[:i], rec.template, image=rec.image is not None))
+            framed = rec.image is not None or not cfg.vicuna_frame
+            prompt = tokenizer.encode(build_prompt(query, rec.turns[:i], rec.template, image=framed))
             ans = tokenizer.encode(answer) + [cfg.eos_token_id]
             length = 1 + (cfg.image_tokens if rec.image else 0) + len(prompt) + len(ans)
             if length > max_length:

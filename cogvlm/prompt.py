@@ -26,7 +26,8 @@ def build_prompt(query: str, history: History = (), template: str = "chat", imag
 
     Without an image, every template but base sends Vicuna's conversation instead, as the
     authors' demo does: `{VICUNA_SYSTEM} USER: {q1} ASSISTANT: {a1}\\nUSER: {query} ASSISTANT:`.
-    base always sends the query verbatim.
+    base always sends the query verbatim. CogVLM2's callers pass `image=True` for text-only
+    conversations too (its config's `vicuna_frame` is off: its single-GPU demos keep the template).
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")

@@ -121,7 +121,7 @@ def tiny_cogvlm2_config(tokenizer_path: Path, **overrides) -> CogVLMConfig:
     ids = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                                         "<|eot_id|>")]
     base = dict(vocab_size=400, num_key_value_heads=2, vision_qkv_bias=True, rope_theta=500000.0,
-                rope_freqs_in_weights=True, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2],
+                rope_freqs_in_weights=True, vicuna_frame=False, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2],
                 stop_token_ids=(ids[3],), vision={"image_size": 56, "downsample": 2})
     base.update(overrides)
     return tiny_test_config(**base)

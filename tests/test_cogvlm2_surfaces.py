@@ -39,6 +39,8 @@ def vlm(cogvlm2_checkpoint: Path) -> CogVLM:
 def test_api_chat_session_and_batch(vlm):
     assert type(vlm.tokenizer).__name__ == "BPETokenizer"
     assert vlm.defaults.max_length == vlm.config.max_position_embeddings  # CogVLM2: its 8K context
+    # text-only keeps the chat template (no Vicuna frame: the decoder is Llama-3's)
+    assert vlm.prompt_tokens(None, CHINESE).text_ids == vlm.tokenizer.encode(f"Question: {CHINESE} Answer:")
     answer, history = vlm.chat(EXAMPLE, "What is in the image?", **GREEDY)
     assert answer and history == [("What is in the image?", answer)]
     session = vlm.session(EXAMPLE, **GREEDY)
