@@ -93,10 +93,10 @@ class CogVLM:
             prepack = not compile and can_prepack(device, dtype)
         folder = resolve(name_or_path)
         config = read_config(folder)
-        check_fits(config, tp, dtype, None, min(SamplingParams.max_length, config.max_position_embeddings), device)
+        check_fits(config, tp, dtype, None, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
             model, folder = load_parallel(folder, tp, dtype, device, prepack)
-            return cls(model, _find_tokenizer(folder, tokenizer))
+            return cls(model, _find_tokenizer(folder, tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device)
         if prepack:
             model = prepack_model(model)

@@ -77,7 +77,8 @@ def kv_cache_bytes(config: CogVLMConfig, batch: int, length: int, dtype: torch.d
     """Keys and values of every layer for `batch` rows of `length` slots (one rank's heads of
     `world`), plus the slots' validity mask."""
     size = torch.finfo(dtype).bits // 8
-    total = 2 * config.num_layers * batch * length * (config.hidden_size // world) * size + batch * length
+    kv_width = config.num_key_value_heads * config.head_dim  # GQA (CogVLM2): only the KV heads
+    total = 2 * config.num_layers * batch * length * (kv_width // world) * size + batch * length
     if config.cross_vision is not None:  # CogAgent: each row's image keys/values for cross-attention
         cross = config.cross_vision.num_patches * config.cross_compute_hidden_size // world
         total += 2 * config.num_layers * batch * cross * size
