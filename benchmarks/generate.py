@@ -11,11 +11,16 @@ Ours runs as `CogVLM.from_pretrained` gives it on CPU, with oneDNN-prepacked wei
 fp32, the plain ones for single-row inputs); the "compiled" column is `from_pretrained(...,
 compile=True)` (the decode step under torch.compile, compiled before timing); "unpacked" is the
 same model with plain `nn.Linear` weights.
-Also printed: both decodes as a share of the machine's memory-bandwidth bound (weight bytes read
-per step / read bandwidth measured in this run): where the peer is already near the bound,
-no implementation that reads the same bytes can be much faster.
+A second table puts the quantized models (`quantize_model`: int8 per row, int4 in groups of 128,
+both with bf16 activations, as `from_pretrained(..., quant=)` gives them) beside ours in fp32 and
+bf16 and the fp32 peer, all in one `decode_rates` call (taking turns).
+Also printed: each decode as a share of the machine's memory-bandwidth bound: the bytes one
+step really reads (language expert, norms, output head, one embedding row: `cogvlm.plan`'s
+decode_step, from the real stored layout) over the read bandwidth measured in this run as the
+best of several multi-threaded streaming reads of a buffer far larger than the caches. Where a
+decode is near the bound, no implementation that reads the same bytes can be much faster.
 
-    pip install -e '.[bench]' && python benchmarks/generate.py [--new-tokens 64]
+    pip install -e '.[bench]' && python benchmarks/generate.py [--new-tokens 64] [--tables dtypes quant]
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from cogvlm.config import CogVLMConfig, VisionConfig
 from cogvlm.generate import BatchDecoder, SamplingParams
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
-from cogvlm.quantize import prepack_model
+from cogvlm.plan import weight_bytes
+from cogvlm.quantize import QuantConfig, prepack_model, quantize_model
 
 # eos_token_id=-1: neither side ever stops early, so both decode exactly N tokens
 CONFIG = CogVLMConfig(eos_token_id=-1, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
@@ -135,20 +141,39 @@ def decode_rates(runs: dict, ids: torch.Tensor, new_tokens: int, repeats: int) -
             for name, (t_one, t_all) in best.items()}
 
 
-def bandwidth_gbs() -> float:
-    """Read bandwidth as a decode step sees it: one pass over a matrix far larger than the caches
-    (a matrix-vector product, the operation that dominates batch-1 decoding); the best of 9, as
-    a bound should be."""
-    w = torch.randn(16384, 8192)  # 512 MiB
-    x = torch.randn(8192)
-    t = timed(lambda: torch.mv(w, x), repeats=9)
-    return w.numel() * 4 / t / 1e9
+def bandwidth_gbs(gib: int = 2) -> float:
+    """The machine's read bandwidth: the best of 9 multi-threaded streaming reads (a sum, which
+    does one add per 4 bytes, far below what the cores can do) of a buffer of `gib` GiB, far
+    larger than the caches (a matrix-vector product, measured before, ran below this)."""
+    buf = torch.ones(gib * 2**28)
+    t = timed(lambda: buf.sum(), repeats=9)
+    return buf.numel() * 4 / t / 1e9
 
 
-def weight_bytes_per_decode_step(model: CogVLMForCausalLM) -> int:
-    """Everything one text token reads: language experts, norms, lm_head (not the visual expert)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-               if not n.startswith("model.vision") and "vision" not in n and "embed_tokens" not in n)
+def step_bytes(dtype: torch.dtype, bits: int | None = None, config: CogVLMConfig = CONFIG) -> int:
+    """Bytes one text token's decode step reads, from the stored layout (see cogvlm.plan)."""
+    return weight_bytes(config, dtype, bits)["decode_step"]
+
+
+def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
+    """int8 / int4 beside ours in fp32 and bf16 and the HF fp32 peer, in one run taking turns."""
+    print("\n| model | batch | tok/s | x ours fp32 | x HF fp32 | bytes read per step | % of bandwidth bound |")
+    print("|---|---|---|---|---|---|---|")
+    fp32 = prepack_model(random_model(torch.float32))
+    runs = {"ours fp32": (ours_generate, fp32), "ours bf16": (ours_generate, prepack_model(random_model(torch.bfloat16))),
+            "int8": (ours_generate, prepack_model(quantize_model(random_model(torch.float32), QuantConfig(8)))),
+            "int4": (ours_generate, prepack_model(quantize_model(random_model(torch.float32), QuantConfig(4)))),
+            "HF fp32": (hf_generate, hf_peer(random_model(torch.float32)))}
+    nbytes = {"ours fp32": step_bytes(torch.float32), "ours bf16": step_bytes(torch.bfloat16),
+              "int8": step_bytes(torch.bfloat16, 8), "int4": step_bytes(torch.bfloat16, 4),
+              "HF fp32": step_bytes(torch.float32)}
+    for batch in (1, 8):
+        ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+        rates = decode_rates(runs, ids, new_tokens, repeats)
+        for name, (rate, _) in rates.items():
+            bound = bw * 1e9 / nbytes[name] * batch
+            print(f"| {name} | {batch} | {rate:.1f} | {rate / rates['ours fp32'][0]:.2f}x | {rate / rates['HF fp32'][0]:.2f}x "
+                  f"| {nbytes[name] / 1e6:.1f} MB | {100 * rate / bound:.0f}% |")
 
 
 def main() -> None:
@@ -157,12 +182,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="best of this many, taken in turns (default 5)")
     ap.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--tables", nargs="+", choices=("dtypes", "quant"), default=["dtypes", "quant"],
+                    help="dtypes: ours / compiled / unpacked / HF per shape and dtype; quant: int8 and int4 beside them")
     args = ap.parse_args()
     import transformers
 
     bw = bandwidth_gbs()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"read bandwidth (matrix-vector) {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens\n")
+          f"read bandwidth (streaming, 2 GiB) {bw:.1f} GB/s, {args.new_tokens} new tokens, prompt {PROMPT_LEN} tokens")
+    if "quant" in args.tables:
+        quantized_table(bw, args.new_tokens, args.repeats)
+    if "dtypes" not in args.tables:
+        return
+    print()
     print("| model | dtype | image prefill ms (unpacked) | batch | ours tok/s | compiled tok/s | unpacked tok/s "
           "| HF Llama tok/s | ours / HF | compiled / HF | % of bandwidth bound: ours / compiled / HF | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -172,7 +204,7 @@ def main() -> None:
         config = SHAPES[shape]
         unpacked = random_model(dtype, config)
         peer = hf_peer(unpacked)
-        bound = bw * 1e9 / weight_bytes_per_decode_step(unpacked)
+        bound = bw * 1e9 / step_bytes(dtype, config=config)
         model = prepack_model(random_model(dtype, config))
         compiled = random_model(dtype, config)
         compiled.compile_decode()

@@ -1,5 +1,7 @@
-"""Checkpoint loading: our meta-device streaming loader vs the naive `load_state_dict` path, and
-one rank of a 2-way tensor-parallel load (it reads only its slices: about half the memory).
+"""Checkpoint loading: our meta-device streaming loader vs the naive `load_state_dict` path,
+one rank of a 2-way tensor-parallel load (it reads only its slices: about half the memory), and
+quantizing while loading: int8 and int4 (`quant=`), and the int4 checkpoint that `cogvlm
+quantize` writes from the same one (loaded as is). Checkpoint shards are 512 MiB.
 
 Writes a ≈1.3 B-parameter bf16 checkpoint in the Hugging Face layout (sharded safetensors) to a
 temp folder, then loads it in fresh subprocesses, one per method, and prints seconds and peak
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from cogvlm.checkpoint import expected_shapes, save_hf
+from cogvlm.checkpoint import expected_shapes, quantize_checkpoint, save_hf
 from cogvlm.config import CogVLMConfig, VisionConfig
+from cogvlm.quantize import QuantConfig
 
 CONFIG = CogVLMConfig(hidden_size=2048, intermediate_size=5504, num_layers=12, num_heads=16,
                       vision=VisionConfig(image_size=224, hidden_size=1024, num_layers=4, num_heads=16,
@@ -32,14 +35,19 @@ import json, resource, sys, time, torch
 from pathlib import Path
 def rss_kb():
     return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024
+def peak_kb():  # VmHWM: this process image's own peak (ru_maxrss keeps the forking parent's across exec)
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
 from cogvlm.checkpoint import load_model, read_config, _hf_shards
 from cogvlm.model import CogVLMForCausalLM
 from safetensors.torch import load_file
 folder, method = Path(sys.argv[1]), sys.argv[2]
 base = rss_kb()
 t = time.perf_counter()
-if method == "streaming":
+if method in ("streaming", "int4 file"):
     model, _ = load_model(folder, dtype=torch.bfloat16)
+elif method in ("int8", "int4"):
+    from cogvlm.quantize import QuantConfig
+    model, _ = load_model(folder, dtype=torch.bfloat16, quant=QuantConfig(int(method[-1])))
 elif method == "rank 0 of 2":  # what each process of `--tp 2` reads and holds (no process group needed)
     from functools import partial
     from cogvlm.checkpoint import load_weights
@@ -53,7 +61,7 @@ else:  # what most code does: build (fp32 random init), cast, read every shard, 
         state.update(load_file(shard))
     model.load_state_dict(state)
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_kb": base}))
+print(json.dumps({"seconds": seconds, "peak_kb": peak_kb(), "base_kb": base}))
 """
 
 
@@ -75,9 +83,15 @@ def main() -> None:
     params = sum(torch.Size(s).numel() for s in expected_shapes(CONFIG).values())
     print(f"checkpoint: {params / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB bf16, "
           f"{len(list(folder.glob('*.safetensors')))} shards\n")
+    int4_folder = folder.parent / (folder.name + "-int4")
+    if not (int4_folder / "config.json").exists():
+        t = time.perf_counter()
+        quantize_checkpoint(folder, int4_folder, QuantConfig(4), max_shard_bytes=2**29)
+        print(f"wrote the int4 checkpoint in {time.perf_counter() - t:.1f}s")
     print(f"{'method':<12} {'seconds':>8} {'peak RSS above baseline':>26}")
-    for method in ("streaming", "rank 0 of 2", "naive"):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(folder), method], capture_output=True,
+    for method in ("streaming", "rank 0 of 2", "int8", "int4", "int4 file", "naive"):
+        where = int4_folder if method == "int4 file" else folder
+        out = subprocess.run([sys.executable, "-c", CHILD, str(where), method], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         extra = (r["peak_kb"] - r["base_kb"]) * 1024

@@ -8,14 +8,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_model, read_config, resolve
+from .checkpoint import load_model, read_config, read_quant, resolve
 from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
-from .quantize import can_prepack, prepack_model
+from .quantize import QuantConfig, can_prepack, prepack_model
 from .tp import launched_by_torchrun, load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
@@ -66,7 +66,8 @@ class CogVLM:
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
                         tokenizer: str | Path | None = None, prepack: bool | None = None,
-                        compile: bool = False, tp: int | None = None) -> CogVLM:
+                        compile: bool = False, tp: int | None = None, quant: int | None = None,
+                        group_size: int = 128, quant_vision: int | None = None) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
         shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
@@ -77,7 +78,13 @@ class CogVLM:
         of a packed copy of the language weights per frozen graph (see `compile_decode`).
         `tp=N` splits the model over N processes (`cogvlm.tp`: N GPUs, or N CPU processes) that
         this call starts; under `torchrun` the default is its world size, and ranks > 0 serve
-        rank 0 inside this call until it closes (`close()`, or at exit), then exit."""
+        rank 0 inside this call until it closes (`close()`, or at exit), then exit.
+
+        `quant` (4 or 8) quantizes the decoder's linear layers (both experts) and the output head
+        while loading, each weight on `device` as it streams in: int8 per output row, or int4 in
+        groups of `group_size` inputs; `quant_vision=8` does int8 for the ViT and adapter too. A
+        checkpoint written by `cogvlm quantize` loads quantized as it is. Quantized models run
+        in bf16, the dtype the packed kernels take (docs/quantization.md)."""
         if compile and prepack:
             raise ValueError("compile=True packs the weights itself; leave prepack unset")
         tp = tp or launched_by_torchrun() or 1
@@ -88,16 +95,22 @@ class CogVLM:
         if isinstance(dtype, str):
             dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                      "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if prepack is None:
-            prepack = not compile and can_prepack(device, dtype)
         folder = resolve(name_or_path)
         config = read_config(folder)
-        check_fits(config, tp, dtype, None, config.max_position_embeddings, device)  # the default max_length
+        wanted = None if quant is None and quant_vision is None else QuantConfig(quant, group_size, quant_vision)
+        quantized = wanted or read_quant(folder)
+        if quantized and dtype not in (None, torch.bfloat16):
+            raise ValueError(f"quantized models run in bfloat16 (the packed kernels' activation dtype), not {dtype}")
+        if quantized and (compile or tp > 1):
+            raise ValueError("quantized models do not combine with compile=True or tp > 1 yet")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
+        if prepack is None:
+            prepack = not compile and can_prepack(device, dtype)
+        check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
             model, folder = load_parallel(folder, tp, dtype, device, prepack)
             return cls(model, _find_tokenizer(folder, tokenizer, config))
-        model, folder = load_model(folder, dtype=dtype, device=device)
+        model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:
             model = prepack_model(model)
         if compile:

@@ -33,6 +33,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import quantize_checkpoint
+    from .quantize import QuantConfig
+
+    quant = QuantConfig(args.bits, args.group_size, args.vision_bits)
+    out = quantize_checkpoint(args.src, args.dst, quant, device=args.device or "cpu",
+                              max_shard_bytes=int(args.shard_gb * 2**30))
+    print(f"wrote {out}")
+    return 0
+
+
 FINETUNE_HELP = {
     "data": "training JSONL (docs/data-format.md)",
     "out": "output folder: final/ (the model), checkpoints/step-N/, log.jsonl",
@@ -217,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder (replaced atomically if it exists)")
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
     p.set_defaults(func=cmd_convert)
+
+    from .quantize import GROUP_SIZES
+
+    p = verbs.add_parser("quantize", help="write a quantized copy of a checkpoint (int8 / int4 weights + scales)",
+                         description="Quantize a float checkpoint's decoder linears (both experts) and output head to "
+                                     "int8 or int4 (and optionally the ViT + adapter to int8), each weight as it "
+                                     "streams in; writes sharded safetensors with the packed weights and scales in a "
+                                     "device-neutral layout, the quantization recorded in config.json. Every surface "
+                                     "loads it directly (CPU or CUDA) with no re-quantization. "
+                                     "See docs/quantization.md.")
+    p.add_argument("src", help="float checkpoint folder (SAT or Hugging Face layout), registry name or hub id")
+    p.add_argument("dst", help="output folder (replaced atomically if it exists)")
+    p.add_argument("--bits", type=int, choices=(4, 8), required=True, help="decoder and output head: 8 or 4 bits")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128,
+                   help="inputs per int4 scale and zero (default 128)")
+    p.add_argument("--vision-bits", type=int, choices=(8,), help="also int8 for the ViT and adapter linears")
+    p.add_argument("--device", help="where to compute the quantization (default cpu); the file loads on any device")
+    p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
+    p.set_defaults(func=cmd_quantize)
 
     from .finetune import TrainArgs
 

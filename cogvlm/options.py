@@ -46,7 +46,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     dtype = parser.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="bfloat16 weights")
     dtype.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="float16 weights")
-    parser.add_argument("--quant", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (needs CUDA)")
+    add_quant_flags(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     add_tp_flag(parser)
     parser.add_argument("--compile", action="store_true",
@@ -62,6 +62,37 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default = None if name == "max_length" else getattr(defaults, name)  # max_length: in its help
         parser.add_argument(*spellings(name), type=kind, metavar="N",
                             help=SAMPLING_HELP[name] + ("" if default is None else f" (default {default})"))
+
+
+# cogvlm-chat-v1.1's plan (cogvlm.plan.weight_bytes; tests/test_plan.py keeps these in step)
+MEMORY_PLAN = ("weights of cogvlm-chat-v1.1: bf16 35.3 GB, --quant 8 22.2 GB, --quant 4 16.1 GB, "
+               "--quant 4 --quant-vision 8 11.6 GB; KV cache 1.07 GB per 2048-token row (bf16)")
+
+
+def add_quant_flags(parser: argparse.ArgumentParser) -> None:
+    """Weight-only quantization while loading (docs/quantization.md)."""
+    from .quantize import GROUP_SIZES
+
+    parser.add_argument("--quant", type=int, choices=(4, 8),
+                        help="quantize the language weights (both experts, output head) while loading, on CPU or "
+                             "CUDA: 8 = int8 per output row, 4 = int4 in groups; activations run in bf16, the "
+                             "packed kernels' dtype. A checkpoint made by `cogvlm quantize` loads quantized "
+                             f"without this flag. {MEMORY_PLAN}")
+    parser.add_argument("--quant-group-size", type=int, choices=GROUP_SIZES, default=128, metavar="N",
+                        help=f"inputs per int4 scale: {', '.join(map(str, GROUP_SIZES))} (default 128)")
+    parser.add_argument("--quant-vision", type=int, choices=(8,),
+                        help="also int8 for the ViT and adapter linears (default: full precision, as the authors "
+                             "ship it; costs a little accuracy, see docs/quantization.md)")
+
+
+def quant_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`CogVLM.from_pretrained` keywords for the quantization flags, checked."""
+    quantized = args.quant or args.quant_vision
+    if quantized and getattr(args, "dtype", None) == "fp16":
+        raise UsageError("quantized models run in bf16 (the packed kernels' activation dtype); drop --fp16")
+    if quantized and getattr(args, "compile", False):
+        raise UsageError("--compile and --quant do not combine; choose one")
+    return {"quant": args.quant, "group_size": args.quant_group_size, "quant_vision": args.quant_vision}
 
 
 def add_tp_flag(parser: argparse.ArgumentParser) -> None:
@@ -132,22 +163,10 @@ def _load(args: argparse.Namespace) -> CogVLM:
         raise UsageError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("no CUDA GPU is available here; use --device cpu")
-    if args.quant and device.type != "cuda":
-        raise UsageError("quantization needs a CUDA GPU (as in the authors' demo); run without --quant on CPU")
-    if args.quant and args.compile:
-        raise UsageError("--compile and --quant do not combine; choose one")
     if args.tp is not None and args.tp < 1:
         raise UsageError(f"--tp {args.tp}: the number of processes must be at least 1")
-    if (args.tp or 1) > 1 and (args.quant or args.compile):
-        raise UsageError(f"--tp does not combine with --{'quant' if args.quant else 'compile'} yet: tensor "
+    if (args.tp or 1) > 1 and (args.quant or args.quant_vision or args.compile):
+        raise UsageError(f"--tp does not combine with --{'compile' if args.compile else 'quant'} yet: tensor "
                          f"parallelism splits plain bf16/fp16/fp32 weights only")
-    if not args.quant:
-        return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
-                                      compile=args.compile, tp=args.tp)
-    from .quantize import quantize_model
-
-    # quantize in host memory first, so the GPU only ever holds the small weights
-    vlm = CogVLM.from_pretrained(args.model, dtype=args.dtype or "bf16", device="cpu", tokenizer=args.tokenizer,
-                              prepack=False)
-    vlm.model = quantize_model(vlm.model, args.quant).to(device)
-    return vlm
+    return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
+                                  compile=args.compile, tp=args.tp, **quant_flags(args))

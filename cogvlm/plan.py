@@ -2,7 +2,9 @@
 quantization, dtype, batch and context, computed from its config alone (no download).
 
 Weights are counted exactly from the model's shapes on the meta device, cut as `split_rule`
-cuts each tensor across ranks (as `ParallelCogVLM` does); the KV cache exactly from its shape; activations are an estimate: the largest
+cuts each tensor across ranks (as `ParallelCogVLM` does); quantized ones from the real stored
+layout (`weight_bytes`: packed weights, scales, padding); the KV cache exactly from its shape;
+activations are an estimate: the largest
 set of tensors alive at once in the prefill of one image prompt (a ViT layer at the model's image
 size, or a decoder layer over `max_length` tokens), plus `RUNTIME_OVERHEAD` per device for the
 CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads on CUDA run
@@ -20,6 +22,8 @@ import torch
 
 from .config import CogVLMConfig
 from .checkpoint import expected_shapes, split_rule
+from .model import CogVLMForCausalLM
+from .quantize import QuantConfig, quantize_layout
 from .tp import TensorParallelError, check_split
 
 GiB = 2**30
@@ -30,22 +34,21 @@ class PlanError(ValueError):
     """The model does not fit the memory given; the message names a split or quantization that does."""
 
 
-def _is_quantized(name: str) -> bool:
-    """What `--quant` stores in 4/8 bits: the decoder's linear layers (both experts) and the head."""
-    return name.endswith(".weight") and (name.startswith("model.layers.") and "norm" not in name or name == "lm_head.weight")
-
-
 @lru_cache(maxsize=16)
 def _shapes(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
     return expected_shapes(config)
 
 
 def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
-                      quant_bits: int | None = None, group_size: int = 128) -> int:
+                      quant_bits: int | None = None, group_size: int = 128, vision_bits: int | None = None) -> int:
     """Bytes of the weights one rank of `world` holds: each tensor of the model's meta-device
-    shapes as `split_rule` cuts it (every rank holds the same). Quantized weights: bits/8 per
-    value plus one scale per row (8 bits) or per group of `group_size` inputs (4 bits)."""
+    shapes as `split_rule` cuts it (every rank holds the same). Quantized models are not split
+    (yet): their bytes are `weight_bytes`'s total."""
     check_split(config, world)
+    if quant_bits is not None or vision_bits is not None:
+        if world > 1:
+            raise PlanError("quantized weights are not split across ranks yet: --tp takes bf16/fp16/fp32")
+        return weight_bytes(config, dtype, quant_bits, group_size, vision_bits)["total"]
     size = torch.finfo(dtype).bits // 8
     total = 0
     for name, shape in _shapes(config).items():
@@ -55,21 +58,46 @@ def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype =
             shape[0] //= world
         elif rule == "dim1":
             shape[1] //= world
-        if quant_bits and _is_quantized(name):
-            rows, cols = shape
-            groups = rows * (1 if quant_bits == 8 else -(-cols // group_size))
-            total += rows * cols * quant_bits // 8 + groups * size
-        else:
-            total += math.prod(shape) * size
+        total += math.prod(shape) * size
     return total
 
 
+PARTS = ("embeddings", "decoder", "lm_head", "vision")
+
+
+def _part(name: str) -> str:
+    if name.startswith("model.embed_tokens."):
+        return "embeddings"
+    if name.startswith(("model.vision.", "model.cross_vision.")):
+        return "vision"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    return "decoder"  # model.layers.* and model.norm
+
+
 def weight_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, quant_bits: int | None = None,
-                 group_size: int = 128, vision_bits: int | None = None) -> int:
-    """Bytes of the whole model's weights on one device."""
-    if vision_bits:
-        raise NotImplementedError("vision_bits: the vision encoder is kept in full precision here")
-    return rank_weight_bytes(config, 1, dtype, quant_bits, group_size)
+                 group_size: int = 128, vision_bits: int | None = None) -> dict[str, int]:
+    """Bytes of every stored tensor on one device, by part: embeddings, decoder (both experts,
+    norms), lm_head, vision (ViT + adapter, CogAgent's high-resolution tower), total; and
+    decode_step, what one text token's step reads (language expert, norms, lm_head and one
+    embedding row; not the visual expert or the ViT). Counted from the model as a load builds it
+    on the meta device, quantized modules included (`quantize_layout`): the packed layout's
+    bytes, scales and padding. `dtype`: the tensors left in full precision."""
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config).to(dtype)
+    if quant_bits is not None or vision_bits is not None:
+        quantize_layout(model, QuantConfig(quant_bits, group_size, vision_bits))
+    out = dict.fromkeys(PARTS, 0)
+    step = 0
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        part = _part(name)
+        out[part] += nbytes
+        if part in ("decoder", "lm_head") and "vision_" not in name:
+            step += nbytes
+    out["total"] = sum(out[p] for p in PARTS)
+    out["decode_step"] = step + config.hidden_size * dtype.itemsize
+    return out
 
 
 def kv_cache_bytes(config: CogVLMConfig, batch: int, length: int, dtype: torch.dtype = torch.bfloat16,
@@ -121,9 +149,9 @@ class Plan:
 
 
 def plan(config: CogVLMConfig, tp: int = 1, quant: int | None = None, dtype: torch.dtype = torch.bfloat16,
-         batch: int = 1, max_length: int = 2048) -> Plan:
+         batch: int = 1, max_length: int = 2048, group_size: int = 128, vision_bits: int | None = None) -> Plan:
     check_split(config, tp)
-    return Plan(tp, quant, rank_weight_bytes(config, tp, dtype, quant),
+    return Plan(tp, quant, rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
                 kv_cache_bytes(config, batch, max_length, dtype, tp),
                 activation_bytes(config, tp, dtype, batch, max_length))
 
@@ -187,7 +215,7 @@ def advice(config: CogVLMConfig, memory: int, dtype: torch.dtype, batch: int, ma
     return "smallest set-ups that fit: " + ", or ".join(ways)
 
 
-def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: int | None, max_length: int,
+def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: QuantConfig | None, max_length: int,
                device: torch.device) -> None:
     """Before a CUDA load: raise `PlanError` with advice if the weights, one prompt's cache and its
     prefill cannot fit the GPUs (instead of an out-of-memory crash mid-load). Reads the cards'
@@ -196,7 +224,8 @@ def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: int | N
         return
     cards = range(tp) if tp > 1 else [device.index or 0]
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in cards)
-    p = plan(config, tp, quant, dtype, 1, max_length)
+    p = plan(config, tp, quant and quant.bits, dtype, 1, max_length, *(
+        (quant.group_size, quant.vision_bits) if quant else ()))
     if not p.fits(memory):
         raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but the GPU "
                         f"has {gb(memory)}; {advice(config, memory, dtype, 1, max_length)}. "

@@ -203,7 +203,7 @@ def test_a_bad_image_path_exits_2_without_traceback(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--quant", "4", "--device", "cpu"], "quantization needs a CUDA GPU"),
+    (["--quant", "4", "--fp16", "--device", "cpu"], "quantized models run in bf16"),
     (["--top_p", "5"], "invalid top_p=5.0"),
     (["--max_new_tokens", "0"], "invalid max_new_tokens=0"),
     (["--device", "gpu"], "unknown device 'gpu'"),

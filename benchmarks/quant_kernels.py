@@ -1,0 +1,89 @@
+"""The candidate kernels for weight-only quantization on CPU, one linear layer at a time.
+
+For CogVLM-17B's layer shapes (4096 x 4096 attention dense, 11008 x 4096 MLP up), the time of
+one call at 1 and 8 rows: fp32 and bf16 `F.linear`, bf16 oneDNN-prepacked (what `prepack`
+gives), PyTorch's packed int8 (`_weight_int8pack_mm`) and int4 (`_weight_int4pack_mm_for_cpu`)
+kernels with fp32 and with bf16 activations, and torchao's `Int8WeightOnlyConfig` (torchao 0.18
+has no CPU int4 layout any more: its Int4PackingFormat lists only CUDA / NPU ones). Best of 5
+runs of 20 calls each, the candidates taking turns.
+
+    python benchmarks/quant_kernels.py
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from cogvlm.quantize import Int4Linear, Int8Linear, fill, quantize_tensors
+
+
+def per_call_us(fns: dict, calls: int = 20, repeats: int = 5) -> dict[str, float]:
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / calls * 1e6)
+    return best
+
+
+def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
+    n, k = w.shape
+    wb, xb = w.bfloat16(), x.bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(wb, 8)
+    int8 = Int8Linear(k, n)
+    fill(int8, quantize_tensors(w, 8, 128))
+    int4 = Int4Linear(k, n, 128)
+    fill(int4, quantize_tensors(w, 4, 128))
+    scales_fp32, sz_fp32 = int8.scales.float(), int4.scales_and_zeros.float()
+    fns = {
+        "fp32 F.linear": lambda: F.linear(x, w),
+        "bf16 F.linear": lambda: F.linear(xb, wb),
+        "bf16 oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""),
+        "int8 packed, fp32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, scales_fp32),
+        "int8 packed, bf16 x": lambda: int8(xb),
+        "int4 packed, fp32 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4.qweight, 128, sz_fp32),
+        "int4 packed, bf16 x": lambda: int4(xb),
+    }
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        linear.weight.data = wb.clone()
+        ao = copy.deepcopy(linear)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(ao, Int8WeightOnlyConfig())
+        fns["torchao int8 weight-only, bf16 x"] = lambda: ao(xb)
+    except ImportError:
+        pass
+    return fns
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per call\n")
+    torch.manual_seed(0)
+    shapes = [(4096, 4096), (11008, 4096)]
+    results = {}
+    for n, k in shapes:
+        w = torch.randn(n, k) * 0.02
+        for rows in (1, 8):
+            with torch.no_grad():
+                results[(n, k, rows)] = per_call_us(candidates(w, torch.randn(rows, k)))
+    names = list(next(iter(results.values())))
+    print("| kernel | " + " | ".join(f"{n}x{k}, {rows} row{'s' * (rows > 1)}" for n, k, rows in results) + " |")
+    print("|---" * (len(results) + 1) + "|")
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{r[name]:.0f}" for r in results.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
