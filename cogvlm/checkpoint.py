@@ -125,7 +125,11 @@ def read_quant(folder: Path) -> QuantConfig | None:
     """How a checkpoint's weights are quantized (config.json's "quantization"), None for float ones."""
     if layout_of(folder) != "hf":
         return None
-    entry = json.loads((folder / HF_CONFIG).read_text()).get("quantization")
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / HF_CONFIG} is not valid JSON: {e}") from None
+    entry = config.get("quantization") if isinstance(config, dict) else None  # read_config reports the rest
     if entry is None:
         return None
     try:
@@ -664,9 +668,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig, de
     device-neutral layout + scales; the other tensors in bf16, the dtype quantized models run
     in), quantizing each weight on `device` as it streams in. Holds the quantized model only."""
     folder = resolve(src)
+    config = read_config(folder)
     if read_quant(folder) is not None:
         raise CheckpointError(f"{folder} is quantized already")
-    config = read_config(folder)
     with torch.device("meta"):
         selected = {name for name, m in CogVLMForCausalLM(config).named_modules()
                     if isinstance(m, nn.Linear) and quant.bits_for(name) is not None}

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cogvlm.config import REGISTRY
+from cogvlm.config import REGISTRY, tiny_test_config
 from cogvlm.model import KVCache
 from cogvlm.plan import kv_cache_bytes, weight_bytes
-from cogvlm.config import tiny_test_config
 
 REAL = REGISTRY["cogvlm-chat-v1.1"].config
 H, I, L, V = 4096, 11008, 32, 32000  # Vicuna-7B dims (spec section 2)
@@ -66,3 +65,11 @@ def test_kv_cache_bytes_match_the_cache_the_model_allocates():
     cache = KVCache(3, 50, small, torch.bfloat16, "cpu")
     allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v) + cache.valid.numel()
     assert kv_cache_bytes(small, 3, 50, torch.bfloat16) == allocated
+
+
+def test_help_memory_plan_matches_the_plan():
+    from cogvlm.options import MEMORY_PLAN
+
+    for bits, vision_bits in ((None, None), (8, None), (4, None), (4, 8)):
+        assert f"{weight_bytes(REAL, torch.bfloat16, bits, 128, vision_bits)['total'] / 1e9:.1f} GB" in MEMORY_PLAN
+    assert f"KV cache {kv_cache_bytes(REAL, 1, 2048) / 1e9:.2f} GB per 2048-token row" in MEMORY_PLAN
