@@ -38,12 +38,21 @@ from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.plan import weight_bytes
 from cogvlm.quantize import QuantConfig, prepack_model, quantize_model
 
-# eos_token_id=-1: neither side ever stops early, so both decode exactly N tokens
-CONFIG = CogVLMConfig(eos_token_id=-1, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
+
+def never_ending(config: CogVLMConfig) -> CogVLMConfig:
+    """`config` with eos_token_id -1, so that neither side ever stops early and both decode
+    exactly N tokens. Set past the config's checks, which rightly refuse it for a checkpoint."""
+    object.__setattr__(config, "eos_token_id", -1)
+    return config
+
+
+CONFIG = CogVLMConfig(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
                       vision=VisionConfig(image_size=224, hidden_size=768, num_layers=12, num_heads=12,
                                           intermediate_size=3072))
-CONFIG2 = replace(CONFIG, intermediate_size=3584, num_key_value_heads=4, vision_qkv_bias=True, rope_theta=500000.0,
-                  rope_freqs_in_weights=True, vision=replace(CONFIG.vision, downsample=2))
+CONFIG2 = never_ending(replace(CONFIG, intermediate_size=3584, num_key_value_heads=4, vision_qkv_bias=True,
+                               rope_theta=500000.0, rope_freqs_in_weights=True,
+                               vision=replace(CONFIG.vision, downsample=2)))
+CONFIG = never_ending(CONFIG)
 SHAPES = {"CogVLM": CONFIG, "CogVLM2 (GQA)": CONFIG2}
 PROMPT_LEN = 16
 

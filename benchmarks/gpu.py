@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import ours_generate  # noqa: E402  (the same decode loop as the CPU benchmark)
+from generate import never_ending, ours_generate  # noqa: E402  (the same as the CPU benchmark)
 
 from cogvlm.config import CogVLMConfig, VisionConfig, tiny_test_config  # noqa: E402
 from cogvlm.model import DECODE_WINDOW, CogVLMForCausalLM  # noqa: E402
@@ -39,8 +39,8 @@ from cogvlm.plan import kv_cache_bytes, weight_bytes  # noqa: E402
 from cogvlm.prompt import PromptTokens, layout_batch  # noqa: E402
 from cogvlm.quantize import QuantConfig, quantize_model  # noqa: E402
 
-REAL = CogVLMConfig(eos_token_id=-1)  # cogvlm-chat-v1.1's dims; never stops early
-TINY = tiny_test_config(eos_token_id=-1, vocab_size=512)
+REAL = never_ending(CogVLMConfig())  # cogvlm-chat-v1.1's dims
+TINY = never_ending(tiny_test_config(vocab_size=512))
 PROMPT_LEN = 16
 
 
@@ -94,7 +94,7 @@ def random_model(config: CogVLMConfig, device: torch.device, dtype: torch.dtype)
     return model.eval().requires_grad_(False)
 
 
-def size(nbytes: float) -> str:
+def human(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
@@ -132,7 +132,7 @@ def run_format(name: str, bits: int | None, config: CogVLMConfig, device: torch.
         step = weights["decode_step"] + kv_cache_bytes(config, batch, window)
         roof = batch * bw / step
         rows.append(f"| {name} | decode batch {batch} | {rate:.1f} tok/s | {roof:.0f} tok/s | {100 * rate / roof:.0f}% "
-                    f"| {size(step)} per step |")
+                    f"| {human(step)} per step |")
     size = config.vision.image_size
     chunk = layout_batch([PromptTokens(torch.randn(3, size, size), list(range(10, 10 + PROMPT_LEN)))], config)
     with torch.no_grad():
@@ -143,10 +143,10 @@ def run_format(name: str, bits: int | None, config: CogVLMConfig, device: torch.
         seconds = best_time(prefill, device)
     bound = max(weights["total"] / bw, prefill_flops(config, PROMPT_LEN) / peak)
     rows.append(f"| {name} | prefill 1 image ({chunk.input_ids.shape[1]} positions) | {seconds * 1e3:.1f} ms "
-                f"| {bound * 1e3:.1f} ms | {100 * bound / seconds:.0f}% | {size(weights['total'])} weights |")
+                f"| {bound * 1e3:.1f} ms | {100 * bound / seconds:.0f}% | {human(weights['total'])} weights |")
     if device.type == "cuda":
-        rows.append(f"| {name} | peak GPU memory | {size(torch.cuda.max_memory_allocated(device))} "
-                    f"| | | {size(weights['total'])} weights |")
+        rows.append(f"| {name} | peak GPU memory | {human(torch.cuda.max_memory_allocated(device))} "
+                    f"| | | {human(weights['total'])} weights |")
     del model
     return rows
 
@@ -167,7 +167,7 @@ def main() -> None:
     peak = matmul_peak(device, 1024 if args.tiny else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"{name}, torch {torch.__version__}: read bandwidth {bw / 1e9:.0f} GB/s, matmul peak "
-             f"{peak / 1e12:.0f} TFLOP/s (both measured); {'tiny' if args.tiny else 'CogVLM-17B'} dims, "
+             f"{peak / 1e12:.1f} TFLOP/s (both measured); {'tiny' if args.tiny else 'CogVLM-17B'} dims, "
              f"{args.new_tokens} new tokens", "",
              "| weights | what | measured | roofline | % of roofline | bytes |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
