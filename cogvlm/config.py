@@ -236,10 +236,10 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
     """Read a Hugging Face `config.json` (a path or the parsed dict); keys it leaves out get the
     published checkpoints' values for its family (CogVLM2 when the vocabulary is Llama-3's)."""
     d = _read_json(source) if not isinstance(source, dict) else source
-    if "CogVLMVideoForCausalLM" in d.get("architectures", ()):
-        raise ConfigError("CogVLM2-Video checkpoints (CogVLMVideoForCausalLM) are not supported: "
-                          "they have no visual expert and take video frames")
     try:
+        if "CogVLMVideoForCausalLM" in d.get("architectures", ()):
+            raise ConfigError("CogVLM2-Video checkpoints (CogVLMVideoForCausalLM) are not supported: "
+                              "they have no visual expert and take video frames")
         family = _HF_DEFAULTS["cogvlm2" if int(d["vocab_size"]) == LLAMA3_VOCAB else "v1"]
 
         def get(key: str) -> Any:
@@ -270,7 +270,10 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
                 raise ConfigError("cross_compute_hidden_size must equal cross_hidden_size (the authors' "
                                   "code reshapes the cross-attention output to cross_hidden_size)")
         eos = get("eos_token_id")
-        eos = [eos] if isinstance(eos, int) else list(eos)
+        eos = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else None
+        if not eos:  # one id, or CogVLM2's list of stop ids (the first is the eos)
+            raise ConfigError(f"eos_token_id must be a token id or a non-empty list of them, "
+                              f"not {get('eos_token_id')!r}")
         kv_heads = d.get("num_key_value_heads", get("num_multi_query_heads"))
         return CogVLMConfig(
             vocab_size=int(d["vocab_size"]),

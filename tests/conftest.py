@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 import sentencepiece as spm
 import torch
+from hypothesis import settings
+
+# CI gates a submission: there the fuzz tests replay one fixed sequence of examples, so a draw
+# cannot fail one submission and pass the next; everywhere else each run explores new inputs.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from cogvlm.config import CogVLMConfig, tiny_test_config
 from cogvlm.model import CogVLMForCausalLM
