@@ -526,6 +526,7 @@ def finetune(args: TrainArgs) -> Path:
               f"on {trainer.world} process(es)")
     out = trainer.fit()
     if trainer.world > 1:
+        dist.barrier()  # no rank tears its gloo threads down while another still talks to it
         dist.destroy_process_group()
     return out
 
