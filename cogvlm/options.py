@@ -119,7 +119,9 @@ def share_items(args: argparse.Namespace) -> tuple[int, int]:
     eval): each process loads a model of its own, on its own GPU, and takes every world-th item.
     Only `--tp N` asks for the other split, one model over the processes, driven by rank 0: then
     rank 0 takes every item, (0, 1). Call it before `load_model(args)`."""
-    if (args.tp or 1) > 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+    from .tp import launched_by_torchrun
+
+    if (args.tp or 1) > 1 or launched_by_torchrun() is None:
         return 0, 1
     args.tp = 1  # not the torchrun default of chat and serve, which split the model
     rank, world = torchrun_group()
