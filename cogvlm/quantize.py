@@ -24,6 +24,9 @@ from torch import nn
 from .model import CogVLMForCausalLM, GatedMLP
 
 
+PLAIN_ROWS = 256  # fp32 inputs with at least this many rows use MKL's GEMM on the plain weight
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight is stored once, in oneDNN's blocked layout, for CPU inference.
 
@@ -31,10 +34,12 @@ class PackedLinear(nn.Module):
     (batched decoding reads each weight twice and writes it once: ~2x slower at 4-16 rows);
     packing it up front makes the per-step cost one read. For a single row (batch-1 decoding)
     in fp32, though, MKL's matrix-vector product on the plain weight beats oneDNN's packed
-    kernel by 1.2-1.7x (measured per layer), so fp32 also keeps the plain weight for one-row
-    inputs: twice the linear weights' memory, bought for speed. In bf16 the packed kernel is
-    the faster one at every row count (MKL has no bf16 matrix-vector product), so bf16 keeps
-    only the packed weight.
+    kernel by 1.2-1.7x (measured per layer), and from about `PLAIN_ROWS` rows on (a prefill)
+    MKL's GEMM catches up again: packed wins by 10-45% between 8 and ~200 rows, is level
+    (+-5%) from ~240 rows in isolation and ~10% slower inside a one-thread text prefill. So
+    fp32 also keeps the plain weight for one-row and long inputs: twice the linear weights'
+    memory, bought for speed. In bf16 the packed kernel is the faster one at every row count
+    (MKL has no bf16 matrix-vector product), so bf16 keeps only the packed weight.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -48,7 +53,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain_weight is not None and x.numel() == self.in_features:
+        rows = x.numel() // self.in_features
+        if self.plain_weight is not None and (rows == 1 or rows >= PLAIN_ROWS):
             return F.linear(x, self.plain_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 

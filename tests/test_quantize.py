@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cogvlm.checkpoint import CheckpointError
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
-from cogvlm.quantize import (Int4Linear, Int8Linear, PackedLinear, QuantConfig, can_prepack, empty_quantized, fill,
+from cogvlm.quantize import (PLAIN_ROWS, Int4Linear, Int8Linear, PackedLinear, QuantConfig, can_prepack, empty_quantized, fill,
                              prepack_model, quantize_model, quantize_tensors)
 
 needs_onednn = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
@@ -136,9 +136,10 @@ def test_prepacked_model_gives_the_same_logits(tiny_model, dtype, tol):
 
 
 @needs_onednn
-def test_packed_linear_sends_one_row_to_the_plain_weight_in_fp32():
-    # fp32 keeps the plain weight for one-row inputs (MKL's matrix-vector product): the very
-    # kernel and values nn.Linear uses, so bit-equal; more rows take the packed weight (rounding)
+def test_packed_linear_sends_one_row_and_long_inputs_to_the_plain_weight_in_fp32():
+    # fp32 keeps the plain weight for one-row inputs (MKL's matrix-vector product) and for
+    # PLAIN_ROWS rows or more (MKL's GEMM, as fast there): the very kernel and values nn.Linear
+    # uses, so bit-equal; the rows between take the packed weight (rounding)
     g = torch.Generator().manual_seed(4)
     linear = torch.nn.Linear(96, 40)
     with torch.no_grad():
@@ -148,6 +149,9 @@ def test_packed_linear_sends_one_row_to_the_plain_weight_in_fp32():
         assert torch.equal(packed(one), linear(one))
         assert torch.equal(packed(one[None]), linear(one[None]))
         assert torch.allclose(packed(rows), linear(rows), atol=1e-5, rtol=0)
+        wide = torch.randn(48, 1024, generator=g)  # wide enough for the two kernels to round apart
+        long = torch.randn(1, PLAIN_ROWS + 3, 1024, generator=g)
+        assert torch.equal(PackedLinear(wide)(long), F.linear(long, wide))
         assert packed.plain_weight.data_ptr() == linear.weight.data_ptr()  # shared, not copied
         bf16 = PackedLinear(linear.weight.bfloat16())
         assert bf16.plain_weight is None  # bf16: the packed kernel is the faster one, kept alone
