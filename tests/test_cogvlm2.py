@@ -357,12 +357,9 @@ def test_quantized_vision_qkv_keeps_its_bias(cogvlm2_model, bits):
     assert torch.allclose(out, without + bias.bfloat16().float(), atol=2**-7 * out.abs().max().item())
 
 
-def test_plan_counts_kv_heads_and_tensor_parallel_refuses_gqa():
+def test_plan_counts_kv_heads():
     from cogvlm.plan import kv_cache_bytes
-    from cogvlm.tp import TensorParallelError, check_split
 
     cfg = REGISTRY["cogvlm2-llama3-chat-19B"].config
     # 32 layers x (k, v) x 8192 slots x 8 heads x 128 x 2 bytes, plus the validity mask
     assert kv_cache_bytes(cfg, 1, 8192) == 2 * 32 * 8192 * 8 * 128 * 2 + 8192
-    with pytest.raises(TensorParallelError, match="grouped-query"):
-        check_split(cfg, 2)
