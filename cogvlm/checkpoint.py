@@ -241,26 +241,19 @@ def _iter_hf(folder: Path, device: str, split: Split) -> Iterator[dict[str, torc
             raise CheckpointError(f"cannot read {shard}: {e}") from None
 
 
-def _iter_bin(shard: Path, group_bytes: int = 2**30) -> Iterator[dict[str, torch.Tensor]]:
-    """A torch-pickle shard (memory-mapped) in groups of about `group_bytes`, bitsandbytes 4-bit
-    weights unpacked: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked."""
+def _iter_bin(shard: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """A torch-pickle shard (memory-mapped) tensor by tensor, bitsandbytes 4-bit weights unpacked
+    one at a time: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked, and a
+    `quant` load re-quantizes each unpacked weight before the next one is made."""
     try:
         state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle / zip errors come in many types
         raise CheckpointError(f"cannot read {shard}: {e}") from None
-    group: dict[str, torch.Tensor] = {}
-    size = 0
     try:
         for name, tensor in unpack_state(state):
-            group[name] = tensor
-            size += tensor.numel() * tensor.element_size()
-            if size >= group_bytes:
-                yield group
-                group, size = {}, 0
+            yield {name: tensor}
     except Bnb4bitError as e:
         raise CheckpointError(f"{shard}: {e}") from None
-    if group:
-        yield group
 
 
 # SAT → Hugging Face names (sat-names.md). `{i}` / `{j}` stand for a layer number.

@@ -24,7 +24,7 @@ from cogvlm.prompt import PromptTokens, layout_batch
 
 from .conftest import tiny_cogvlm2_config
 from .test_caption import ENV, ROOT
-from .test_cogvlm2 import on_fp4_grid, pack_fp4
+from .test_cogvlm2 import on_fp4_grid, write_bnb_fp4
 from .test_server import serving
 from .test_tp import assert_same_logits, mixed_batch
 
@@ -74,18 +74,9 @@ def int4_copy(checkpoint: Path, out: Path) -> Path:
     """The checkpoint as the published int4 repos ship theirs: one pytorch_model.bin with the
     decoder's linear weights in bitsandbytes fp4 (on the fp4 grid, so the copy is exact)."""
     model, _ = load_model(checkpoint)
-    stored = {}
-    for k, v in model.state_dict().items():
-        if v.ndim == 2 and k.startswith("model.layers."):
-            stored.update(pack_fp4(on_fp4_grid(v.shape, torch.bfloat16, seed=len(stored)), k))
-        else:
-            stored[k] = v.to(torch.bfloat16)
-    out.mkdir(parents=True)
-    torch.save(stored, out / "pytorch_model.bin")
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_type": "fp4"}
-    (out / "config.json").write_text(json.dumps(config))
+    state = {k: on_fp4_grid(v.shape, torch.bfloat16, seed=i) if v.ndim == 2 and k.startswith("model.layers.")
+             else v.to(torch.bfloat16) for i, (k, v) in enumerate(model.state_dict().items())}
+    write_bnb_fp4(out, state, json.loads((checkpoint / "config.json").read_text()), packed=("model.layers.",))
     shutil.copy(checkpoint / "tokenizer.json", out / "tokenizer.json")
     return out
 
