@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -139,16 +140,18 @@ def read_quant(folder: Path) -> QuantConfig | None:
 
 
 def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0, world: int = 1,
-                 rope_buffers: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                 rope_buffers: bool = False, config: CogVLMConfig | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the checkpoint's tensors in groups (one shard or one SAT state at a time): whole,
-    or with `world` > 1 only tensor-parallel rank `rank`'s part of each (see `split_rule`).
+    or with `world` > 1 only tensor-parallel rank `rank`'s part of each (see `split_rule`; the
+    folder's `config`, read when not given, says how its QKV blocks are sized).
     Derived buffers are left out (recomputed), except the decoder's `rotary_emb.inv_freq` with
     `rope_buffers`: CogVLM2 rotates with the stored ones (v1 copies that hold them are read
     without, cogvlm.md section 7)."""
+    config = config or read_config(folder)
     if layout_of(folder) == "hf":
-        groups = _iter_hf(folder, device, rank, world)
+        groups = _iter_hf(folder, device, Split(config, rank, world))
     else:
-        groups = iter([_read_sat(folder, rank, world)])
+        groups = iter([_read_sat(folder, Split(config, rank, world))])
     keep = ("rotary_emb.inv_freq",) if rope_buffers else ()
     for group in groups:
         yield {k: v for k, v in group.items() if not k.endswith(_BUFFERS) or k.endswith(keep)}
@@ -219,45 +222,38 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buf.view(dtype).view(shape)
 
 
-def _iter_hf(folder: Path, device: str, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+def _iter_hf(folder: Path, device: str, split: Split) -> Iterator[dict[str, torch.Tensor]]:
     for shard in _hf_shards(folder):
         if shard.suffix == ".bin":
             for group in _iter_bin(shard):
-                yield {k: take_rank(v, split_rule(k), rank, world) for k, v in group.items()}
+                yield {k: split.take(k, v) for k, v in group.items()}
             continue
         try:
-            if world == 1:  # tensor by tensor, each in fresh memory (see _read_safetensors)
+            if split.world == 1:  # tensor by tensor, each in fresh memory (see _read_safetensors)
                 for name, tensor in _read_safetensors(shard):
                     yield {name: tensor if device == "cpu" else tensor.to(device)}
                 continue
             with safe_open(str(shard), framework="pt", device=device) as f:  # a slice reads only this rank's part
-                yield {k: take_rank(f.get_slice(k), split_rule(k), rank, world) for k in f.keys()}
+                yield {k: split.take(k, f.get_slice(k)) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt files
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"cannot read {shard}: {e}") from None
 
 
-def _iter_bin(shard: Path, group_bytes: int = 2**30) -> Iterator[dict[str, torch.Tensor]]:
-    """A torch-pickle shard (memory-mapped) in groups of about `group_bytes`, bitsandbytes 4-bit
-    weights unpacked: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked."""
+def _iter_bin(shard: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """A torch-pickle shard (memory-mapped) tensor by tensor, bitsandbytes 4-bit weights unpacked
+    one at a time: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked, and a
+    `quant` load re-quantizes each unpacked weight before the next one is made."""
     try:
         state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle / zip errors come in many types
         raise CheckpointError(f"cannot read {shard}: {e}") from None
-    group: dict[str, torch.Tensor] = {}
-    size = 0
     try:
         for name, tensor in unpack_state(state):
-            group[name] = tensor
-            size += tensor.numel() * tensor.element_size()
-            if size >= group_bytes:
-                yield group
-                group, size = {}, 0
+            yield {name: tensor}
     except Bnb4bitError as e:
         raise CheckpointError(f"{shard}: {e}") from None
-    if group:
-        yield group
 
 
 # SAT → Hugging Face names (sat-names.md). `{i}` / `{j}` stand for a layer number.
@@ -352,21 +348,39 @@ def split_rule(hf_name: str) -> str:
     return "replicated"
 
 
-def merge_ranks(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
+def row_blocks(hf_name: str, config: CogVLMConfig) -> tuple[int, ...] | None:
+    """The relative row counts of a 'qkv' tensor's blocks where they may differ: the decoder's
+    fused QKV (both experts' weights, the vision expert's bias) is [q: num_heads | k:
+    num_key_value_heads | v: num_key_value_heads] heads, unequal under grouped-query attention
+    (cogvlm2.md section 4). None for the rest: the ViT's q/k/v and CogAgent's k/v are equal."""
+    if ".self_attn." in hf_name and split_rule(hf_name) == "qkv":
+        return config.num_heads, config.num_key_value_heads, config.num_key_value_heads
+    return None
+
+
+def _block_sizes(rows: int, blocks: tuple[int, ...]) -> list[int]:
+    unit = rows // sum(blocks)
+    return [b * unit for b in blocks]
+
+
+def merge_ranks(parts: list[torch.Tensor], rule: str, blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The whole tensor from its ranks' parts; `blocks` as in `take_rank`."""
     if len(parts) == 1 or rule == "replicated":
         return parts[0]
     if rule == "dim0":
         return torch.cat(parts, 0)
     if rule == "dim1":
         return torch.cat(parts, 1)
-    n = len(rule)  # "qkv": rank r holds [q_r; k_r; v_r]; "kv": [k_r; v_r]
-    blocks = [p.chunk(n, dim=0) for p in parts]
-    return torch.cat([blk[i] for i in range(n) for blk in blocks], 0)
+    blocks = blocks or (1,) * len(rule)  # "qkv": rank r holds [q_r; k_r; v_r]; "kv": [k_r; v_r]
+    pieces = [p.split(_block_sizes(p.shape[0], blocks)) for p in parts]
+    return torch.cat([blk[i] for i in range(len(blocks)) for blk in pieces], 0)
 
 
-def take_rank(t: torch.Tensor | Any, rule: str, rank: int, world: int) -> torch.Tensor:
+def take_rank(t: torch.Tensor | Any, rule: str, rank: int, world: int,
+              blocks: tuple[int, ...] | None = None) -> torch.Tensor:
     """Rank `rank`'s part of a whole tensor under `rule`: the inverse of `merge_ranks`. `t` may
-    be a safetensors slice, so that only this part is read from the file."""
+    be a safetensors slice, so that only this part is read from the file. A 'qkv' / 'kv' tensor's
+    rows are blocks of the relative sizes `blocks` (`row_blocks`; default equal), each split."""
     shape = t.get_shape() if hasattr(t, "get_shape") else t.shape
     if world == 1 or rule == "replicated":
         return t[:]
@@ -376,10 +390,27 @@ def take_rank(t: torch.Tensor | Any, rule: str, rank: int, world: int) -> torch.
     if rule == "dim0":
         n = shape[0] // world
         return t[rank * n:(rank + 1) * n]
-    blocks = len(rule)  # qkv: this rank's heads of q, then of k, then of v; kv: of k, then of v
-    rows = shape[0] // blocks
-    n = rows // world
-    return torch.cat([t[i * rows + rank * n:i * rows + (rank + 1) * n] for i in range(blocks)])
+    parts, start = [], 0  # qkv: this rank's heads of q, then of k, then of v; kv: of k, then of v
+    for rows in _block_sizes(shape[0], blocks or (1,) * len(rule)):
+        n = rows // world
+        parts.append(t[start + rank * n:start + (rank + 1) * n])
+        start += rows
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Tensor-parallel rank `rank` of `world` of a model with `config`: which part of each tensor it holds."""
+
+    config: CogVLMConfig
+    rank: int = 0
+    world: int = 1
+
+    def take(self, hf_name: str, t: torch.Tensor | Any) -> torch.Tensor:
+        return take_rank(t, split_rule(hf_name), self.rank, self.world, row_blocks(hf_name, self.config))
+
+    def merge(self, hf_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        return merge_ranks(parts, split_rule(hf_name), row_blocks(hf_name, self.config))
 
 
 def _sat_files(folder: Path) -> list[Path]:
@@ -393,13 +424,13 @@ def _sat_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_sat(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """The whole state, or rank `rank` of `world`'s part: straight from its own mp_rank file when
-    the checkpoint has `world` ranks, else merged and re-sliced tensor by tensor."""
+def _read_sat(folder: Path, split: Split) -> dict[str, torch.Tensor]:
+    """The whole state, or rank `split.rank` of `split.world`'s part: straight from its own mp_rank
+    file when the checkpoint has `world` ranks, else merged and re-sliced tensor by tensor."""
     files = _sat_files(folder)
-    own = len(files) == world
+    own = len(files) == split.world
     if own:
-        files = files[rank:rank + 1]
+        files = files[split.rank:split.rank + 1]
     states = []
     for f in files:
         try:
@@ -413,9 +444,8 @@ def _read_sat(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Te
         hf_name = sat_to_hf_name(sat_name)
         if hf_name is None:
             continue
-        rule = split_rule(hf_name)
         parts = [s[sat_name] for s in states]
-        merged[hf_name] = parts[0] if own else take_rank(merge_ranks(parts, rule), rule, rank, world)
+        merged[hf_name] = parts[0] if own else split.take(hf_name, split.merge(hf_name, parts))
     return merged
 
 
@@ -524,7 +554,7 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
     read_device = "cpu" if device.type == "meta" else str(device)
     bad: dict[str, list[str]] = {}
     for group in iter_tensors(folder, device=read_device, rank=rank, world=world,
-                              rope_buffers=config.rope_freqs_in_weights):
+                              rope_buffers=config.rope_freqs_in_weights, config=config):
         seen.update({k: tuple(v.shape) for k, v in group.items()})
         group = {k: v for k, v in group.items() if k in expected and tuple(v.shape) == expected[k]}
         plain = {k: v for k, v in group.items() if k.rpartition(".")[0] not in quantized}
@@ -654,7 +684,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) 
     config = read_config(folder)
     state: dict[str, torch.Tensor] = {}
     bad: dict[str, list[str]] = {}
-    for group in iter_tensors(folder, rope_buffers=config.rope_freqs_in_weights):
+    for group in iter_tensors(folder, rope_buffers=config.rope_freqs_in_weights, config=config):
         scan_weights(group, group, bad)
         state.update(group)
     report_weights(bad, str(folder))
@@ -675,7 +705,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig, de
         selected = {name for name, m in CogVLMForCausalLM(config).named_modules()
                     if isinstance(m, nn.Linear) and quant.bits_for(name) is not None}
     state: dict[str, torch.Tensor] = {}
-    for group in iter_tensors(folder, rope_buffers=config.rope_freqs_in_weights):
+    for group in iter_tensors(folder, rope_buffers=config.rope_freqs_in_weights, config=config):
         for name, tensor in group.items():
             module_name, _, key = name.rpartition(".")
             if module_name in selected and key == "weight":

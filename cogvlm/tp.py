@@ -6,7 +6,9 @@ q/k/v rows of a head stay together, the output projection is split by its input 
 MLP by columns then rows, for both experts and for the ViT; the token embedding and the output
 head are split over the vocabulary; the GLU adapter, norms, patch and position embeddings are
 replicated (and so is CogAgent's high-resolution tower; its cross-attention splits by heads like
-the others). So each rank holds 1/N of the weights (and of the KV cache, by heads), and a
+the others). Under grouped-query attention (CogVLM2) a rank takes 1/N of the query heads and 1/N
+of the KV heads, the KV heads its query heads read (`row_blocks` sizes the fused QKV's blocks),
+so attention stays local to the rank. So each rank holds 1/N of the weights (and of the KV cache, by heads), and a
 row-split layer's partial outputs are summed by one all-reduce (`_reduce_hook`): one per
 attention and one per MLP per decode step; in a prefill with an image each expert reduces its
 own columns. The head's vocabulary parts are gathered before sampling. NCCL carries the tensors
@@ -63,11 +65,10 @@ def check_split(config: CogVLMConfig, world: int) -> None:
     sizes = {"attention heads": config.num_heads, "MLP width": config.intermediate_size,
              "vocabulary": config.vocab_size, "ViT heads": config.vision.num_heads,
              "ViT MLP width": config.vision.intermediate_size}
+    if config.num_key_value_heads != config.num_heads:  # GQA (CogVLM2): each rank takes whole KV heads too
+        sizes["KV heads"] = config.num_key_value_heads
     if config.cross_vision is not None:  # CogAgent's cross-attention splits by heads too
         sizes["cross-attention width"] = config.cross_compute_hidden_size
-    if config.num_key_value_heads != config.num_heads:
-        raise TensorParallelError("tensor parallelism does not split grouped-query attention (CogVLM2) yet; "
-                                  "run it on one device, or with --quant 4 to fit one GPU")
     bad = [f"{k} {v}" for k, v in sizes.items() if v % world]
     if world < 1 or bad:
         fits = [n for n in range(1, 65) if all(v % n == 0 for v in sizes.values())]

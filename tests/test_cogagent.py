@@ -225,6 +225,46 @@ def test_high_res_tower_runs_once_per_image_in_chat_batches_and_joins(agent_chec
     assert vlm.tokenizer.decode(running.generated[2]).strip() == alone
 
 
+@pytest.mark.slow  # compiling the decode step: ~30 s
+def test_compiled_decode_matches_eager(agent_checkpoint):
+    """compile=True: the compiled decode step takes each layer's cached cross-attention keys and
+    values as inputs. Greedy tokens equal the eager ones and logits stay within 1e-4, for one
+    row and a batch of two, across a growth of the attention window and a second turn that
+    reuses the cached image features; a new image of the same size compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from cogvlm.model import DECODE_WINDOW
+
+    eager = CogVLM.from_pretrained(agent_checkpoint, device="cpu").model
+    compiled = CogVLM.from_pretrained(agent_checkpoint, device="cpu", compile=True).model
+    steps = DECODE_WINDOW + 8
+
+    @torch.no_grad()
+    def greedy(model: CogVLMForCausalLM, prompts: list[PromptTokens]) -> torch.Tensor:
+        chunk = layout_batch(prompts, model.config)
+        cache = model.new_cache(len(prompts), chunk.input_ids.shape[1] + steps + 2)
+        logits, positions, out = model(chunk, cache, last_only=True), chunk.position_ids[:, -1] + 1, []
+        for i in range(steps):
+            if i == steps // 2:  # a second turn: text only, the image's keys/values from the cache
+                turn = continuation_chunk(torch.tensor([[22, 23]] * len(prompts)), positions)
+                logits, positions = model(turn, cache, last_only=True), positions + 2
+            logits = model.decode_step(logits.argmax(-1), positions, cache)
+            positions = positions + 1
+            out.append(logits)
+        return torch.stack(out)
+
+    (px, cx), (px2, cx2), (px3, cx3) = pictures(3, seed=6)
+    graphs = counters["stats"]["unique_graphs"]
+    for prompts in ([PromptTokens(px, [5, 6, 7], cx)], [PromptTokens(px, [5, 6, 7], cx), PromptTokens(px2, [8], cx2)]):
+        want, got = greedy(eager, prompts), greedy(compiled, prompts)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert (got - want).abs().max().item() <= 1e-4
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step did run
+    graphs = counters["stats"]["unique_graphs"]
+    greedy(compiled, [PromptTokens(px3, [5, 6, 7], cx3)])
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_api_refuses_text_only(agent_checkpoint):
     vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
     with pytest.raises(ImageRequiredError, match="CogAgent needs an image"):

@@ -1,6 +1,7 @@
 """A tiny random CogVLM2 on every surface: the API, `cogvlm chat` (one-shot, --chinese), loading
 by registry name and hub id from the Hugging Face cache, `cogvlm convert` of an int4 copy,
-evaluation, `cogvlm serve`, and fine-tuning (full and LoRA) from a random CogVLM2 config."""
+evaluation, `cogvlm serve`, tensor parallelism over two processes, and fine-tuning (full and
+LoRA) from a random CogVLM2 config."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from cogvlm.checkpoint import load_model
 from cogvlm.cli import main
 from cogvlm.data.synthetic import make_dataset
 from cogvlm.finetune import TrainArgs, Trainer
+from cogvlm.prompt import PromptTokens, layout_batch
 
 from .conftest import tiny_cogvlm2_config
 from .test_caption import ENV, ROOT
-from .test_cogvlm2 import on_fp4_grid, pack_fp4
+from .test_cogvlm2 import on_fp4_grid, write_bnb_fp4
 from .test_server import serving
+from .test_tp import assert_same_logits, mixed_batch
 
 EXAMPLE = ROOT / "cogvlm" / "web_examples" / "shapes-4.png"
 GREEDY = {"top_k": 1, "max_new_tokens": 8}
@@ -71,18 +74,9 @@ def int4_copy(checkpoint: Path, out: Path) -> Path:
     """The checkpoint as the published int4 repos ship theirs: one pytorch_model.bin with the
     decoder's linear weights in bitsandbytes fp4 (on the fp4 grid, so the copy is exact)."""
     model, _ = load_model(checkpoint)
-    stored = {}
-    for k, v in model.state_dict().items():
-        if v.ndim == 2 and k.startswith("model.layers."):
-            stored.update(pack_fp4(on_fp4_grid(v.shape, torch.bfloat16, seed=len(stored)), k))
-        else:
-            stored[k] = v.to(torch.bfloat16)
-    out.mkdir(parents=True)
-    torch.save(stored, out / "pytorch_model.bin")
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_type": "fp4"}
-    (out / "config.json").write_text(json.dumps(config))
+    state = {k: on_fp4_grid(v.shape, torch.bfloat16, seed=i) if v.ndim == 2 and k.startswith("model.layers.")
+             else v.to(torch.bfloat16) for i, (k, v) in enumerate(model.state_dict().items())}
+    write_bnb_fp4(out, state, json.loads((checkpoint / "config.json").read_text()), packed=("model.layers.",))
     shutil.copy(checkpoint / "tokenizer.json", out / "tokenizer.json")
     return out
 
@@ -142,6 +136,31 @@ def test_served_under_its_model_name(vlm, cogvlm2_checkpoint, tmp_path):
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": name, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": CHINESE}]}).json()
     assert reply["choices"][0]["message"]["content"] == vlm.chat(None, CHINESE, **GREEDY)[0]
+
+
+@pytest.mark.slow  # a second process
+def test_tensor_parallel_logits_and_greedy_tokens_equal_one_process(vlm, cogvlm2_checkpoint):
+    """CogVLM2's grouped-query attention (4 query heads on 2 KV heads, a vision QKV bias) on two
+    processes: each rank runs 2 query heads on its 1 KV head; logits with an image and
+    text-only within 1e-5 of one process, greedy tokens equal."""
+    two = CogVLM.from_pretrained(cogvlm2_checkpoint, device="cpu", tp=2)
+    try:
+        attn = two.model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+        assert_same_logits(vlm.model, two.model, mixed_batch(vlm.config))
+        assert_same_logits(vlm.model, two.model, layout_batch([PromptTokens(None, [9, 10, 11])], vlm.config))
+
+        def greedy(model: CogVLM) -> list[list[int]]:
+            prompts = [model.prompt_tokens(EXAMPLE, "What is in the image?"), model.prompt_tokens(None, CHINESE)]
+            decoder = model.decoder(prompts, [model.sampling(**GREEDY)] * 2)
+            while not decoder.done:
+                decoder.step()
+            return decoder.generated
+
+        want = greedy(vlm)
+        assert all(want) and greedy(two) == want
+    finally:
+        two.close()
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from cogvlm import CogVLM
-from cogvlm.checkpoint import iter_tensors, load_model, merge_ranks, save_hf, split_rule, take_rank
+from cogvlm.checkpoint import Split, iter_tensors, load_model, merge_ranks, save_hf, split_rule, take_rank
 from cogvlm.config import tiny_test_config
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.tp import TensorParallelError, check_split
+from tests.conftest import tiny_cogvlm2_config
 from tests.processes import free_port
 from tests.test_caption import ENV, ROOT
 from tests.test_checkpoint import rank_slice, write_sat
@@ -77,10 +78,46 @@ def test_sat_ranks_load_straight_from_their_own_file(tiny_model, tmp_path):
         assert torch.equal(got[name], rank_slice(name, full, 1, 2)), name
 
 
-def test_split_must_divide_every_width():
+def test_split_must_divide_every_width(bpe_tokenizer_path):
     check_split(tiny_test_config(vocab_size=400), 4)
     with pytest.raises(TensorParallelError, match=r"over 3 ranks .*attention heads 4.*possible rank counts: 1, 2, 4$"):
         check_split(tiny_test_config(vocab_size=400), 3)
+    gqa = tiny_cogvlm2_config(bpe_tokenizer_path)  # 4 query heads on 2 KV heads
+    check_split(gqa, 2)
+    with pytest.raises(TensorParallelError, match=r"^cannot split this model over 4 ranks \(KV heads 2 do not divide\); "
+                                                  r"possible rank counts: 1, 2$"):
+        check_split(gqa, 4)
+
+
+def gqa_slice(name: str, t: torch.Tensor, rank: int, world: int, config) -> torch.Tensor:
+    """Rank `rank`'s part under grouped-query attention, written out from cogvlm2.md section 4:
+    the decoder's QKV rows are [q: H heads | k: H_kv | v: H_kv]; a rank takes its 1/N of each."""
+    if ".self_attn." not in name or "query_key_value" not in name:
+        return rank_slice(name, t, rank, world)
+    hd = config.head_dim
+    q, k, v = t.split([config.num_heads * hd, config.num_key_value_heads * hd, config.num_key_value_heads * hd])
+    return torch.cat([q.chunk(world)[rank], k.chunk(world)[rank], v.chunk(world)[rank]])
+
+
+def test_gqa_ranks_read_their_query_and_kv_heads(cogvlm2_model, tmp_path):
+    """Each rank reads its query heads and the KV heads they share, from both experts' QKV
+    weights and the vision expert's QKV bias; merging the parts gives the tensor back."""
+    config = cogvlm2_model.config
+    state = cogvlm2_model.state_dict()
+    assert state["model.layers.0.self_attn.vision_expert_query_key_value.bias"].shape == (config.qkv_size,)
+    folder = save_hf(state, config, tmp_path / "hf", max_shard_bytes=60_000)
+    for rank in range(2):
+        got = rank_parts(folder, rank, 2)
+        for name, full in state.items():
+            if name.endswith("inv_freq"):
+                continue  # derived buffers are not read
+            assert torch.equal(got[name], gqa_slice(name, full, rank, 2, config)), (name, rank)
+    qkv = "model.layers.1.self_attn.vision_expert_query_key_value.weight"
+    assert got[qkv].shape == ((config.num_heads + 2 * config.num_key_value_heads) // 2 * config.head_dim,
+                              config.hidden_size)
+    for name, full in state.items():
+        parts = [Split(config, r, 2).take(name, full) for r in range(2)]
+        assert torch.equal(Split(config, 0, 2).merge(name, parts), full), name
 
 
 # ---- two processes through the Python API --------------------------------------------------------
@@ -113,15 +150,13 @@ def mixed_batch(config):
                          PromptTokens(None, [9, 10])], config)
 
 
-@pytest.mark.slow
-def test_prefill_and_decode_logits_equal_one_process(split, talkative_vlm):
-    one, two = talkative_vlm.model, split.model
-    chunk = mixed_batch(one.config)
-    assert chunk.attention_mask is not None and not chunk.attention_mask.all()
+def assert_same_logits(one, two, chunk) -> None:
+    """Every position of a prefill, then a cached prefill and 3 decode steps, within 1e-5."""
     with torch.no_grad():
         torch.testing.assert_close(two(chunk), one(chunk), rtol=1e-5, atol=1e-5)  # every position
-        cache1, cache2 = one.new_cache(2, 64), two.new_cache(2, 64)
-        assert cache2.k[0].shape[1] == one.config.num_heads // 2  # the KV cache is split by heads
+        rows = chunk.input_ids.shape[0]
+        cache1, cache2 = one.new_cache(rows, 64), two.new_cache(rows, 64)
+        assert cache2.k[0].shape[1] == one.config.num_key_value_heads // 2  # the KV cache is split by heads
         first1, first2 = one(chunk, cache1, last_only=True), two(chunk, cache2, last_only=True)
         torch.testing.assert_close(first2, first1, rtol=1e-5, atol=1e-5)
         tokens, positions = first1.argmax(-1), chunk.position_ids[:, -1] + 1
@@ -130,6 +165,13 @@ def test_prefill_and_decode_logits_equal_one_process(split, talkative_vlm):
             step2 = two.decode_step(tokens, positions, cache2)
             torch.testing.assert_close(step2, step1, rtol=1e-5, atol=1e-5)
             tokens, positions = step1.argmax(-1), positions + 1
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_logits_equal_one_process(split, talkative_vlm):
+    chunk = mixed_batch(talkative_vlm.config)
+    assert chunk.attention_mask is not None and not chunk.attention_mask.all()
+    assert_same_logits(talkative_vlm.model, split.model, chunk)
 
 
 @pytest.mark.slow
@@ -237,7 +279,8 @@ def replicated_params(cfg) -> int:
     adapter = v.hidden_size * h + 2 * h + 3 * h * i
     vit = (v.hidden_size * 3 * v.patch_size ** 2 + v.hidden_size + v.hidden_size + v.num_positions * v.hidden_size
            + v.num_layers * (4 * v.hidden_size + 2 * v.hidden_size))
-    return adapter + vit + (2 * cfg.num_layers + 1) * h + 2 * h
+    conv = v.hidden_size ** 2 * v.downsample ** 2 + v.hidden_size if v.downsample > 1 else 0  # CogVLM2's 2x2 merge
+    return adapter + vit + conv + (2 * cfg.num_layers + 1) * h + 2 * h
 
 
 def test_plan_counts_each_ranks_weights_from_the_shapes():
@@ -254,6 +297,23 @@ def test_plan_counts_each_ranks_weights_from_the_shapes():
     assert two.fits(parse_memory("24GB")) and not one.fits(parse_memory("24GB")) and one.fits(parse_memory("80GB"))
 
 
+def test_plan_splits_cogvlm2_by_query_and_kv_heads(capsys):
+    from cogvlm.cli import main
+    from cogvlm.config import REGISTRY
+    from cogvlm.plan import plan
+
+    cfg = REGISTRY["cogvlm2-llama3-chat-19B"].config
+    rep = replicated_params(cfg)
+    rope = 32 * 64 * 2  # each layer's stored bf16 inv_freq, whole on every rank
+    two = plan(cfg, tp=2, dtype=torch.bfloat16, batch=1, max_length=8192)
+    assert two.weights == 2 * ((19_503_105_280 - rep) // 2 + rep) + rope == 19_717_991_168
+    assert two.kv_cache == 2 * 32 * 8192 * (8 // 2) * 128 * 2 + 8192  # 4 of the 8 KV heads per rank
+    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2"]) == 0
+    assert f"weights      {two.weights:>16,} bytes" in capsys.readouterr().out
+    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "16"]) == 2
+    assert "(KV heads 8 do not divide); possible rank counts: 1, 2, 4, 8" in capsys.readouterr().err
+
+
 def test_plan_command_says_what_fits(capsys):
     from cogvlm.cli import main
 
@@ -267,12 +327,13 @@ def test_plan_command_says_what_fits(capsys):
     assert main(["plan", "no-such-model"]) == 2
 
 
-def test_plan_counts_what_a_rank_builds():
+def test_plan_counts_what_a_rank_builds(bpe_tokenizer_path):
     from cogvlm.plan import rank_weight_bytes
     from cogvlm.tp import ParallelCogVLM
 
     for cfg, world in [(tiny_test_config(vocab_size=400), w) for w in (1, 2, 4)] + [
-            (tiny_test_config(vocab_size=400, template="inst", cross_vision={}), 2)]:
+            (tiny_test_config(vocab_size=400, template="inst", cross_vision={}), 2),
+            (tiny_cogvlm2_config(bpe_tokenizer_path), 2)]:
         with torch.device("meta"):
             rank = ParallelCogVLM(cfg, world - 1, world)
         assert rank_weight_bytes(cfg, world, torch.float32) == sum(t.numel() * 4 for t in rank.state_dict().values())
