@@ -11,9 +11,10 @@ Ours runs as `CogVLM.from_pretrained` gives it on CPU, with oneDNN-prepacked wei
 fp32, the plain ones for single-row inputs); the "compiled" column is `from_pretrained(...,
 compile=True)` (the decode step under torch.compile, compiled before timing); "unpacked" is the
 same model with plain `nn.Linear` weights.
-A second table puts the quantized models (`quantize_model`: int8 per row, int4 in groups of 128,
-both with bf16 activations, as `from_pretrained(..., quant=)` gives them) beside ours in fp32 and
-bf16 and the fp32 peer, all in one `decode_rates` call (taking turns).
+A second table puts the quantized models (`quantize_model` on the bf16 model: int8 per row, int4
+in groups of 128, bf16 activations, as `from_pretrained(..., quant=)` gives them; eager and with
+`compile=True`) beside ours in fp32 (eager and compiled) and bf16 and the fp32 peer, all in one
+`decode_rates` call (taking turns).
 Also printed: each decode as a share of the machine's memory-bandwidth bound: the bytes one
 step really reads (language expert, norms, output head, one embedding row: `cogvlm.plan`'s
 decode_step, from the real stored layout) over the read bandwidth measured in this run as the
@@ -168,14 +169,26 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
     """int8 / int4 beside ours in fp32 and bf16 and the HF fp32 peer, in one run taking turns."""
     print("\n| model | batch | tok/s | x ours fp32 | x HF fp32 | bytes read per step | % of bandwidth bound |")
     print("|---|---|---|---|---|---|---|")
-    fp32 = prepack_model(random_model(torch.float32))
-    runs = {"ours fp32": (ours_generate, fp32), "ours bf16": (ours_generate, prepack_model(random_model(torch.bfloat16))),
-            "int8": (ours_generate, prepack_model(quantize_model(random_model(torch.float32), QuantConfig(8)))),
-            "int4": (ours_generate, prepack_model(quantize_model(random_model(torch.float32), QuantConfig(4)))),
+    # four compiled models share the code of one decode function: dynamo counts their graphs together
+    torch._dynamo.config.recompile_limit = 64
+
+    def quantized(bits: int, compile: bool = False) -> CogVLMForCausalLM:
+        model = quantize_model(random_model(torch.bfloat16), QuantConfig(bits))  # bf16, as from_pretrained
+        if compile:
+            model.compile_decode()
+            return model
+        return prepack_model(model)  # the full-precision rest (vision, adapter) as from_pretrained packs it
+
+    compiled_fp32 = random_model(torch.float32)
+    compiled_fp32.compile_decode()
+    runs = {"ours fp32": (ours_generate, prepack_model(random_model(torch.float32))),
+            "ours fp32, compiled": (ours_generate, compiled_fp32),
+            "ours bf16": (ours_generate, prepack_model(random_model(torch.bfloat16))),
+            "int8": (ours_generate, quantized(8)), "int8, compiled": (ours_generate, quantized(8, True)),
+            "int4": (ours_generate, quantized(4)), "int4, compiled": (ours_generate, quantized(4, True)),
             "HF fp32": (hf_generate, hf_peer(random_model(torch.float32)))}
-    nbytes = {"ours fp32": step_bytes(torch.float32), "ours bf16": step_bytes(torch.bfloat16),
-              "int8": step_bytes(torch.bfloat16, 8), "int4": step_bytes(torch.bfloat16, 4),
-              "HF fp32": step_bytes(torch.float32)}
+    nbytes = {name: step_bytes(torch.float32 if "fp32" in name else torch.bfloat16,
+                               next((b for b in (4, 8) if name.startswith(f"int{b}")), None)) for name in runs}
     for batch in (1, 8):
         ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
         rates = decode_rates(runs, ids, new_tokens, repeats)

@@ -101,8 +101,8 @@ class CogVLM:
         quantized = wanted or read_quant(folder)
         if quantized and dtype not in (None, torch.bfloat16):
             raise ValueError(f"quantized models run in bfloat16 (the packed kernels' activation dtype), not {dtype}")
-        if quantized and (compile or tp > 1):
-            raise ValueError("quantized models do not combine with compile=True or tp > 1 yet")
+        if quantized and tp > 1:
+            raise ValueError("quantized models do not combine with tp > 1 yet")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)

@@ -90,8 +90,6 @@ def quant_flags(args: argparse.Namespace) -> dict[str, Any]:
     quantized = args.quant or args.quant_vision
     if quantized and getattr(args, "dtype", None) == "fp16":
         raise UsageError("quantized models run in bf16 (the packed kernels' activation dtype); drop --fp16")
-    if quantized and getattr(args, "compile", False):
-        raise UsageError("--compile and --quant do not combine; choose one")
     return {"quant": args.quant, "group_size": args.quant_group_size, "quant_vision": args.quant_vision}
 
 
