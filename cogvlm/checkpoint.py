@@ -571,8 +571,8 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
         scan_weights(plain, fitting, bad)
         for name, tensor in fitting.items():
             _assign(model, name, tensor)
-        for name in group.keys() - plain.keys():
-            _quantized_part(quantized, pending, name, group[name].to(device), quant, stored is not None)
+        for name in group.keys() - plain.keys():  # popped: a float weight is freed once quantized
+            _quantized_part(quantized, pending, name, group.pop(name).to(device), quant, stored is not None)
         del group, plain, fitting
         if device.type == "cpu":
             _release_freed_memory()
@@ -597,12 +597,14 @@ def _quantized_part(modules: dict[str, Int8Linear | Int4Linear], pending: dict[s
     module = modules[module_name]
     parts = pending.setdefault(module_name, {})
     parts[key] = tensor
+    del tensor  # `parts` holds it alone now
     needed = ({k for k, _ in module.named_buffers(recurse=False)} if stored
               else {"weight"} | ({"bias"} if module.bias is not None else set()))
     if needed <= parts.keys():
         del pending[module_name]
         bias = parts.pop("bias", None)
-        tensors = parts if stored else quantize_tensors(parts["weight"], quant.bits_for(module_name), quant.group_size)
+        tensors = parts if stored else quantize_tensors(parts.pop("weight"), quant.bits_for(module_name),
+                                                        quant.group_size)
         fill(module, tensors, bias)
 
 
