@@ -30,7 +30,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
 
@@ -38,7 +37,8 @@ from PIL import Image
 
 from .datasets import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS, Columns, Result,
                        Sample, ShardError, ShardWriter, count_samples, expand, find_shards, is_shard, output_path,
-                       parquet_columns, samples, sampling_json, temp_path)
+                       parquet_columns, samples, sampling_json)
+from .files import temp_path, write_text
 from .generate import ContextLengthError
 from .image import ImageError, ImageInput, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags, share_items
@@ -76,15 +76,9 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: readers (and a killed run) never see half a file.
-    The temporary name is fixed per target, so a rerun that redoes the target replaces a leftover."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`files.write_text`, with a failure told as a caption user's mistake to fix."""
     with _writing(path):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, text)
 
 
 class Sink(Protocol):

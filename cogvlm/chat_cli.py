@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from PIL import Image
 
+from .files import atomic_path
 from .generate import ContextLengthError
 from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_operations
 from .image import ImageError, load_image
@@ -49,24 +49,12 @@ def save_drawing(image: Image.Image, phrases: list[GroundedPhrase], out_dir: Pat
         n = 1
         while (out_dir / f"{stem}-boxes-{n}.png").exists():
             n += 1
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".", suffix=".png.part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                draw_boxes(image, phrases).save(f, "PNG")
-            target = out_dir / f"{stem}-boxes-{n}.png"
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        target = out_dir / f"{stem}-boxes-{n}.png"
+        with atomic_path(target) as tmp:
+            draw_boxes(image, phrases).save(tmp, "PNG")
     except OSError as e:
         raise UsageError(f"cannot write the box drawing into {out_dir}: {e.strerror or e}") from None
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _stem(source: str) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .files import atomic_path
 from .options import UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -105,11 +106,6 @@ def find_shards(paths: Sequence[str]) -> list[Path]:
 
 def output_path(shard: Path, folder: Path, fmt: str) -> Path:
     return folder / f"{shard.stem}.{'tar' if fmt == 'wds' else 'parquet'}"
-
-
-def temp_path(target: Path) -> Path:
-    """Fixed per target, so a rerun that redoes the shard replaces what a killed run left."""
-    return target.with_name(f".{target.name}.tmp")
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -231,14 +227,13 @@ class ShardWriter:
 
     def write(self, shard: Path, results: Sequence[Result]) -> Path:
         target = self.target(shard)
-        tmp = temp_path(target)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            if self.fmt == "wds":
-                _write_tar(shard, results, tmp, self.caption_key)
-            else:
-                _write_parquet(results, dict(self.meta), tmp)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                if self.fmt == "wds":
+                    _write_tar(shard, results, tmp, self.caption_key)
+                else:
+                    _write_parquet(results, dict(self.meta), tmp)
         except OSError as e:
             raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
         return target

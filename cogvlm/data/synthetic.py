@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import atomic_path, write_text
 
 Box = tuple[int, int, int, int]
 Turns = list[tuple[str, str]]
@@ -205,13 +206,6 @@ def conversations(scene: Scene, rng: random.Random,
     return out
 
 
-def _write_atomic(target: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
-
-
 # cogvlm-tiny trained on data seeds 0, 3-6 and 8-16 (recipes/cogvlm-tiny.sh), with seed 1 as its
 # validation set and seed 7 as its test set; the defaults make a set it has never seen, at the
 # image size it was trained at
@@ -235,12 +229,13 @@ def make_dataset(out_dir: str | Path, n_images: int, seed: int, image_size: int 
         scene_seed = seed * 1_000_003 + i
         scene = make_scene(scene_seed, image_size, min_objects)
         name = f"images/{seed}-{i:06d}.png"
-        _write_atomic(out_dir / name, lambda p: scene.image.save(p, format="PNG"))
+        with atomic_path(out_dir / name) as tmp:
+            scene.image.save(tmp, format="PNG")
         for template, turns in conversations(scene, random.Random(scene_seed + 1), tasks):
             lines.append(json.dumps({"image": name, "template": template,
                                      "turns": [{"query": q, "answer": a} for q, a in turns]}))
     target = out_dir / "data.jsonl"
-    _write_atomic(target, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_text(target, "\n".join(lines) + "\n")
     return target
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..caption import write_atomic
+from ..files import write_text
 from ..options import UsageError
 from .tasks import Published, Task
 
@@ -62,8 +62,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / "report.md", markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.md", markdown(report))
 
 
 def load_report(path: Path) -> dict[str, Any]:

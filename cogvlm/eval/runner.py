@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from ..caption import write_atomic
+from ..files import write_text
 from ..generate import ContextLengthError
 from ..image import ImageError, load_image
 from ..options import UsageError, torchrun_group
@@ -131,7 +131,7 @@ def check_run(out: Path, settings: dict[str, Any], rank: int = 0) -> None:
                              f"{before.get(changed[0])!r} vs {settings[changed[0]]!r}); use another --out")
         return
     if rank == 0:  # the other ranks check it on their next start
-        write_atomic(path, json.dumps(settings, indent=2) + "\n")
+        write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def read_benchmark(task: Task, annotations: Sequence[Path], images: Path | None, split: str | None) -> Benchmark:
@@ -209,7 +209,7 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
         if task.submission is None:
             raise UsageError(f"{task.title} {job.split} has no answers to score against")
         path = out / "submission.json"
-        write_atomic(path, json.dumps(task.submission(items, preds), ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(task.submission(items, preds), ensure_ascii=False) + "\n")
         return {"task": task.name, "split": job.split, "n": len(items), "submission": str(path)}
     report = build_report(task, job.split, model, task.score(items, preds), len(items),
                           {**settings, "prompt_source": prompt.source, "batch_size": batch_size})
