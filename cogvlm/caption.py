@@ -38,7 +38,7 @@ from PIL import Image
 from .datasets import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS, Columns, Result,
                        Sample, ShardError, ShardWriter, count_samples, expand, find_shards, is_shard, output_path,
                        parquet_columns, samples, sampling_json)
-from .files import temp_path, write_text
+from .files import WriteError, temp_path, write_text
 from .generate import ContextLengthError
 from .image import ImageError, ImageInput, load_image
 from .options import UsageError, add_model_flags, load_model, sampling_flags, share_items
@@ -71,6 +71,8 @@ def _writing(path: Path) -> Iterator[None]:
     """A folder the user cannot write to is their mistake to fix: one line, no traceback."""
     try:
         yield
+    except WriteError as e:  # it names the file already
+        raise UsageError(f"{e} (--output FILE writes elsewhere)") from None
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
 

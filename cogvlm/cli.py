@@ -20,9 +20,10 @@ from .prompt import ImageRequiredError
 from .tokenizer import TokenizerError
 from .plan import PlanError
 from .tp import TensorParallelError
+from .files import WriteError
 
 USER_ERRORS = (CheckpointError, ConfigError, ImageError, ImageRequiredError, TokenizerError, FileNotFoundError,
-               ImportError, UsageError, TensorParallelError, PlanError)
+               ImportError, UsageError, TensorParallelError, PlanError, WriteError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

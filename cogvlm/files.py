@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Iterator
 
 
+class WriteError(OSError):
+    """A result file could not be written (a read-only folder, a full disk): the user's to fix."""
+
+
 def temp_path(target: Path) -> Path:
     """Fixed per target, so a rerun that redoes the target replaces what a killed run left (and
     a resuming job can tell a target that was being written from one never started)."""
@@ -31,7 +35,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def write_text(target: Path, text: str) -> None:
     """`text` as the whole of `target`, on disk (fsync) before it replaces the old file."""
-    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(f"cannot write {target}: {e.strerror or e}") from None

@@ -6,7 +6,6 @@ evaluation of the same questions."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import subprocess

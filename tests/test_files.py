@@ -43,3 +43,12 @@ def test_files_get_the_users_umask_not_a_private_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+def test_a_target_that_cannot_be_written_gives_one_named_error(tmp_path):
+    from cogvlm.files import WriteError
+
+    not_a_folder = tmp_path / "results"
+    not_a_folder.write_text("a file where a folder should be")  # fails for root too
+    with pytest.raises(WriteError, match=r"^cannot write .*results/report\.md: Not a directory$"):
+        write_text(not_a_folder / "report.md", "x")

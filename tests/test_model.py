@@ -12,7 +12,6 @@ from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, build_prompt, layout_batch
 from cogvlm.tokenizer import Tokenizer
 
-from .conftest import randomize
 from .reference import reference_layout, reference_logits, reference_prompt
 
 TOL = 1e-5  # fp32 model vs float64 reference; logits here are O(1), so this is ~100 ulp of fp32
