@@ -156,3 +156,11 @@ def cogvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_p
     save_hf(model.state_dict(), model.config, out)
     shutil.copy(bpe_tokenizer_path, out / "tokenizer.json")
     return out
+
+
+@pytest.fixture
+def fresh_dynamo() -> None:
+    """torch.compile keeps the graphs of one function's code (every model's decode step) for the
+    whole process and runs it eagerly after `recompile_limit` (8) of them: a test that checks the
+    compiled step starts from none, whatever compiled before it."""
+    torch._dynamo.reset()

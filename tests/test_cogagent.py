@@ -226,7 +226,7 @@ def test_high_res_tower_runs_once_per_image_in_chat_batches_and_joins(agent_chec
 
 
 @pytest.mark.slow  # compiling the decode step: ~30 s
-def test_compiled_decode_matches_eager(agent_checkpoint):
+def test_compiled_decode_matches_eager(agent_checkpoint, fresh_dynamo):
     """compile=True: the compiled decode step takes each layer's cached cross-attention keys and
     values as inputs. Greedy tokens equal the eager ones and logits stay within 1e-4, for one
     row and a batch of two, across a growth of the attention window and a second turn that

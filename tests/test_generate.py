@@ -84,7 +84,7 @@ def test_chat_session_reuses_cache_and_matches_recomputation(vlm, monkeypatch):
 
 
 @torch.no_grad()
-def test_compiled_decode_step_matches_eager(vlm):
+def test_compiled_decode_step_matches_eager(vlm, fresh_dynamo):
     """torch.compile'd decode (compile=True) gives the eager logits, for a padded batch mixing an
     image and a text-only row and for a single row, across a growth of the attention window.
     The batch is compiled with frozen, packed weights; batch 1 keeps the plain ones."""

@@ -273,7 +273,7 @@ def test_quantized_cogvlm_tiny_still_answers_the_readme_examples(bits):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
-def test_compiled_quantized_decode_matches_eager(tiny_checkpoint, bits):
+def test_compiled_quantized_decode_matches_eager(tiny_checkpoint, bits, fresh_dynamo):
     """compile=True with quant=: inductor fuses the small per-token ops around the packed kernels
     (1.45x faster int4 decoding, docs/quantization.md). Teacher-forced with the eager model's
     tokens, so both see the same inputs: bf16 activations, fused in another order, round apart
