@@ -12,6 +12,7 @@ no boolean-mask scatter.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -603,6 +604,10 @@ class CogVLMModel(nn.Module):
             self.cross_vision = CrossVisionModel(cfg.cross_vision)
 
 
+GRAPHS_PER_MODEL = 4  # compiled decode graphs: batch 1 and batches, each with a short and a full window
+_COMPILED_MODELS = itertools.count(1)
+
+
 class CogVLMForCausalLM(nn.Module):
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
@@ -772,8 +777,15 @@ class CogVLMForCausalLM(nn.Module):
         compiled dynamic, so there are at most two graphs for batch 1 and two for larger batches
         (a window that spans the whole cache compiles separately), and each frozen one holds its
         own packed copy of the language weights: memory, not speed, is what `compile` costs."""
+        from torch._dynamo import config as dynamo_config
         from torch._inductor import config as inductor_config
 
+        # every model's step is the code of this one method, whose graphs dynamo keeps for the
+        # whole process, running it eagerly once there are `recompile_limit` of them; a frozen
+        # graph holds one model's weights, so each model adds its own: make room for its four,
+        # or a third compiled bf16 model in one process (a notebook that reloads, an evaluation
+        # of several checkpoints) would silently decode uncompiled
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, GRAPHS_PER_MODEL * next(_COMPILED_MODELS))
         step = torch.compile(self._decode, dynamic=True)
         freeze_one_row = self.dtype != torch.float32
 
