@@ -101,14 +101,12 @@ class CogVLM:
         quantized = wanted or read_quant(folder)
         if quantized and dtype not in (None, torch.bfloat16):
             raise ValueError(f"quantized models run in bfloat16 (the packed kernels' activation dtype), not {dtype}")
-        if quantized and tp > 1:
-            raise ValueError("quantized models do not combine with tp > 1 yet")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
-            model, folder = load_parallel(folder, tp, dtype, device, prepack)
+            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted)
             return cls(model, _find_tokenizer(folder, tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:

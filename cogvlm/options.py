@@ -166,8 +166,7 @@ def _load(args: argparse.Namespace) -> CogVLM:
         raise UsageError("no CUDA GPU is available here; use --device cpu")
     if args.tp is not None and args.tp < 1:
         raise UsageError(f"--tp {args.tp}: the number of processes must be at least 1")
-    if (args.tp or 1) > 1 and (args.quant or args.quant_vision or args.compile):
-        raise UsageError(f"--tp does not combine with --{'compile' if args.compile else 'quant'} yet: tensor "
-                         f"parallelism splits plain bf16/fp16/fp32 weights only")
+    if (args.tp or 1) > 1 and args.compile:
+        raise UsageError("--tp does not combine with --compile yet: the ranks decode uncompiled")
     return CogVLM.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer,
                                   compile=args.compile, tp=args.tp, **quant_flags(args))

@@ -24,7 +24,7 @@ from .config import CogVLMConfig
 from .checkpoint import expected_shapes, split_rule
 from .model import CogVLMForCausalLM
 from .quantize import QuantConfig, quantize_layout
-from .tp import TensorParallelError, check_split
+from .tp import ParallelCogVLM, TensorParallelError, check_split
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
@@ -42,13 +42,17 @@ def _shapes(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
 def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                       quant_bits: int | None = None, group_size: int = 128, vision_bits: int | None = None) -> int:
     """Bytes of the weights one rank of `world` holds: each tensor of the model's meta-device
-    shapes as `split_rule` cuts it (every rank holds the same). Quantized models are not split
-    (yet): their bytes are `weight_bytes`'s total."""
+    shapes as `split_rule` cuts it (every rank holds the same). Quantized, the modules a rank
+    builds on the meta device and quantizes (`ParallelCogVLM` + `quantize_layout`: each slice's
+    own padding and scales), as `weight_bytes` counts one device's."""
     check_split(config, world)
     if quant_bits is not None or vision_bits is not None:
-        if world > 1:
-            raise PlanError("quantized weights are not split across ranks yet: --tp takes bf16/fp16/fp32")
-        return weight_bytes(config, dtype, quant_bits, group_size, vision_bits)["total"]
+        if world == 1:
+            return weight_bytes(config, dtype, quant_bits, group_size, vision_bits)["total"]
+        with torch.device("meta"):
+            model = ParallelCogVLM(config, 0, world).to(dtype)
+        quantize_layout(model, QuantConfig(quant_bits, group_size, vision_bits))
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
     size = torch.finfo(dtype).bits // 8
     total = 0
     for name, shape in _shapes(config).items():

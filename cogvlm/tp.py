@@ -47,9 +47,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_weights, read_config, resolve, split_rule
+from .checkpoint import load_weights, read_config, read_quant, resolve, split_rule
 from .config import CogVLMConfig
 from .model import Chunk, CogVLMForCausalLM, CrossAttention, KVCache, VisionAttention, VisionExpertAttention
+from .quantize import QuantConfig
 
 # Ranks wait for rank 0's next command as long as a chat sits idle: the group's timeout must not
 # end them (a dead rank is noticed by its closed connection or by the launcher's watchdog)
@@ -374,6 +375,7 @@ class LoadSpec:
     dtype: torch.dtype
     device_type: str
     prepack: bool
+    quant: QuantConfig | None = None  # quantize each rank's slices while loading
 
 
 def rank_device(device_type: str) -> torch.device:
@@ -387,7 +389,7 @@ def load_rank(spec: LoadSpec, rank: int, world: int) -> ParallelCogVLM:
         torch.cuda.set_device(device)
     folder = Path(spec.folder)
     model = load_weights(folder, read_config(folder), spec.dtype, device, rank, world,
-                         build=partial(ParallelCogVLM, rank=rank, world=world))
+                         build=partial(ParallelCogVLM, rank=rank, world=world), quant=spec.quant)
     model.keep_bias_once()
     if spec.prepack:
         from .quantize import prepack_model
@@ -422,20 +424,27 @@ def launched_by_torchrun() -> int | None:
 
 
 def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, device: torch.device,
-                  prepack: bool) -> tuple[ParallelCogVLM, Path]:
+                  prepack: bool, quant: QuantConfig | None = None) -> tuple[ParallelCogVLM, Path]:
     """Rank 0's share, with the other ranks loading theirs: started here, or (under torchrun)
-    already running this same call, in which case ranks > 0 serve and never return."""
+    already running this same call, in which case ranks > 0 serve and never return. With
+    `quant`, each rank quantizes its float slices as they stream in (a row-split layer's int4
+    groups then lie within one rank's columns: the same groups as on one device when the split
+    width divides by the group size)."""
     if device.type not in ("cpu", "cuda") or device.index not in (None, 0):
         raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick "
                                   f"the GPUs with CUDA_VISIBLE_DEVICES), not {device}")
     folder = resolve(name_or_path)
     check_split(read_config(folder), world)
+    if read_quant(folder) is not None:
+        raise TensorParallelError(f"{folder} is a quantized checkpoint, which loads on one device; for tp={world} "
+                                  f"load the float checkpoint with quantization (--quant), each rank quantizing "
+                                  f"its share")
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise TensorParallelError(f"tp={world} needs {world} GPUs; {torch.cuda.device_count()} are visible")
     if dist.is_initialized():
         raise TensorParallelError("this process already runs a tensor-parallel model (one per process); "
                                   "close() it first")
-    spec = LoadSpec(str(folder), dtype, device.type, prepack)
+    spec = LoadSpec(str(folder), dtype, device.type, prepack, quant)
     procs: list[subprocess.Popen] = []
     rank, address = 0, None
     if launched_by_torchrun() is None:

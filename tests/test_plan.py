@@ -73,3 +73,19 @@ def test_help_memory_plan_matches_the_plan():
     for bits, vision_bits in ((None, None), (8, None), (4, None), (4, 8)):
         assert f"{weight_bytes(REAL, torch.bfloat16, bits, 128, vision_bits)['total'] / 1e9:.1f} GB" in MEMORY_PLAN
     assert f"KV cache {kv_cache_bytes(REAL, 1, 2048) / 1e9:.2f} GB per 2048-token row" in MEMORY_PLAN
+
+
+def test_a_rank_of_a_quantized_split_holds_its_slices_in_int4():
+    """--tp 2 --quant 4: against the bf16 split (counted in test_tp), only the decoder's linears
+    (both experts) and the output head change, each rank's slice in int4 with its own padding and
+    groups: column-split layers keep all inputs, row-split ones (dense, down) half."""
+    from cogvlm.plan import rank_weight_bytes
+
+    def expert(bits: int | None) -> int:
+        return (linear_bytes(3 * H // 2, H, bits) + linear_bytes(H, H // 2, bits)
+                + 2 * linear_bytes(I // 2, H, bits) + linear_bytes(H, I // 2, bits))
+
+    quantized = L * 2 * expert(4) + linear_bytes(V // 2, H, 4)
+    plain = L * 2 * expert(None) + linear_bytes(V // 2, H, None)
+    assert rank_weight_bytes(REAL, 2, torch.bfloat16, 4) - rank_weight_bytes(REAL, 2) == quantized - plain
+    assert rank_weight_bytes(REAL, 2, torch.bfloat16, 4) == 8_178_617_088  # README: 2 x 12 GB cards

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from cogvlm import CogVLM
-from cogvlm.checkpoint import CheckpointError
+from cogvlm.checkpoint import CheckpointError, quantize_checkpoint
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
+from cogvlm.tp import TensorParallelError
 from cogvlm.quantize import (PLAIN_ROWS, Int4Linear, Int8Linear, PackedLinear, QuantConfig, can_prepack, empty_quantized, fill,
                              prepack_model, quantize_model, quantize_tensors)
 
@@ -184,7 +185,7 @@ def _pil(pixels: torch.Tensor):
 @pytest.mark.parametrize("bits, vision_bits", [(4, None), (8, 8)])
 def test_quantized_checkpoint_loads_bit_identical_to_quantizing_while_loading(tiny_checkpoint, tmp_path,
                                                                                bits, vision_bits):
-    from cogvlm.checkpoint import load_model, quantize_checkpoint, read_quant
+    from cogvlm.checkpoint import load_model, read_quant
 
     quant = QuantConfig(bits, 32, vision_bits)
     out = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", quant)
@@ -303,3 +304,51 @@ def test_compiled_quantized_decode_matches_eager(tiny_checkpoint, bits, fresh_dy
         assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled step did run
+
+
+@pytest.mark.slow  # a second process
+def test_tensor_parallel_quantizes_each_ranks_share(tmp_path, sp_model_path):
+    """tp=2 with quant: each rank quantizes its float slices while loading. int4 groups of 32
+    inside each rank's half of a row-split layer (64 and 128 inputs: 32 and 64 per rank) are the
+    one-device groups, so both hold the same int4 weights and differ only in the order bf16
+    partial sums are added (measured <= 0.016 of the logits' max), in a prefill and in cached
+    decoding."""
+    import shutil
+
+    from cogvlm.checkpoint import save_hf
+    from cogvlm.config import tiny_test_config
+
+    from .conftest import randomize
+
+    config = tiny_test_config(vocab_size=400, intermediate_size=128, template="chat")
+    save_hf(randomize(CogVLMForCausalLM(config), seed=7).state_dict(), config, tmp_path / "ckpt")
+    shutil.copy(sp_model_path, tmp_path / "ckpt" / "tokenizer.model")
+    one = CogVLM.from_pretrained(tmp_path / "ckpt", device="cpu", quant=4, group_size=32)
+    two = CogVLM.from_pretrained(tmp_path / "ckpt", device="cpu", quant=4, group_size=32, tp=2)
+    try:
+        down = two.model.model.layers[0].mlp.language_mlp.down_proj
+        assert isinstance(down, Int4Linear) and down.in_features == 64  # half of the MLP width, in int4
+        g = torch.Generator().manual_seed(0)
+        chunk = layout_batch([PromptTokens(torch.randn(3, 28, 28, generator=g), [5, 6, 7, 8]),
+                              PromptTokens(None, [9, 10])], config)
+
+        @torch.no_grad()
+        def logits(model: CogVLMForCausalLM) -> torch.Tensor:
+            """Every prefill position, then 6 cached decode steps fed the same tokens (bf16
+            near-ties would let greedy paths part)."""
+            cache = model.new_cache(2, chunk.input_ids.shape[1] + 6)
+            out = [model(chunk)[:, -1], model(chunk, cache, last_only=True)]
+            positions = chunk.position_ids[:, -1] + 1
+            for token in range(20, 26):
+                out.append(model.decode_step(torch.tensor([token, token + 1]), positions, cache))
+                positions = positions + 1
+            return torch.stack(out)
+
+        want, got = logits(one.model), logits(two.model)
+        assert (got - want).abs().max().item() <= 0.03 * want.abs().max().item()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85  # 16 of 16 measured; ties may flip
+    finally:
+        two.close()
+    with pytest.raises(TensorParallelError, match="quantized checkpoint, which loads on one device"):
+        CogVLM.from_pretrained(quantize_checkpoint(tmp_path / "ckpt", tmp_path / "q", QuantConfig(4, 32)),
+                               device="cpu", tp=2)
