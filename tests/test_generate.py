@@ -126,7 +126,7 @@ def test_compiled_decode_step_matches_eager(vlm, fresh_dynamo):
 
 
 @torch.no_grad()
-def test_a_later_compiled_model_is_compiled_too(tiny_config, fresh_dynamo, monkeypatch):
+def test_a_later_compiled_model_is_compiled_too(tiny_config, fresh_dynamo):
     """Every model's decode step is one method's code, whose graphs dynamo keeps for the whole
     process and runs eagerly past `recompile_limit`: compile_decode makes room for each model.
     bf16: its graphs hold the model's frozen weights, so each model compiles graphs of its own
@@ -138,16 +138,16 @@ def test_a_later_compiled_model_is_compiled_too(tiny_config, fresh_dynamo, monke
 
     from .conftest import randomize
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)  # as if earlier models had used it up
     chunk = layout_batch([PromptTokens(None, [5, 6, 7])], tiny_config)
-    for seed in (1, 2):
-        model = randomize(CogVLMForCausalLM(tiny_config), seed=seed).to(torch.bfloat16).eval()
-        model.compile_decode()
-        cache = model.new_cache(1, 8)
-        logits = model(chunk, cache, last_only=True)
-        graphs = counters["stats"]["unique_graphs"]
-        model.decode_step(logits.argmax(-1), chunk.position_ids[:, -1] + 1, cache)
-        assert counters["stats"]["unique_graphs"] > graphs, f"model {seed} ran its decode step eagerly"
+    with dynamo_config.patch(recompile_limit=1):  # as if earlier models had used it up (restored after;
+        for seed in (1, 2):                       # pytest's monkeypatch cannot undo a torch config)
+            model = randomize(CogVLMForCausalLM(tiny_config), seed=seed).to(torch.bfloat16).eval()
+            model.compile_decode()
+            cache = model.new_cache(1, 8)
+            logits = model(chunk, cache, last_only=True)
+            graphs = counters["stats"]["unique_graphs"]
+            model.decode_step(logits.argmax(-1), chunk.position_ids[:, -1] + 1, cache)
+            assert counters["stats"]["unique_graphs"] > graphs, f"model {seed} ran its decode step eagerly"
 
 
 def test_session_encodes_image_once_for_three_turns(vlm):
