@@ -169,8 +169,6 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
     """int8 / int4 beside ours in fp32 and bf16 and the HF fp32 peer, in one run taking turns."""
     print("\n| model | batch | tok/s | x ours fp32 | x HF fp32 | bytes read per step | % of bandwidth bound |")
     print("|---|---|---|---|---|---|---|")
-    # four compiled models share the code of one decode function: dynamo counts their graphs together
-    torch._dynamo.config.recompile_limit = 64
 
     def quantized(bits: int, compile: bool = False) -> CogVLMForCausalLM:
         model = quantize_model(random_model(torch.bfloat16), QuantConfig(bits))  # bf16, as from_pretrained
@@ -187,8 +185,10 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
             "int8": (ours_generate, quantized(8)), "int8, compiled": (ours_generate, quantized(8, True)),
             "int4": (ours_generate, quantized(4)), "int4, compiled": (ours_generate, quantized(4, True)),
             "HF fp32": (hf_generate, hf_peer(random_model(torch.float32)))}
-    nbytes = {name: step_bytes(torch.float32 if "fp32" in name else torch.bfloat16,
-                               next((b for b in (4, 8) if name.startswith(f"int{b}")), None)) for name in runs}
+    fp32, bf16 = step_bytes(torch.float32), step_bytes(torch.bfloat16)
+    int8, int4 = step_bytes(torch.bfloat16, 8), step_bytes(torch.bfloat16, 4)
+    nbytes = {"ours fp32": fp32, "ours fp32, compiled": fp32, "ours bf16": bf16, "int8": int8, "int8, compiled": int8,
+              "int4": int4, "int4, compiled": int4, "HF fp32": fp32}
     for batch in (1, 8):
         ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
         rates = decode_rates(runs, ids, new_tokens, repeats)

@@ -71,16 +71,16 @@ def _writing(path: Path) -> Iterator[None]:
     """A folder the user cannot write to is their mistake to fix: one line, no traceback."""
     try:
         yield
-    except WriteError as e:  # it names the file already
-        raise UsageError(f"{e} (--output FILE writes elsewhere)") from None
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
 
 
 def write_atomic(path: Path, text: str) -> None:
     """`files.write_text`, with a failure told as a caption user's mistake to fix."""
-    with _writing(path):
+    try:
         write_text(path, text)
+    except WriteError as e:  # it names the file already
+        raise UsageError(f"{e} (--output FILE writes elsewhere)") from None
 
 
 class Sink(Protocol):

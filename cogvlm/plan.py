@@ -42,17 +42,11 @@ def _shapes(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
 def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                       quant_bits: int | None = None, group_size: int = 128, vision_bits: int | None = None) -> int:
     """Bytes of the weights one rank of `world` holds: each tensor of the model's meta-device
-    shapes as `split_rule` cuts it (every rank holds the same). Quantized, the modules a rank
-    builds on the meta device and quantizes (`ParallelCogVLM` + `quantize_layout`: each slice's
-    own padding and scales), as `weight_bytes` counts one device's."""
+    shapes as `split_rule` cuts it (every rank holds the same). Quantized, `weight_bytes` of the
+    modules a rank builds (each slice with its own padding and scales)."""
     check_split(config, world)
     if quant_bits is not None or vision_bits is not None:
-        if world == 1:
-            return weight_bytes(config, dtype, quant_bits, group_size, vision_bits)["total"]
-        with torch.device("meta"):
-            model = ParallelCogVLM(config, 0, world).to(dtype)
-        quantize_layout(model, QuantConfig(quant_bits, group_size, vision_bits))
-        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return weight_bytes(config, dtype, quant_bits, group_size, vision_bits, world)["total"]
     size = torch.finfo(dtype).bits // 8
     total = 0
     for name, shape in _shapes(config).items():
@@ -80,15 +74,16 @@ def _part(name: str) -> str:
 
 
 def weight_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, quant_bits: int | None = None,
-                 group_size: int = 128, vision_bits: int | None = None) -> dict[str, int]:
+                 group_size: int = 128, vision_bits: int | None = None, world: int = 1) -> dict[str, int]:
     """Bytes of every stored tensor on one device, by part: embeddings, decoder (both experts,
     norms), lm_head, vision (ViT + adapter, CogAgent's high-resolution tower), total; and
     decode_step, what one text token's step reads (language expert, norms, lm_head and one
     embedding row; not the visual expert or the ViT). Counted from the model as a load builds it
     on the meta device, quantized modules included (`quantize_layout`): the packed layout's
-    bytes, scales and padding. `dtype`: the tensors left in full precision."""
+    bytes, scales and padding. `dtype`: the tensors left in full precision. With `world` > 1,
+    those of one tensor-parallel rank (`ParallelCogVLM`)."""
     with torch.device("meta"):
-        model = CogVLMForCausalLM(config).to(dtype)
+        model = (ParallelCogVLM(config, 0, world) if world > 1 else CogVLMForCausalLM(config)).to(dtype)
     if quant_bits is not None or vision_bits is not None:
         quantize_layout(model, QuantConfig(quant_bits, group_size, vision_bits))
     out = dict.fromkeys(PARTS, 0)

@@ -8,8 +8,8 @@ head are split over the vocabulary; the GLU adapter, norms, patch and position e
 replicated (and so is CogAgent's high-resolution tower; its cross-attention splits by heads like
 the others). Under grouped-query attention (CogVLM2) a rank takes 1/N of the query heads and 1/N
 of the KV heads, the KV heads its query heads read (`row_blocks` sizes the fused QKV's blocks),
-so attention stays local to the rank. So each rank holds 1/N of the weights (and of the KV cache, by heads), and a
-row-split layer's partial outputs are summed by one all-reduce (`_reduce_hook`): one per
+so attention stays local to the rank. So each rank holds 1/N of the weights (and of the KV
+cache, by heads), and a row-split layer's partial outputs are summed by one all-reduce (`_reduce_hook`): one per
 attention and one per MLP per decode step; in a prefill with an image each expert reduces its
 own columns. The head's vocabulary parts are gathered before sampling. NCCL carries the tensors
 on GPU, gloo on CPU: the same code.
