@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import CpuKernels, cpu_kernels
 from .model import CogVLMForCausalLM, GatedMLP
 
 
@@ -181,6 +182,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(self.width // group_size, self.rows, 2,
                                                              dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.bfloat16, device=device) if bias else None)
+        self.kernels: CpuKernels | None = None  # set by `pack` on CPU: cogvlm's decode kernels, if they run here
 
     @staticmethod
     def quantize(weight: torch.Tensor, group_size: int = 128) -> dict[str, torch.Tensor]:
@@ -204,9 +206,11 @@ class Int4Linear(nn.Module):
         return {"qweight": qweight, "scales_and_zeros": scales_and_zeros}
 
     def pack(self) -> None:
-        """Neutral `qweight` → the layout of its device's kernel (once, when it is filled)."""
+        """Neutral `qweight` → the layout of its device's kernel (once, when it is filled). On CPU
+        the layout is PyTorch's, which cogvlm's own decode kernels also read (`kernels`)."""
         q = self.qweight
         if q.device.type == "cpu":  # its layout is local to blocks of 64 rows: pack block by block
+            self.kernels = cpu_kernels() if self.rows % 64 == 0 else None
             block, packed = _block(self.rows, self.width), torch.empty_like(q)
             for i, b in zip(range(0, self.rows, block), q.split(block)):
                 packed[i:i + len(b)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -218,10 +222,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _pad_input(x, self.width)
-        if self.qweight.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
-        else:
+        if self.qweight.device.type != "cpu":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        elif kernel := self.kernels and self.kernels.int4_rows(len(x2)):
+            y = torch.ops.cogvlm.int4_mm(x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros,
+                                         kernel == "tiles")
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
         if self.rows != self.out_features:
             y = y[:, :self.out_features]
         if self.bias is not None:

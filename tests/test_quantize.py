@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from cogvlm import CogVLM
 from cogvlm.checkpoint import CheckpointError, quantize_checkpoint
+from cogvlm.kernels import cpu_kernels
 from cogvlm.model import Chunk, CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.tp import TensorParallelError
-from cogvlm.quantize import (PLAIN_ROWS, Int4Linear, Int8Linear, PackedLinear, QuantConfig, can_prepack, empty_quantized, fill,
+from cogvlm.quantize import (GROUP_SIZES, PLAIN_ROWS, Int4Linear, Int8Linear, PackedLinear, QuantConfig, can_prepack, empty_quantized, fill,
                              prepack_model, quantize_model, quantize_tensors)
 
 needs_onednn = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
@@ -65,6 +66,53 @@ def test_int4_layer_is_within_half_a_step_of_the_float_one(shape, group_size):
     assert (got.float() - want).abs().max() <= 2**-7 * want.abs().max()  # the kernel's bf16 rounding
     # gaussian groups span ~4.1-5.4 sigma (32-128 values): rms error step/sqrt(12) = 8-10.5% of sigma
     assert (got.float() - x @ w.T).norm() <= 0.12 * (x @ w.T).norm()
+
+
+CPU_KERNELS = cpu_kernels()
+
+
+# cogvlm's int4 CPU kernels (csrc/int4_cpu.cpp) read PyTorch's packed layout, so they must give
+# PyTorch's numbers: the exact product of the bf16 activations and the dequantized weights,
+# rounded once to bf16 (2^-8 relative), plus fp32 summation noise (2^-14 of the output's largest
+# magnitude; measured: none above 2^-16). Rows 1-17 cover each kernel's passes: 4 rows at a
+# time for vdpbf16ps, 16 for AMX, and the partial pass after.
+@pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
+@pytest.mark.parametrize("tiles", [False, True])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_cpu_int4_kernels_give_the_exact_product_rounded_once(tiles, group_size):
+    if tiles and not CPU_KERNELS.amx:
+        pytest.skip("this CPU (or OS) gives no AMX")
+    g = torch.Generator().manual_seed(3)
+    n, k = 192, 1024
+    tensors = Int4Linear.quantize(torch.randn(n, k, generator=g) * 0.02, group_size)
+    layer = Int4Linear(k, n, group_size)
+    fill(layer, dict(tensors))
+    assert layer.kernels == CPU_KERNELS  # rows a multiple of 64: the layout's blocks
+    nibbles = torch.stack([tensors["qweight"] >> 4, tensors["qweight"] & 15], -1).view(n, k).double()
+    scale, zero = tensors["scales_and_zeros"].double().unbind(-1)
+    deq = ((nibbles.view(n, -1, group_size) - 8) * scale.T[..., None] + zero.T[..., None]).view(n, k)
+    for rows in (1, 2, 3, 4, 5, 16, 17):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        want = x.double() @ deq.T
+        got = torch.ops.cogvlm.int4_mm(x, layer.qweight, group_size, layer.scales_and_zeros, tiles)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 2**-14 * want.abs().max()).all(), rows
+
+
+@pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
+def test_int4_layers_send_decode_rows_to_cogvlms_kernel_and_prefills_to_pytorchs(monkeypatch):
+    layer = quantized(torch.nn.Linear(256, 128, bias=False), 4, 64)
+    calls, real = [], torch.ops.cogvlm.int4_mm  # a spy: records `tiles`, runs the real kernel
+    monkeypatch.setattr(torch.ops.cogvlm, "int4_mm", lambda *a: calls.append(a[4]) or real(*a))
+    x = torch.randn(40, 256)
+    for rows in (1, 2, 16, 17, 40):
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows].bfloat16(), layer.qweight, 64, layer.scales_and_zeros)
+        assert (layer(x[:rows]).float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+    kinds = [CPU_KERNELS.int4_rows(rows) for rows in (1, 2, 16, 17, 40)]
+    assert calls == [kind == "tiles" for kind in kinds if kind]
+    assert kinds[0] == "dot" and kinds[-1] is None  # one row always ours, a prefill always PyTorch's
+    odd = quantized(torch.nn.Linear(256, 80, bias=False), 4, 64)  # 80 rows: not whole 64-row blocks
+    assert odd.kernels is None
 
 
 def quantized(linear: torch.nn.Linear, bits: int, group_size: int, weight: torch.Tensor | None = None):

@@ -1,0 +1,214 @@
+// Decoding with int4 weights on CPUs that have AVX512-BF16 (and AMX, where there is one).
+//
+// Same weights as PyTorch's `_weight_int4pack_mm_for_cpu`: its packed layout (per block of 64
+// output rows, for each input column k, 32 bytes; byte j holds row j in its low nibble and row
+// j + 32 in its high one) and format (w = (q - 8) * scale + zero, a bf16 scale and zero per
+// group of inputs and output row), bf16 activations, fp32 sums. What differs is the inner loop.
+// PyTorch's kernel turns every nibble into an fp32 number before its FMAs, and on a few cores
+// that unpacking, not memory, sets the speed of a decode step. Here two columns' nibbles become
+// a bf16 pair per row with four integer instructions per 32 weights, and the pairs meet the
+// activations in `vdpbf16ps` (32 multiply-adds an instruction) or, with AMX, in `tdpbf16ps`,
+// which takes the unpacking's output as its B tile and up to 16 activation rows at once.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#define UNPACK_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi")))
+
+// GCC's AMX intrinsics hide from the compiler that tile loads read memory (and that the tile
+// configuration is 64 bytes), so it may drop or move the stores they depend on; these say so.
+#define TILE_LOAD(tile, base, stride) \
+  asm volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(base), "r"(static_cast<int64_t>(stride)) : "memory")
+#define TILE_STORE(tile, base, stride) \
+  asm volatile("tilestored %%tmm" #tile ", (%0,%1,1)" ::"r"(base), "r"(static_cast<int64_t>(stride)) : "memory")
+#define TILE_DOT(sums, a, b) asm volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #sums ::)
+#define TILE_ZERO(tile) asm volatile("tilezero %%tmm" #tile ::)
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int kBlockRows = 64;    // output rows per block of PyTorch's CPU int4 layout
+constexpr int kPrefetch = 4096;   // bytes ahead in the weight stream (measured: 1-16 KB alike)
+constexpr int kDotRows = 4;       // activation rows per pass, vdpbf16ps kernel (registers)
+constexpr int kTileRows = 16;     // activation rows per pass, AMX kernel (a tile's rows)
+constexpr int kTileColumns = 32;  // input columns per AMX tile product
+constexpr int kOffset = 128;      // see unpack
+
+// 64 bytes of the layout (columns k and k + 1 of one block) -> four vectors of bf16 pairs,
+// rows 0-15, 16-31, 32-47, 48-63: lane i holds (128 + q[row][k], 128 + q[row][k + 1]).
+// A byte permutation puts bytes i, 16 + i (column k) and 32 + i, 48 + i (column k + 1) in lane i,
+// so every nibble of a row sits at the same place for both columns; a shift picks the row, and
+// (t & 0x000F000F) | 0x43004300 writes q into the mantissa of bf16(128), which is exact.
+UNPACK_TARGET inline void unpack(const uint8_t* p, __m512i v[4]) {
+  alignas(64) static const uint8_t order[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+      6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+      12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+  const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(order), _mm512_loadu_si512(p));
+  const __m512i t4 = _mm512_srli_epi32(t, 4);
+  v[0] = _mm512_ternarylogic_epi32(t, nibble, magic, 0xEA);  // (a & b) | c
+  v[1] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(t, 1), nibble, magic, 0xEA);
+  v[2] = _mm512_ternarylogic_epi32(t4, nibble, magic, 0xEA);
+  v[3] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(t4, 1), nibble, magic, 0xEA);
+}
+
+// sums[m][0..63] = sum over one group's columns of (128 + q) * x[m], by vdpbf16ps
+template <int rows>
+UNPACK_TARGET void group_dot(const bf16* x, int64_t x_stride, const uint8_t* w, int64_t columns, float* sums) {
+  __m512 acc[rows][4];
+  for (int m = 0; m < rows; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < columns; k += 2) {
+    __m512i v[4];
+    unpack(w + k * 32, v);
+    for (int m = 0; m < rows; ++m) {
+      const __m512bh xa = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + m * x_stride + k));
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)v[r], xa);
+    }
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(sums + m * kBlockRows + r * 16, acc[m][r]);
+}
+
+// The same sums by AMX, for up to 16 rows: tiles 0-3 sum rows 0-15 .. 48-63 of the block, tile 4
+// holds 32 columns of x, tiles 5-7 take the unpacked weights (a B tile row is one unpack lane).
+UNPACK_TARGET void group_tiles(const bf16* x, int64_t x_stride, const uint8_t* w, int64_t columns, float* sums) {
+  alignas(64) __m512i b[4][kTileColumns / 2];
+  TILE_ZERO(0);
+  TILE_ZERO(1);
+  TILE_ZERO(2);
+  TILE_ZERO(3);
+  for (int64_t k0 = 0; k0 < columns; k0 += kTileColumns) {
+    for (int i = 0; i < kTileColumns / 2; ++i) {
+      __m512i v[4];
+      unpack(w + (k0 + 2 * i) * 32, v);
+      for (int r = 0; r < 4; ++r) _mm512_store_si512(&b[r][i], v[r]);
+    }
+    TILE_LOAD(4, x + k0, x_stride * sizeof(bf16));
+    TILE_LOAD(5, b[0], 64);
+    TILE_DOT(0, 4, 5);
+    TILE_LOAD(6, b[1], 64);
+    TILE_DOT(1, 4, 6);
+    TILE_LOAD(7, b[2], 64);
+    TILE_DOT(2, 4, 7);
+    TILE_LOAD(5, b[3], 64);
+    TILE_DOT(3, 4, 5);
+  }
+  TILE_STORE(0, sums, kBlockRows * sizeof(float));
+  TILE_STORE(1, sums + 16, kBlockRows * sizeof(float));
+  TILE_STORE(2, sums + 32, kBlockRows * sizeof(float));
+  TILE_STORE(3, sums + 48, kBlockRows * sizeof(float));
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles(int rows) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = t <= 4 ? rows : kTileColumns / 2;  // sums and x: one row per x row
+  }
+  asm volatile("ldtilecfg (%0)" ::"r"(&config) : "memory");
+}
+
+void release_tiles() { asm volatile("tilerelease" ::: "memory"); }
+
+// out[m][..] += scale * sums + (zero - (128 + 8) * scale) * sum of the group's x[m]: the weights
+// are (q - 8) * scale + zero, and the sums were taken over 128 + q
+UNPACK_TARGET void scale_group(const float* sums, int rows, const bf16* scales_and_zeros, const float* x_sums,
+                               int64_t x_sums_stride, float* out) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int r = 0; r < 4; ++r) {
+    const __m512i s = _mm512_loadu_si512(scales_and_zeros + r * 32);  // 16 rows' (scale, zero)
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(s, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(s, high_half));
+    const __m512 shift = _mm512_fmadd_ps(scale, _mm512_set1_ps(-(kOffset + 8)), zero);
+    for (int m = 0; m < rows; ++m) {
+      float* o = out + m * kBlockRows + r * 16;
+      __m512 y = _mm512_fmadd_ps(scale, _mm512_loadu_ps(sums + m * kBlockRows + r * 16), _mm512_loadu_ps(o));
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(shift, _mm512_set1_ps(x_sums[m * x_sums_stride]), y));
+    }
+  }
+}
+
+bool avx512_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi"); }
+
+// AMX needs the kernel's permission for this process to use the tile registers (Linux >= 5.16)
+bool amx() {
+  static const bool usable = __builtin_cpu_supports("amx-bf16") && avx512_bf16() &&
+                             syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return usable;
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales_and_zeros,
+                   bool tiles) {
+  TORCH_CHECK(avx512_bf16(), "this CPU has no AVX512-BF16");
+  TORCH_CHECK(!tiles || amx(), "this CPU (or kernel) does not let the process use AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: a contiguous bf16 (M, K) matrix");
+  const int64_t m_total = x.size(0), k_total = x.size(1), n_total = scales_and_zeros.size(1);
+  TORCH_CHECK(n_total % kBlockRows == 0 && group % kTileColumns == 0 && k_total % group == 0,
+              "int4_mm: N must be a multiple of 64, K of the group size, the group size of 32");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte && w.numel() == n_total * k_total / 2,
+              "w: PyTorch's CPU int4 layout, (N, K / 2) bytes");
+  TORCH_CHECK(scales_and_zeros.is_contiguous() && scales_and_zeros.scalar_type() == at::kBFloat16 &&
+                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == k_total / group,
+              "scales_and_zeros: bf16 (K / group, N, 2)");
+  const int64_t groups = k_total / group;
+  const at::Tensor x_sums = x.view({m_total, groups, group}).sum(-1, false, at::kFloat);
+  at::Tensor y = at::empty({m_total, n_total}, x.options());
+  const bf16* xp = x.const_data_ptr<bf16>();
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const bf16* szp = scales_and_zeros.const_data_ptr<bf16>();
+  const float* xsp = x_sums.const_data_ptr<float>();
+  bf16* yp = y.data_ptr<bf16>();
+  const int pass = tiles ? kTileRows : kDotRows;
+  at::parallel_for(0, n_total / kBlockRows, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float sums[kTileRows * kBlockRows], out[kTileRows * kBlockRows];
+    for (int64_t m0 = 0; m0 < m_total; m0 += pass) {
+      const int rows = static_cast<int>(std::min<int64_t>(pass, m_total - m0));
+      const bf16* xm = xp + m0 * k_total;
+      if (tiles) configure_tiles(rows);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill_n(out, rows * kBlockRows, 0.0f);
+        const uint8_t* wb = wp + b * kBlockRows * k_total / 2;
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint8_t* wg = wb + g * group * 32;
+          if (tiles) group_tiles(xm + g * group, k_total, wg, group, sums);
+          else if (rows == 4) group_dot<4>(xm + g * group, k_total, wg, group, sums);
+          else if (rows == 3) group_dot<3>(xm + g * group, k_total, wg, group, sums);
+          else if (rows == 2) group_dot<2>(xm + g * group, k_total, wg, group, sums);
+          else group_dot<1>(xm + g * group, k_total, wg, group, sums);
+          scale_group(sums, rows, szp + (g * n_total + b * kBlockRows) * 2, xsp + m0 * groups + g, groups, out);
+        }
+        for (int m = 0; m < rows; ++m)
+          for (int i = 0; i < kBlockRows; ++i) yp[(m0 + m) * n_total + b * kBlockRows + i] = bf16(out[m * kBlockRows + i]);
+      }
+      if (tiles) release_tiles();
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cogvlm, lib) {
+  lib.def("int4_mm(Tensor x, Tensor w, int group, Tensor scales_and_zeros, bool tiles) -> Tensor");
+  lib.def("cpu_kernels() -> int[]", []() -> std::vector<int64_t> { return {avx512_bf16(), amx()}; });
+}
+
+TORCH_LIBRARY_IMPL(cogvlm, CPU, lib) { lib.impl("int4_mm", int4_mm); }
