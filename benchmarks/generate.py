@@ -13,7 +13,7 @@ compile=True)` (the decode step under torch.compile, compiled before timing); "u
 same model with plain `nn.Linear` weights.
 A second table puts the quantized models (`quantize_model` on the bf16 model: int8 per row, int4
 in groups of 128, bf16 activations, as `from_pretrained(..., quant=)` gives them; eager and with
-`compile=True`) beside ours in fp32 (eager and compiled) and bf16 and the fp32 peer, all in one
+`compile=True`; and int4 with PyTorch's kernel instead of cogvlm's own, `cogvlm.kernels`) beside ours in fp32 (eager and compiled) and bf16 and the fp32 peer, all in one
 `decode_rates` call (taking turns).
 Also printed: each decode as a share of the machine's memory-bandwidth bound: the bytes one
 step really reads (language expert, norms, output head, one embedding row: `cogvlm.plan`'s
@@ -37,7 +37,7 @@ from cogvlm.generate import BatchDecoder, SamplingParams
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.plan import weight_bytes
-from cogvlm.quantize import QuantConfig, prepack_model, quantize_model
+from cogvlm.quantize import Int4Linear, QuantConfig, prepack_model, quantize_model
 
 
 def never_ending(config: CogVLMConfig) -> CogVLMConfig:
@@ -170,8 +170,12 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
     print("\n| model | batch | tok/s | x ours fp32 | x HF fp32 | bytes read per step | % of bandwidth bound |")
     print("|---|---|---|---|---|---|---|")
 
-    def quantized(bits: int, compile: bool = False) -> CogVLMForCausalLM:
+    def quantized(bits: int, compile: bool = False, pytorch_kernel: bool = False) -> CogVLMForCausalLM:
         model = quantize_model(random_model(torch.bfloat16), QuantConfig(bits))  # bf16, as from_pretrained
+        if pytorch_kernel:  # PyTorch's int4 kernel at every row count, as before cogvlm.kernels
+            for m in model.modules():
+                if isinstance(m, Int4Linear):
+                    m.kernels = None
         if compile:
             model.compile_decode()
             return model
@@ -184,11 +188,12 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
             "ours bf16": (ours_generate, prepack_model(random_model(torch.bfloat16))),
             "int8": (ours_generate, quantized(8)), "int8, compiled": (ours_generate, quantized(8, True)),
             "int4": (ours_generate, quantized(4)), "int4, compiled": (ours_generate, quantized(4, True)),
+            "int4, PyTorch's kernel": (ours_generate, quantized(4, pytorch_kernel=True)),
             "HF fp32": (hf_generate, hf_peer(random_model(torch.float32)))}
     fp32, bf16 = step_bytes(torch.float32), step_bytes(torch.bfloat16)
     int8, int4 = step_bytes(torch.bfloat16, 8), step_bytes(torch.bfloat16, 4)
     nbytes = {"ours fp32": fp32, "ours fp32, compiled": fp32, "ours bf16": bf16, "int8": int8, "int8, compiled": int8,
-              "int4": int4, "int4, compiled": int4, "HF fp32": fp32}
+              "int4": int4, "int4, compiled": int4, "int4, PyTorch's kernel": int4, "HF fp32": fp32}
     for batch in (1, 8):
         ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
         rates = decode_rates(runs, ids, new_tokens, repeats)

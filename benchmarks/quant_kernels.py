@@ -3,9 +3,10 @@
 For CogVLM-17B's layer shapes (4096 x 4096 attention dense, 11008 x 4096 MLP up), the time of
 one call at 1 and 8 rows: fp32 and bf16 `F.linear`, bf16 oneDNN-prepacked (what `prepack`
 gives), PyTorch's packed int8 (`_weight_int8pack_mm`) and int4 (`_weight_int4pack_mm_for_cpu`)
-kernels with fp32 and with bf16 activations, and torchao's `Int8WeightOnlyConfig` (torchao 0.18
-has no CPU int4 layout any more: its Int4PackingFormat lists only CUDA / NPU ones). Best of 5
-runs of 20 calls each, the candidates taking turns.
+kernels with fp32 and with bf16 activations, cogvlm's own int4 kernels on the same packed
+weights (`cogvlm.kernels`: vdpbf16ps and AMX, where the CPU has them), and torchao's
+`Int8WeightOnlyConfig` (torchao 0.18 has no CPU int4 layout any more: its Int4PackingFormat
+lists only CUDA / NPU ones). Best of 5 runs of 20 calls each, the candidates taking turns.
 
     python benchmarks/quant_kernels.py
 """
@@ -19,6 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from cogvlm.kernels import cpu_kernels
 from cogvlm.quantize import Int4Linear, Int8Linear, fill, quantize_tensors
 
 
@@ -51,8 +53,13 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
         "int8 packed, fp32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, scales_fp32),
         "int8 packed, bf16 x": lambda: int8(xb),
         "int4 packed, fp32 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4.qweight, 128, sz_fp32),
-        "int4 packed, bf16 x": lambda: int4(xb),
+        "int4 packed, bf16 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4.qweight, 128, int4.scales_and_zeros),
     }
+    kernels = cpu_kernels()
+    if kernels is not None:  # cogvlm's own kernels on the same packed weights (cogvlm.kernels)
+        fns["int4 cogvlm vdpbf16ps, bf16 x"] = lambda: torch.ops.cogvlm.int4_mm(xb, int4.qweight, 128, int4.scales_and_zeros, False)
+        if kernels.amx:
+            fns["int4 cogvlm AMX, bf16 x"] = lambda: torch.ops.cogvlm.int4_mm(xb, int4.qweight, 128, int4.scales_and_zeros, True)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
