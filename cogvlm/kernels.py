@@ -21,8 +21,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.cpp"
-MAX_ROWS = 16  # activation rows one AMX pass takes; longer inputs (a prefill) keep PyTorch's kernel
-
 
 @dataclass(frozen=True)
 class CpuKernels:
@@ -32,11 +30,12 @@ class CpuKernels:
 
     def int4_rows(self, rows: int) -> str | None:
         """Which kernel multiplies `rows` activation rows best ("dot", "tiles"), or None for
-        PyTorch's. Measured (docs/quantization.md): vdpbf16ps leads at one row, AMX from two to
-        16; without AMX, vdpbf16ps falls behind PyTorch's kernel from about four rows."""
+        PyTorch's. Measured (docs/quantization.md): vdpbf16ps leads at one row, AMX from two
+        rows on (a prefill too, 5-10x PyTorch's kernel); without AMX, vdpbf16ps falls behind
+        PyTorch's kernel from about four rows."""
         if rows == 1:
             return "dot"
-        if self.amx and rows <= MAX_ROWS:
+        if self.amx:
             return "tiles"
         return "dot" if rows == 2 else None
 

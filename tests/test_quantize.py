@@ -74,8 +74,8 @@ CPU_KERNELS = cpu_kernels()
 # cogvlm's int4 CPU kernels (csrc/int4_cpu.cpp) read PyTorch's packed layout, so they must give
 # PyTorch's numbers: the exact product of the bf16 activations and the dequantized weights,
 # rounded once to bf16 (2^-8 relative), plus fp32 summation noise (2^-14 of the output's largest
-# magnitude; measured: none above 2^-16). Rows 1-17 cover each kernel's passes: 4 rows at a
-# time for vdpbf16ps, 16 for AMX, and the partial pass after.
+# magnitude; measured: none above 2^-16). The row counts cover each kernel's passes: 4 rows at a
+# time for vdpbf16ps, 16 for AMX, and a partial pass after (AMX: from a zero-padded copy).
 @pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -91,7 +91,7 @@ def test_cpu_int4_kernels_give_the_exact_product_rounded_once(tiles, group_size)
     nibbles = torch.stack([tensors["qweight"] >> 4, tensors["qweight"] & 15], -1).view(n, k).double()
     scale, zero = tensors["scales_and_zeros"].double().unbind(-1)
     deq = ((nibbles.view(n, -1, group_size) - 8) * scale.T[..., None] + zero.T[..., None]).view(n, k)
-    for rows in (1, 2, 3, 4, 5, 16, 17):
+    for rows in (1, 2, 3, 4, 5, 16, 17, 40):
         x = torch.randn(rows, k, generator=g).bfloat16()
         want = x.double() @ deq.T
         got = torch.ops.cogvlm.int4_mm(x, layer.qweight, group_size, layer.scales_and_zeros, tiles)
@@ -100,17 +100,19 @@ def test_cpu_int4_kernels_give_the_exact_product_rounded_once(tiles, group_size)
 
 
 @pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
-def test_int4_layers_send_decode_rows_to_cogvlms_kernel_and_prefills_to_pytorchs(monkeypatch):
+def test_int4_layers_pick_the_kernel_by_row_count(monkeypatch):
     layer = quantized(torch.nn.Linear(256, 128, bias=False), 4, 64)
     calls, real = [], torch.ops.cogvlm.int4_mm  # a spy: records `tiles`, runs the real kernel
     monkeypatch.setattr(torch.ops.cogvlm, "int4_mm", lambda *a: calls.append(a[4]) or real(*a))
     x = torch.randn(40, 256)
-    for rows in (1, 2, 16, 17, 40):
+    row_counts = (1, 2, 3, 16, 40)
+    for rows in row_counts:
         want = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows].bfloat16(), layer.qweight, 64, layer.scales_and_zeros)
         assert (layer(x[:rows]).float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
-    kinds = [CPU_KERNELS.int4_rows(rows) for rows in (1, 2, 16, 17, 40)]
+    kinds = [CPU_KERNELS.int4_rows(rows) for rows in row_counts]
     assert calls == [kind == "tiles" for kind in kinds if kind]
-    assert kinds[0] == "dot" and kinds[-1] is None  # one row always ours, a prefill always PyTorch's
+    # one row: vdpbf16ps; more: AMX where there is one, else PyTorch's kernel from 3 rows on
+    assert kinds == ["dot"] + (["tiles"] * 4 if CPU_KERNELS.amx else ["dot", None, None, None])
     odd = quantized(torch.nn.Linear(256, 80, bias=False), 4, 64)  # 80 rows: not whole 64-row blocks
     assert odd.kernels is None
 

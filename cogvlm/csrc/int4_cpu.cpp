@@ -42,6 +42,7 @@ constexpr int kPrefetch = 16384;  // bytes ahead in the weight stream (measured:
 constexpr int kDotRows = 4;       // activation rows per pass, vdpbf16ps kernel (registers)
 constexpr int kTileRows = 16;     // activation rows per pass, AMX kernel (a tile's rows)
 constexpr int kTileColumns = 32;  // input columns per AMX tile product
+constexpr int kMaxGroup = 256;    // the largest group size (PyTorch's kernel takes 32-256)
 constexpr int kOffset = 128;      // see unpack
 
 // 64 bytes of the layout (columns k and k + 1 of one block) -> four vectors of bf16 pairs,
@@ -82,28 +83,34 @@ UNPACK_TARGET void group_dot(const bf16* x, int64_t x_stride, const uint8_t* w, 
     for (int r = 0; r < 4; ++r) _mm512_storeu_ps(sums + m * kBlockRows + r * 16, acc[m][r]);
 }
 
-// The same sums by AMX, for up to 16 rows: tiles 0-3 sum rows 0-15 .. 48-63 of the block, tile 4
-// holds 32 columns of x, tiles 5-7 take the unpacked weights (a B tile row is one unpack lane).
-UNPACK_TARGET void group_tiles(const bf16* x, int64_t x_stride, const uint8_t* w, int64_t columns, float* sums) {
-  alignas(64) __m512i b[4][kTileColumns / 2];
+// One group's weights (`columns` inputs of a block), unpacked once for every AMX pass over the
+// activation rows: buf[(tile * 4 + r) * 16 + i] is row i of B tile r (block rows 16r..16r+15)
+// of the group's 32-column tile `tile`, i.e. one unpack lane.
+UNPACK_TARGET void unpack_group(const uint8_t* w, int64_t columns, __m512i* buf) {
+  for (int64_t i = 0; i < columns / 2; ++i) {
+    __m512i v[4];
+    unpack(w + i * 64, v);
+    for (int r = 0; r < 4; ++r) _mm512_store_si512(buf + ((i / 16) * 4 + r) * 16 + i % 16, v[r]);
+  }
+}
+
+// The sums of `group_dot` by AMX for up to 16 rows: tiles 0-3 sum block rows 0-15 .. 48-63,
+// tile 4 holds 32 columns of x, tiles 5-7 take the unpacked weights.
+void group_tiles(const bf16* x, int64_t x_stride, const __m512i* buf, int64_t columns, float* sums) {
   TILE_ZERO(0);
   TILE_ZERO(1);
   TILE_ZERO(2);
   TILE_ZERO(3);
-  for (int64_t k0 = 0; k0 < columns; k0 += kTileColumns) {
-    for (int i = 0; i < kTileColumns / 2; ++i) {
-      __m512i v[4];
-      unpack(w + (k0 + 2 * i) * 32, v);
-      for (int r = 0; r < 4; ++r) _mm512_store_si512(&b[r][i], v[r]);
-    }
-    TILE_LOAD(4, x + k0, x_stride * sizeof(bf16));
-    TILE_LOAD(5, b[0], 64);
+  for (int64_t tile = 0; tile < columns / kTileColumns; ++tile) {
+    const __m512i* b = buf + tile * 4 * 16;
+    TILE_LOAD(4, x + tile * kTileColumns, x_stride * sizeof(bf16));
+    TILE_LOAD(5, b, 64);
     TILE_DOT(0, 4, 5);
-    TILE_LOAD(6, b[1], 64);
+    TILE_LOAD(6, b + 16, 64);
     TILE_DOT(1, 4, 6);
-    TILE_LOAD(7, b[2], 64);
+    TILE_LOAD(7, b + 32, 64);
     TILE_DOT(2, 4, 7);
-    TILE_LOAD(5, b[3], 64);
+    TILE_LOAD(5, b + 48, 64);
     TILE_DOT(3, 4, 5);
   }
   TILE_STORE(0, sums, kBlockRows * sizeof(float));
@@ -176,8 +183,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, int64_t group, cons
   TORCH_CHECK(!tiles || amx(), "this CPU (or kernel) does not let the process use AMX");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: a contiguous bf16 (M, K) matrix");
   const int64_t m_total = x.size(0), k_total = x.size(1), n_total = scales_and_zeros.size(1);
-  TORCH_CHECK(n_total % kBlockRows == 0 && group % kTileColumns == 0 && k_total % group == 0,
-              "int4_mm: N must be a multiple of 64, K of the group size, the group size of 32");
+  TORCH_CHECK(n_total % kBlockRows == 0 && group % kTileColumns == 0 && group <= kMaxGroup && k_total % group == 0,
+              "int4_mm: N must be a multiple of 64, K of the group size, the group size of 32 (at most 256)");
   TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte && w.numel() == n_total * k_total / 2,
               "w: PyTorch's CPU int4 layout, (N, K / 2) bytes");
   TORCH_CHECK(scales_and_zeros.is_contiguous() && scales_and_zeros.scalar_type() == at::kBFloat16 &&
@@ -185,36 +192,45 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, int64_t group, cons
               "scales_and_zeros: bf16 (K / group, N, 2)");
   const int64_t groups = k_total / group;
   at::Tensor y = at::empty({m_total, n_total}, x.options());
+  const int pass = tiles ? kTileRows : kDotRows;
+  // AMX passes take 16 rows (tiles configured for min(M, 16)); a last, partial pass of a longer
+  // input reads a zero-padded copy of its rows
+  const int64_t tail_rows = m_total > pass ? m_total % pass : 0;
+  at::Tensor tail = at::zeros({tiles && tail_rows ? pass : 0, k_total}, x.options());
+  if (tail.numel()) tail.narrow(0, 0, tail_rows).copy_(x.narrow(0, m_total - tail_rows, tail_rows));
   const bf16* xp = x.const_data_ptr<bf16>();
+  const bf16* tp = tail.const_data_ptr<bf16>();
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const bf16* szp = scales_and_zeros.const_data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
-  const int pass = tiles ? kTileRows : kDotRows;
   at::parallel_for(0, n_total / kBlockRows, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float sums[kTileRows * kBlockRows], out[kTileRows * kBlockRows];
-    std::vector<float> x_sums(pass * groups);
-    for (int64_t m0 = 0; m0 < m_total; m0 += pass) {
-      const int rows = static_cast<int>(std::min<int64_t>(pass, m_total - m0));
-      const bf16* xm = xp + m0 * k_total;
-      x_group_sums(xm, k_total, rows, groups, group, x_sums.data());
-      if (tiles) configure_tiles(rows);
-      for (int64_t b = begin; b < end; ++b) {
-        std::fill_n(out, rows * kBlockRows, 0.0f);
-        const uint8_t* wb = wp + b * kBlockRows * k_total / 2;
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* wg = wb + g * group * 32;
-          if (tiles) group_tiles(xm + g * group, k_total, wg, group, sums);
-          else if (rows == 4) group_dot<4>(xm + g * group, k_total, wg, group, sums);
-          else if (rows == 3) group_dot<3>(xm + g * group, k_total, wg, group, sums);
-          else if (rows == 2) group_dot<2>(xm + g * group, k_total, wg, group, sums);
-          else group_dot<1>(xm + g * group, k_total, wg, group, sums);
-          scale_group(sums, rows, szp + (g * n_total + b * kBlockRows) * 2, x_sums.data() + g, groups, out);
+    alignas(64) float sums[kTileRows * kBlockRows];
+    std::vector<float> x_sums(m_total * groups), out(m_total * kBlockRows);
+    alignas(64) __m512i unpacked[kMaxGroup / 2 * 4];  // 32 KB: one group of one block, unpacked
+    x_group_sums(xp, k_total, m_total, groups, group, x_sums.data());
+    if (tiles) configure_tiles(std::min<int64_t>(pass, m_total));
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(out.begin(), out.end(), 0.0f);
+      const uint8_t* wb = wp + b * kBlockRows * k_total / 2;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* wg = wb + g * group * 32;
+        if (tiles) unpack_group(wg, group, unpacked);
+        for (int64_t m0 = 0; m0 < m_total; m0 += pass) {
+          const int rows = static_cast<int>(std::min<int64_t>(pass, m_total - m0));
+          const bf16* xg = xp + m0 * k_total + g * group;
+          if (tiles) group_tiles(rows < pass && tail_rows ? tp + g * group : xg, k_total, unpacked, group, sums);
+          else if (rows == 4) group_dot<4>(xg, k_total, wg, group, sums);
+          else if (rows == 3) group_dot<3>(xg, k_total, wg, group, sums);
+          else if (rows == 2) group_dot<2>(xg, k_total, wg, group, sums);
+          else group_dot<1>(xg, k_total, wg, group, sums);
+          scale_group(sums, rows, szp + (g * n_total + b * kBlockRows) * 2, x_sums.data() + m0 * groups + g, groups,
+                      out.data() + m0 * kBlockRows);
         }
-        for (int m = 0; m < rows; ++m)
-          for (int i = 0; i < kBlockRows; ++i) yp[(m0 + m) * n_total + b * kBlockRows + i] = bf16(out[m * kBlockRows + i]);
       }
-      if (tiles) release_tiles();
+      for (int64_t m = 0; m < m_total; ++m)
+        for (int i = 0; i < kBlockRows; ++i) yp[m * n_total + b * kBlockRows + i] = bf16(out[m * kBlockRows + i]);
     }
+    if (tiles) release_tiles();
   });
   return y;
 }
