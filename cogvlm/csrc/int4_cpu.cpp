@@ -196,10 +196,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, int64_t group, cons
   // AMX passes take 16 rows (tiles configured for min(M, 16)); a last, partial pass of a longer
   // input reads a zero-padded copy of its rows
   const int64_t tail_rows = m_total > pass ? m_total % pass : 0;
-  at::Tensor tail = at::zeros({tiles && tail_rows ? pass : 0, k_total}, x.options());
-  if (tail.numel()) tail.narrow(0, 0, tail_rows).copy_(x.narrow(0, m_total - tail_rows, tail_rows));
+  at::Tensor tail;
+  if (tiles && tail_rows) {
+    tail = at::zeros({pass, k_total}, x.options());
+    tail.narrow(0, 0, tail_rows).copy_(x.narrow(0, m_total - tail_rows, tail_rows));
+  }
   const bf16* xp = x.const_data_ptr<bf16>();
-  const bf16* tp = tail.const_data_ptr<bf16>();
+  const bf16* tp = tail.defined() ? tail.const_data_ptr<bf16>() : nullptr;
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
   const bf16* szp = scales_and_zeros.const_data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
