@@ -189,11 +189,13 @@ def quantized_table(bw: float, new_tokens: int, repeats: int) -> None:
             "int8": (ours_generate, quantized(8)), "int8, compiled": (ours_generate, quantized(8, True)),
             "int4": (ours_generate, quantized(4)), "int4, compiled": (ours_generate, quantized(4, True)),
             "int4, PyTorch's kernel": (ours_generate, quantized(4, pytorch_kernel=True)),
+            "int4, PyTorch's kernel, compiled": (ours_generate, quantized(4, True, pytorch_kernel=True)),
             "HF fp32": (hf_generate, hf_peer(random_model(torch.float32)))}
     fp32, bf16 = step_bytes(torch.float32), step_bytes(torch.bfloat16)
     int8, int4 = step_bytes(torch.bfloat16, 8), step_bytes(torch.bfloat16, 4)
     nbytes = {"ours fp32": fp32, "ours fp32, compiled": fp32, "ours bf16": bf16, "int8": int8, "int8, compiled": int8,
-              "int4": int4, "int4, compiled": int4, "int4, PyTorch's kernel": int4, "HF fp32": fp32}
+              "int4": int4, "int4, compiled": int4, "int4, PyTorch's kernel": int4,
+              "int4, PyTorch's kernel, compiled": int4, "HF fp32": fp32}
     for batch in (1, 8):
         ids = torch.randint(3, CONFIG.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
         rates = decode_rates(runs, ids, new_tokens, repeats)

@@ -7,6 +7,8 @@ kernels with fp32 and with bf16 activations, cogvlm's own int4 kernels on the sa
 weights (`cogvlm.kernels`: vdpbf16ps and AMX, where the CPU has them), and torchao's
 `Int8WeightOnlyConfig` (torchao 0.18 has no CPU int4 layout any more: its Int4PackingFormat
 lists only CUDA / NPU ones). Best of 5 runs of 20 calls each, the candidates taking turns.
+Then the int4 kernels streaming 1.1 GB of weights from DRAM (`streaming_table`), against the
+machine's read bandwidth.
 
     python benchmarks/quant_kernels.py
 """
@@ -75,6 +77,42 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
     return fns
 
 
+def streaming_table(layers: int = 48, rows_list: tuple[int, ...] = (1, 8, 64)) -> None:
+    """The int4 kernels reading weights from DRAM, as a 17B model's decode step does: `layers`
+    int4 layers of 11008 x 4096 (23 MB each, 1.1 GB in all: more than any L3) one after the
+    other, GB/s of weight bytes read, beside the machine's streaming read bandwidth (the best
+    of 9 two-GiB sums, as benchmarks/generate.py) measured in the same run."""
+    from generate import bandwidth_gbs
+
+    torch.manual_seed(0)
+    stack = []
+    for _ in range(layers):
+        layer = Int4Linear(4096, 11008, 128)
+        fill(layer, quantize_tensors(torch.randn(11008, 4096) * 0.02, 4, 128))
+        stack.append(layer)
+    nbytes = sum(m.qweight.numel() + 2 * m.scales_and_zeros.numel() for m in stack)
+    kernels = cpu_kernels()
+    bw = bandwidth_gbs()
+    print(f"\nstreaming {nbytes / 1e9:.2f} GB of int4 weights per pass; machine streaming read {bw:.1f} GB/s\n")
+    print("| kernel | " + " | ".join(f"{rows} row{'s' * (rows > 1)}: GB/s (% of streaming)" for rows in rows_list) + " |")
+    print("|---" * (len(rows_list) + 1) + "|")
+    results = {}
+    for rows in rows_list:
+        x = torch.randn(rows, 4096).bfloat16()
+        fns = {"PyTorch `_weight_int4pack_mm_for_cpu`": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, m.qweight, 128, m.scales_and_zeros) for m in stack]}
+        if kernels is not None:
+            fns["cogvlm vdpbf16ps"] = lambda: [torch.ops.cogvlm.int4_mm(x, m.qweight, 128, m.scales_and_zeros, False)
+                                               for m in stack]
+            if kernels.amx:
+                fns["cogvlm AMX"] = lambda: [torch.ops.cogvlm.int4_mm(x, m.qweight, 128, m.scales_and_zeros, True)
+                                             for m in stack]
+        for name, us in per_call_us(fns, calls=1, repeats=5).items():
+            results.setdefault(name, []).append(nbytes / (us * 1e-6) / 1e9)
+    for name, rates in results.items():
+        print(f"| {name} | " + " | ".join(f"{r:.1f} ({100 * r / bw:.0f}%)" for r in rates) + " |")
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per call\n")
     torch.manual_seed(0)
@@ -90,6 +128,7 @@ def main() -> None:
     print("|---" * (len(results) + 1) + "|")
     for name in names:
         print(f"| {name} | " + " | ".join(f"{r[name]:.0f}" for r in results.values()) + " |")
+    streaming_table()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 PyTorch's CPU int4 kernel spends a decode step unpacking nibbles, not reading memory (docs/
 quantization.md has the measurements); `csrc/int4_cpu.cpp` multiplies the same packed weights
 with AVX512-BF16 and, where the CPU has it, AMX. It is built with PyTorch's extension builder
-(a C++ compiler and ninja; ~20 s, once: the result is cached in ~/.cache/torch_extensions) and
+(a C++ compiler and ninja; ~15 s, once: the result is cached in ~/.cache/torch_extensions) and
 registered as `torch.ops.cogvlm.int4_mm`, which `torch.compile` treats as one opaque call. Where
 it cannot run (another CPU, no compiler), int4 layers keep PyTorch's kernel.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,12 @@ def cpu_kernels() -> CpuKernels | None:
     COGVLM_CPU_KERNELS=0 turns them off (PyTorch's kernels only)."""
     if os.environ.get("COGVLM_CPU_KERNELS", "1") == "0":
         return None
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None  # the kernels are AVX-512 code: not worth a build that could not run
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("compiling cogvlm's CPU kernels for this machine (once, ~20 s)")
+        log.info("loading cogvlm's CPU kernels (compiled for this machine the first time, ~15 s)")
         load(name="cogvlm_cpu_kernels", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, not x86: the aten kernels still work

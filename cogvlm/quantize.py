@@ -3,8 +3,9 @@ kernels (the authors' `--quant 8|4`), and oneDNN-prepacked weights for CPU, in p
 
 Decoding reads every weight once per token, so storing the linear layers in 8 or 4 bits cuts
 both the memory and the bytes each step reads. The kernels (`torch.ops.aten._weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA) multiply by the packed
-weight directly: no full-precision copy of a weight is ever made. They want bf16 activations
+`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA, and on CPUs with
+AVX512-BF16 cogvlm's own int4 kernel on PyTorch's CPU layout, `cogvlm.kernels`) multiply by the
+packed weight directly: no full-precision copy of a weight is ever made. They want bf16 activations
 (int4 on CUDA accepts nothing else; on CPU int8 and int4 are 10-30x slower with fp32
 activations, measured), so a quantized model runs in bf16. docs/quantization.md has the numbers.
 
