@@ -1,4 +1,4 @@
-// Decoding with int4 weights on CPUs that have AVX512-BF16 (and AMX, where there is one).
+// Products with int4 weights on CPUs that have AVX512-BF16: decoding, and with AMX prefills too.
 //
 // Same weights as PyTorch's `_weight_int4pack_mm_for_cpu`: its packed layout (per block of 64
 // output rows, for each input column k, 32 bytes; byte j holds row j in its low nibble and row
@@ -19,7 +19,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #define UNPACK_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi")))
