@@ -164,10 +164,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if memory is None and torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(0).total_memory
-    if args.batch < 1 or args.max_length < 2:
+    max_length = config.max_position_embeddings if args.max_length is None else args.max_length
+    if args.batch < 1 or max_length < 2:
         raise UsageError("--batch must be >= 1 and --max-length >= 2")
-    p = plan(config, args.tp, args.quant, dtype, args.batch, args.max_length)
-    print(describe(config, p, memory, dtype, args.batch, args.max_length))
+    p = plan(config, args.tp, args.quant, dtype, args.batch, max_length)
+    print(describe(config, p, memory, dtype, args.batch, max_length))
     return 0 if memory is None or p.fits(memory) else 1
 
 
@@ -275,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", type=int, choices=(4, 8), help="weights of the decoder in 4 or 8 bits")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (default bf16)")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=2048,
-                   help="prompt + answer tokens per row (default 2048)")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int,
+                   help="prompt + answer tokens per row (default: the model's context, 2048 for CogVLM and "
+                        "CogAgent, 8192 for CogVLM2)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GB or 80GB")
     p.set_defaults(func=cmd_plan)
 

@@ -308,8 +308,10 @@ def test_plan_splits_cogvlm2_by_query_and_kv_heads(capsys):
     two = plan(cfg, tp=2, dtype=torch.bfloat16, batch=1, max_length=8192)
     assert two.weights == 2 * ((19_503_105_280 - rep) // 2 + rep) + rope == 19_717_991_168
     assert two.kv_cache == 2 * 32 * 8192 * (8 // 2) * 128 * 2 + 8192  # 4 of the 8 KV heads per rank
-    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2"]) == 0
-    assert f"weights      {two.weights:>16,} bytes" in capsys.readouterr().out
+    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2"]) == 0  # by default its 8K context
+    out = capsys.readouterr().out
+    assert f"weights      {two.weights:>16,} bytes" in out and "max length 8192" in out
+    assert f"KV cache     {two.kv_cache:>16,} bytes" in out
     assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "16"]) == 2
     assert "(KV heads 8 do not divide); possible rank counts: 1, 2, 4, 8" in capsys.readouterr().err
 
