@@ -13,8 +13,9 @@ compile=True)` (the decode step under torch.compile, compiled before timing); "u
 same model with plain `nn.Linear` weights.
 A second table puts the quantized models (`quantize_model` on the bf16 model: int8 per row, int4
 in groups of 128, bf16 activations, as `from_pretrained(..., quant=)` gives them; eager and with
-`compile=True`; and int4 with PyTorch's kernel instead of cogvlm's own, `cogvlm.kernels`) beside ours in fp32 (eager and compiled) and bf16 and the fp32 peer, all in one
-`decode_rates` call (taking turns).
+`compile=True`; and int4 with PyTorch's kernel instead of cogvlm's own, `cogvlm.kernels`) beside
+ours in fp32 (eager and compiled) and bf16 and the fp32 peer, all in one `decode_rates` call
+(taking turns).
 Also printed: each decode as a share of the machine's memory-bandwidth bound: the bytes one
 step really reads (language expert, norms, output head, one embedding row: `cogvlm.plan`'s
 decode_step, from the real stored layout) over the read bandwidth measured in this run as the

@@ -39,6 +39,19 @@ def per_call_us(fns: dict, calls: int = 20, repeats: int = 5) -> dict[str, float
     return best
 
 
+def int4_kernels(x: torch.Tensor, layer: Int4Linear) -> dict:
+    """`layer`'s product with bf16 `x` by each int4 kernel that runs here: PyTorch's packed one,
+    and cogvlm's own on the same weights (`cogvlm.kernels`: vdpbf16ps, AMX)."""
+    args = (x, layer.qweight, layer.group_size, layer.scales_and_zeros)
+    fns = {"PyTorch packed": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(*args)}
+    kernels = cpu_kernels()
+    if kernels is not None:
+        fns["cogvlm vdpbf16ps"] = lambda: torch.ops.cogvlm.int4_mm(*args, False)
+        if kernels.amx:
+            fns["cogvlm AMX"] = lambda: torch.ops.cogvlm.int4_mm(*args, True)
+    return fns
+
+
 def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
     n, k = w.shape
     wb, xb = w.bfloat16(), x.bfloat16()
@@ -55,13 +68,8 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
         "int8 packed, fp32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, scales_fp32),
         "int8 packed, bf16 x": lambda: int8(xb),
         "int4 packed, fp32 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4.qweight, 128, sz_fp32),
-        "int4 packed, bf16 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4.qweight, 128, int4.scales_and_zeros),
+        **{f"int4 {name}, bf16 x": fn for name, fn in int4_kernels(xb, int4).items()},
     }
-    kernels = cpu_kernels()
-    if kernels is not None:  # cogvlm's own kernels on the same packed weights (cogvlm.kernels)
-        fns["int4 cogvlm vdpbf16ps, bf16 x"] = lambda: torch.ops.cogvlm.int4_mm(xb, int4.qweight, 128, int4.scales_and_zeros, False)
-        if kernels.amx:
-            fns["int4 cogvlm AMX, bf16 x"] = lambda: torch.ops.cogvlm.int4_mm(xb, int4.qweight, 128, int4.scales_and_zeros, True)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -91,22 +99,16 @@ def streaming_table(layers: int = 48, rows_list: tuple[int, ...] = (1, 8, 64)) -
         fill(layer, quantize_tensors(torch.randn(11008, 4096) * 0.02, 4, 128))
         stack.append(layer)
     nbytes = sum(m.qweight.numel() + 2 * m.scales_and_zeros.numel() for m in stack)
-    kernels = cpu_kernels()
     bw = bandwidth_gbs()
     print(f"\nstreaming {nbytes / 1e9:.2f} GB of int4 weights per pass; machine streaming read {bw:.1f} GB/s\n")
-    print("| kernel | " + " | ".join(f"{rows} row{'s' * (rows > 1)}: GB/s (% of streaming)" for rows in rows_list) + " |")
+    print("| kernel | " + " | ".join(f"{rows} row{'s' * (rows > 1)}: GB/s (% of streaming)" for rows in rows_list)
+          + " |")
     print("|---" * (len(rows_list) + 1) + "|")
     results = {}
     for rows in rows_list:
         x = torch.randn(rows, 4096).bfloat16()
-        fns = {"PyTorch `_weight_int4pack_mm_for_cpu`": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, m.qweight, 128, m.scales_and_zeros) for m in stack]}
-        if kernels is not None:
-            fns["cogvlm vdpbf16ps"] = lambda: [torch.ops.cogvlm.int4_mm(x, m.qweight, 128, m.scales_and_zeros, False)
-                                               for m in stack]
-            if kernels.amx:
-                fns["cogvlm AMX"] = lambda: [torch.ops.cogvlm.int4_mm(x, m.qweight, 128, m.scales_and_zeros, True)
-                                             for m in stack]
+        per_layer = [int4_kernels(x, m) for m in stack]
+        fns = {name: (lambda name=name: [calls[name]() for calls in per_layer]) for name in per_layer[0]}
         for name, us in per_call_us(fns, calls=1, repeats=5).items():
             results.setdefault(name, []).append(nbytes / (us * 1e-6) / 1e9)
     for name, rates in results.items():

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.cpp"
 
+
 @dataclass(frozen=True)
 class CpuKernels:
     """What the compiled kernels can use on this machine."""

@@ -53,7 +53,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="compile the decode step with torch.compile: faster decoding after some seconds of "
                              "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
                              "weights per frozen graph (batches; in bf16 batch 1 too); with --quant it fuses the small "
-                             "ops around the packed kernels (int4 decoding 1.36x on CPU)")
+                             "ops around the packed kernels (int4 decoding 1.7-1.9x on CPU)")
     parser.add_argument("--tokenizer", *spellings("local_tokenizer"), dest="tokenizer", metavar="PATH",
                         help="sentencepiece tokenizer.model (CogVLM) or tokenizer.json (CogVLM2) (default: the one "
                              "next to the weights)")

@@ -9,10 +9,10 @@ replicated (and so is CogAgent's high-resolution tower; its cross-attention spli
 the others). Under grouped-query attention (CogVLM2) a rank takes 1/N of the query heads and 1/N
 of the KV heads, the KV heads its query heads read (`row_blocks` sizes the fused QKV's blocks),
 so attention stays local to the rank. So each rank holds 1/N of the weights (and of the KV
-cache, by heads), and a row-split layer's partial outputs are summed by one all-reduce (`_reduce_hook`): one per
-attention and one per MLP per decode step; in a prefill with an image each expert reduces its
-own columns. The head's vocabulary parts are gathered before sampling. NCCL carries the tensors
-on GPU, gloo on CPU: the same code.
+cache, by heads), and a row-split layer's partial outputs are summed by one all-reduce
+(`_reduce_hook`): one per attention and one per MLP per decode step; in a prefill with an image
+each expert reduces its own columns. The head's vocabulary parts are gathered before sampling.
+NCCL carries the tensors on GPU, gloo on CPU: the same code.
 
 Rank 0 runs the program (terminal, HTTP, files) with a `Driver`: every model call it makes
 (prefill, decode step, cache allocation, rewinding, dropping or joining cache rows) is first

@@ -69,6 +69,8 @@ def test_int4_layer_is_within_half_a_step_of_the_float_one(shape, group_size):
 
 
 CPU_KERNELS = cpu_kernels()
+needs_cpu_kernels = pytest.mark.skipif(CPU_KERNELS is None,
+                                       reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
 
 
 # cogvlm's int4 CPU kernels (csrc/int4_cpu.cpp) read PyTorch's packed layout, so they must give
@@ -76,7 +78,7 @@ CPU_KERNELS = cpu_kernels()
 # rounded once to bf16 (2^-8 relative), plus fp32 summation noise (2^-14 of the output's largest
 # magnitude; measured: none above 2^-16). The row counts cover each kernel's passes: 4 rows at a
 # time for vdpbf16ps, 16 for AMX, and a partial pass after (AMX: from a zero-padded copy).
-@pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
+@needs_cpu_kernels
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_cpu_int4_kernels_give_the_exact_product_rounded_once(tiles, group_size):
@@ -99,7 +101,7 @@ def test_cpu_int4_kernels_give_the_exact_product_rounded_once(tiles, group_size)
         assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 2**-14 * want.abs().max()).all(), rows
 
 
-@pytest.mark.skipif(CPU_KERNELS is None, reason="this CPU has no AVX512-BF16 (or no compiler): PyTorch's kernel runs")
+@needs_cpu_kernels
 def test_int4_layers_pick_the_kernel_by_row_count(monkeypatch):
     layer = quantized(torch.nn.Linear(256, 128, bias=False), 4, 64)
     calls, real = [], torch.ops.cogvlm.int4_mm  # a spy: records `tiles`, runs the real kernel
@@ -107,7 +109,8 @@ def test_int4_layers_pick_the_kernel_by_row_count(monkeypatch):
     x = torch.randn(40, 256)
     row_counts = (1, 2, 3, 16, 40)
     for rows in row_counts:
-        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows].bfloat16(), layer.qweight, 64, layer.scales_and_zeros)
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows].bfloat16(), layer.qweight, 64,
+                                                          layer.scales_and_zeros)
         assert (layer(x[:rows]).float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
     kinds = [CPU_KERNELS.int4_rows(rows) for rows in row_counts]
     assert calls == [kind == "tiles" for kind in kinds if kind]
