@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import never_ending, ours_generate  # noqa: E402  (the same as the CPU benchmark)
 
-from cogvlm.config import CogVLMConfig, tiny_test_config  # noqa: E402
+from cogvlm.config import CogVLMConfig  # noqa: E402
+from tests.configs import tiny_test_config  # noqa: E402
 from cogvlm.model import DECODE_WINDOW, CogVLMForCausalLM  # noqa: E402
 from cogvlm.plan import kv_cache_bytes, weight_bytes  # noqa: E402
 from cogvlm.prompt import PromptTokens, layout_batch  # noqa: E402

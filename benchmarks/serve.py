@@ -33,7 +33,7 @@ import sentencepiece as spm
 import torch
 
 from cogvlm.checkpoint import save_hf
-from cogvlm.config import tiny_test_config
+from tests.configs import tiny_test_config
 from cogvlm.data.synthetic import make_scene
 from cogvlm.model import CogVLMForCausalLM
 

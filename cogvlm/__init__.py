@@ -1,11 +1,12 @@
 """cogvlm: a fast, faithful runtime for the CogVLM family of visual language models."""
 
 from .api import ChatSession, CogVLM
-from .checkpoint import CheckpointError, load_model
-from .generate import ContextLengthError, SamplingParams
-from .image import ImageError
-from .prompt import ImageRequiredError
+from .checkpoint import load_model
+from .errors import (CheckpointError, CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TokenizerError,
+                     UsageError)
+from .generate import SamplingParams
+from .options import LoadOptions
 
-__all__ = ["ChatSession", "CheckpointError", "CogVLM", "ContextLengthError", "ImageError", "ImageRequiredError",
-           "SamplingParams", "load_model"]
+__all__ = ["ChatSession", "CheckpointError", "CogVLM", "CogVLMError", "ContextLengthError", "ImageError",
+           "ImageRequiredError", "LoadOptions", "SamplingParams", "TokenizerError", "UsageError", "load_model"]
 __version__ = "0.1.0"

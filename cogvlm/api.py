@@ -11,12 +11,14 @@ import torch
 from .checkpoint import load_model, read_config, read_quant, resolve
 from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
+from .errors import UsageError
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
+from .options import LoadOptions
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
-from .quantize import QuantConfig, can_prepack, prepack_model
-from .tp import launched_by_torchrun, load_parallel
+from .quantize import can_prepack, prepack_model
+from .tp import load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
 Request = tuple[ImageInput | None, str, History | None]
@@ -46,6 +48,12 @@ def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMCo
             f"(CLI: --tokenizer PATH).") from None
 
 
+def default_sampling(config: CogVLMConfig) -> SamplingParams:
+    """Answers may run to the end of the model's context: the authors' max_length 2048 for v1,
+    8192 for CogVLM2 (whose image alone takes 2306 slots)."""
+    return SamplingParams(max_length=config.max_position_embeddings)
+
+
 class CogVLM:
     """A loaded model with its tokenizer. Sampling keywords everywhere: temperature, top_k,
     top_p, repetition_penalty, max_new_tokens, max_length, seed, stop."""
@@ -55,21 +63,20 @@ class CogVLM:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        # answers may run to the end of the model's context: the authors' max_length 2048 for v1,
-        # 8192 for CogVLM2 (whose image alone takes 2306 slots)
-        self.defaults = defaults or SamplingParams(max_length=model.config.max_position_embeddings)
+        self.defaults = defaults or default_sampling(model.config)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
                                  f"{model.config.vocab_size} embeddings; wrong tokenizer?")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None,
+    def from_pretrained(cls, name_or_path: str | Path | LoadOptions | None = None,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         tokenizer: str | Path | None = None, prepack: bool | None = None,
                         compile: bool = False, tp: int | None = None, quant: int | None = None,
                         group_size: int = 128, quant_vision: int | None = None) -> CogVLM:
-        """A registry name, hub id or local folder (SAT or Hugging Face layout); by default the
-        shipped cogvlm-tiny, which needs no download. `prepack` (default: on CPU) stores the
+        """A registry name, hub id or local folder (SAT or Hugging Face layout), or `LoadOptions`
+        (then without other keywords); by default the shipped cogvlm-tiny, which needs no download.
+        `prepack` (default: on CPU) stores the
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
         (in fp32 it keeps the plain weights too, for batch 1: see `PackedLinear`); turn it off
         to keep one copy of fp32 weights, or to change or save them after loading. `compile` runs
@@ -84,36 +91,41 @@ class CogVLM:
         while loading, each weight on `device` as it streams in: int8 per output row, or int4 in
         groups of `group_size` inputs; `quant_vision=8` does int8 for the ViT and adapter too. A
         checkpoint written by `cogvlm quantize` loads quantized as it is. Quantized models run
-        in bf16, the dtype the packed kernels take (docs/quantization.md)."""
-        if compile and prepack:
-            raise ValueError("compile=True packs the weights itself; leave prepack unset")
-        tp = tp or launched_by_torchrun() or 1
-        if tp > 1 and compile:
-            raise ValueError("compile=True does not combine with tensor parallelism (tp > 1) yet")
-        name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
-        device = torch.device(device or default_device())
-        if isinstance(dtype, str):
-            dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
-        folder = resolve(name_or_path)
+        in bf16, the dtype the packed kernels take (docs/quantization.md). A bad combination of
+        options raises `UsageError`."""
+        if isinstance(name_or_path, LoadOptions):
+            options = name_or_path
+        else:
+            options = LoadOptions(DEFAULT_MODEL if name_or_path is None else name_or_path, tokenizer, dtype, device,
+                                  compile, tp, quant, group_size, quant_vision, prepack)
+        return cls.load(options)
+
+    @classmethod
+    def load(cls, options: LoadOptions) -> CogVLM:
+        """The model `options` name, loaded (see `from_pretrained`)."""
+        tp = options.world
+        device = options.torch_device()
+        folder = resolve(options.model)
         config = read_config(folder)
-        wanted = None if quant is None and quant_vision is None else QuantConfig(quant, group_size, quant_vision)
+        wanted = options.quant_config
         quantized = wanted or read_quant(folder)
-        if quantized and dtype not in (None, torch.bfloat16):
-            raise ValueError(f"quantized models run in bfloat16 (the packed kernels' activation dtype), not {dtype}")
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
+        if quantized and options.dtype not in (None, torch.bfloat16):
+            raise UsageError(f"quantized models run in bfloat16 (the packed kernels' activation dtype), "
+                             f"not {options.dtype}")
+        dtype = options.dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
+        prepack = options.prepack
         if prepack is None:
-            prepack = not compile and can_prepack(device, dtype)
+            prepack = not options.compile and can_prepack(device, dtype)
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
             model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted)
-            return cls(model, _find_tokenizer(folder, tokenizer, config))
+            return cls(model, _find_tokenizer(folder, options.tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:
             model = prepack_model(model)
-        if compile:
+        if options.compile:
             model.compile_decode()
-        return cls(model, _find_tokenizer(folder, tokenizer, model.config))
+        return cls(model, _find_tokenizer(folder, options.tokenizer, model.config))
 
     def close(self) -> None:
         """Stop the other processes of a tensor-parallel model (also done at exit); else nothing."""
@@ -163,9 +175,10 @@ class CogVLM:
         return BatchDecoder(self.model, cache, logits, chunk.position_ids[:, -1] + 1, params, seen_ids, budgets)
 
     def generate(self, requests: Sequence[Request], template: str | None = None,
-                 **sampling: Any) -> list[str]:
-        """Answers for a batch of (image or None, query, history) in one batched decode."""
-        params = self.sampling(**sampling)
+                 params: SamplingParams | None = None, **sampling: Any) -> list[str]:
+        """Answers for a batch of (image or None, query, history) in one batched decode, sampled
+        with `params` (default: the model's defaults) and the keyword overrides."""
+        params = SamplingParams.build(params or self.defaults, **sampling)
         prompts = [self.prompt_tokens(img, q, h, template) for img, q, h in requests]
         if not prompts:
             return []

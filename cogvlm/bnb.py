@@ -16,12 +16,10 @@ from typing import Iterator
 
 import torch
 
+from .errors import Bnb4bitError
+
 STATE_KEY = ".quant_state.bitsandbytes__"
 PARTS = (".absmax", ".quant_map")
-
-
-class Bnb4bitError(ValueError):
-    """A bitsandbytes tensor this reader does not handle (double quantization, 8-bit)."""
 
 
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,

@@ -33,6 +33,7 @@ from torch import nn
 
 from .bnb import Bnb4bitError, unpack_state
 from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config, registry_entry
+from .errors import CheckpointError
 from .model import CogVLMForCausalLM
 from .quantize import Int4Linear, Int8Linear, QuantConfig, QuantError, fill, quantize_layout, quantize_tensors
 from .tokenizer import TOKENIZER_FILE, TOKENIZER_FILES, VICUNA_REPO, tokenizer_file
@@ -45,10 +46,6 @@ BIN_SINGLE = "pytorch_model.bin"
 SAT_CONFIG = "model_config.json"
 HUB_PATTERNS = ["config.json", "*.safetensors", HF_INDEX, *TOKENIZER_FILES]
 BIN_PATTERNS = ["config.json", "pytorch_model*.bin", BIN_INDEX, *TOKENIZER_FILES]  # e.g. the CogVLM2 int4 repos
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or does not fit the model; the message says how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
-class WriteError(OSError):
-    """A result file could not be written (a read-only folder, a full disk): the user's to fix."""
+from .errors import WriteError
 
 
 def temp_path(target: Path) -> Path:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .checkpoint import load_weights, read_config, resolve, save_hf
 from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
+from .errors import TrainingError
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
@@ -33,10 +34,6 @@ IGNORE = -100
 LossAverage = Literal["token", "example"]
 LOSS_AVERAGES: tuple[str, ...] = get_args(LossAverage)
 STATE_FILE = "trainer_state.pt"
-
-
-class TrainingError(ValueError):
-    """A fine-tuning request the user can fix (flags, data): the CLI prints it as one line."""
 
 
 # What `--train` can name: parameter-name tests for each part of the model.

@@ -13,12 +13,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .errors import ContextLengthError  # noqa: F401  (importable from here, as before)
 from .model import CogVLMForCausalLM, KVCache
 from .tokenizer import Tokenizer
-
-
-class ContextLengthError(ValueError):
-    """The prompt leaves no room to generate within `max_length`."""
 
 
 # The one place the sampling ranges live (API, CLI, web demo and server all build SamplingParams).

@@ -246,3 +246,9 @@ def draw_boxes(image: Image.Image, phrases: list[GroundedPhrase]) -> Image.Image
             draw.rectangle((lx, ly, lx + lw - 1, ly + lh - 1), fill=colour)
             draw.text((lx + pad - left, ly + pad - top), label, font=font, fill=_text_colour(colour))
     return out
+
+
+def turn_boxes(query: str, answer: str) -> list[GroundedPhrase]:
+    """What to draw for one turn: boxes the question points at (unlabelled), then the answer's."""
+    asked = [GroundedPhrase("", p.boxes, p.span) for p in parse_boxes(query).phrases]
+    return asked + parse_boxes(answer).phrases

@@ -12,14 +12,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ImageError
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
-
-
-class ImageError(ValueError):
-    """An image that cannot be read; the message says which and why."""
 
 
 def load_image(source: ImageInput, timeout: float = 20.0) -> Image.Image:

@@ -22,16 +22,13 @@ import torch
 
 from .config import CogVLMConfig
 from .checkpoint import expected_shapes, split_rule
+from .errors import PlanError
 from .model import CogVLMForCausalLM
 from .quantize import QuantConfig, quantize_layout
 from .tp import ParallelCogVLM, TensorParallelError, check_split
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
-
-
-class PlanError(ValueError):
-    """The model does not fit the memory given; the message names a split or quantization that does."""
 
 
 @lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .config import TEMPLATES, CogVLMConfig
+from .errors import ImageRequiredError
 from .image import ImageInput, load_image, preprocess
 from .model import Chunk
 from .tokenizer import TokenizerError
@@ -71,10 +72,6 @@ class PromptTokens:
     pixels: torch.Tensor | None
     text_ids: list[int]
     cross_pixels: torch.Tensor | None = None
-
-
-class ImageRequiredError(ValueError):
-    """CogAgent has no text-only mode: its cross-attention needs an image (cogagent.md section 10)."""
 
 
 def image_pixels(image: ImageInput | None, cfg: CogVLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:

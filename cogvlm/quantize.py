@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import QuantError
 from .kernels import CpuKernels, cpu_kernels
 from .model import CogVLMForCausalLM, GatedMLP
 
@@ -93,10 +94,6 @@ def prepack_model(model: CogVLMForCausalLM) -> CogVLMForCausalLM:
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
 VISION_BITS = (8,)
-
-
-class QuantError(ValueError):
-    """A quantization request the kernels cannot serve (bits, group size)."""
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .api import CogVLM
+from .errors import GenerationError
 from .generate import BatchDecoder, SamplingParams, TextStream, final_text
 from .prompt import PromptTokens
 
 _DONE = object()
 log = logging.getLogger("cogvlm.scheduler")
-
-
-class GenerationError(RuntimeError):
-    """The engine failed for this request (the server log has the traceback)."""
 
 
 @dataclass

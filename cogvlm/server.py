@@ -1,15 +1,16 @@
-"""`cogvlm serve`: an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+"""The OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`) behind `cogvlm serve`
+(cli/serve.py holds the flags): request schema and checks, image fetching, the FastAPI app.
 
 Every request goes through one `Scheduler`, so concurrent requests decode together in one batch
 instead of queueing. Client mistakes get OpenAI-style error bodies with 4xx codes, so that
 OpenAI client libraries raise their usual exceptions; a 500 always means a bug or an engine failure.
 
 FastAPI and uvicorn are an optional extra (`pip install 'cogvlm[serve]'`): they are imported
-inside `create_app`/`cmd_serve`, so the rest of the CLI works without them. (No `from __future__
-import annotations` here: FastAPI reads the route functions' annotations at run time.)
+inside `create_app` (and checked by `cogvlm serve` before loading), so the rest of the CLI works
+without them. (No `from __future__ import annotations` here: FastAPI reads the route functions'
+annotations at run time.)
 """
 
-import argparse
 import base64
 import binascii
 import contextlib
@@ -17,9 +18,7 @@ import hmac
 import io
 import json
 import math
-import os
 import re
-import sys
 import threading
 import time
 import urllib.error
@@ -34,13 +33,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .api import CogVLM
 from .config import TEMPLATES
-from .options import UsageError, add_model_flags, load_model, sampling_flags
-from .generate import ContextLengthError, SamplingParams
-from .image import ImageError, load_image
-from .prompt import ImageRequiredError
+from .errors import CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TokenizerError
+from .generate import SamplingParams
+from .image import load_image
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
-from .tokenizer import TokenizerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -85,7 +82,7 @@ class ServeOptions:
         return self.max_image_bytes * 4 // 3 + 2**20
 
 
-class APIError(Exception):
+class APIError(CogVLMError):
     """A request the server refuses, rendered as OpenAI's error JSON."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
@@ -626,82 +623,3 @@ def _depth(value: Any) -> int:
             deepest = max(deepest, depth)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
-def add_serve_verb(verbs: Any) -> None:
-    """Register `cogvlm serve` on the top-level parser's subcommands."""
-    p = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (pip install 'cogvlm[serve]')",
-                         description="OpenAI-compatible chat completions (streaming included) for one model; "
-                                     "concurrent requests are decoded together in one batch. The sampling flags "
-                                     "set the defaults for requests that do not choose. See docs/serve.md.")
-    add_model_flags(p)
-    p.add_argument("--served-model-name", metavar="NAME",
-                   help="the model id clients send and /v1/models lists (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY; unset: no auth; "
-                        "an empty key is refused)")
-    p.add_argument("--max-batch", type=_positive, default=16, metavar="N",
-                   help="most requests decoded together (default 16)")
-    p.add_argument("--allow-remote-images", action="store_true", help="let requests name http(s) image URLs")
-    p.add_argument("--allow-local-files", action="store_true", help="let requests name image files on this machine")
-    p.add_argument("--max-image-bytes", type=_positive, default=ServeOptions.max_image_bytes, metavar="N",
-                   help=f"largest image file (default {ServeOptions.max_image_bytes})")
-    p.add_argument("--max-image-pixels", type=_positive, default=ServeOptions.max_image_pixels, metavar="N",
-                   help=f"largest image, width x height (default {ServeOptions.max_image_pixels})")
-    p.add_argument("--max-image-memory", type=_positive, default=ServeOptions.max_image_memory, metavar="N",
-                   help="bytes that images being decoded may take together, all requests at once; more wait "
-                        f"(default {ServeOptions.max_image_memory})")
-    p.add_argument("--allowed-hosts", metavar="NAMES",
-                   help="comma list of names the Host header may carry, or '*' (default: 127.0.0.1,localhost,[::1] "
-                        "on a loopback --host, else '*')")
-    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve /docs, /redoc and /openapi.json, without the key (default: only on a loopback "
-                        "--host without --api-key)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
-
-
-def serve_options(args: argparse.Namespace) -> ServeOptions:
-    """The flags as ServeOptions, with the safe defaults that depend on --host and --api-key."""
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("the API key is empty (--api-key or $COGVLM_API_KEY): set a real key, or unset "
-                         "COGVLM_API_KEY to serve without one")
-    loopback = args.host in LOOPBACK
-    if args.allowed_hosts is None:
-        hosts = LOOPBACK_HOSTS if loopback else ("*",)
-    else:
-        hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
-        if not hosts:
-            raise UsageError("--allowed-hosts is empty; give names (e.g. myhost.example,127.0.0.1) or '*'")
-    docs = loopback and args.api_key is None if args.docs is None else args.docs
-    return ServeOptions(args.served_model_name or args.model, args.api_key, args.allow_remote_images,
-                        args.allow_local_files, args.max_image_bytes, args.max_image_pixels, args.max_image_memory,
-                        args.template, hosts, docs)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401  (create_app needs it: fail now, not after loading the model)
-        import uvicorn
-    except ImportError:
-        raise UsageError("the server needs FastAPI and uvicorn: pip install 'cogvlm[serve]'") from None
-    sampling = sampling_flags(args)
-    opts = serve_options(args)
-    vlm = load_model(args)
-    vlm.defaults = vlm.sampling(**sampling)
-    if args.host not in LOOPBACK and opts.api_key is None:
-        print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
-              f"can use it", file=sys.stderr)
-    uvicorn.run(create_app(vlm, opts, args.max_batch), host=args.host, port=args.port, log_level=args.log_level)
-    return 0

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import TokenizerError
+
 TOKENIZER_FILE = "tokenizer.model"  # sentencepiece (CogVLM v1)
 BPE_FILE = "tokenizer.json"  # Hugging Face tokenizers (CogVLM2)
 TOKENIZER_FILES = (TOKENIZER_FILE, BPE_FILE)
 VICUNA_REPO = "lmsys/vicuna-7b-v1.5"  # the published v1 checkpoints ship without a tokenizer
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 def train_tokenizer(texts: list[str], out_file: str | Path, vocab_size: int) -> Path:

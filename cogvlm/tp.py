@@ -49,16 +49,14 @@ from torch import nn
 
 from .checkpoint import load_weights, read_config, read_quant, resolve, split_rule
 from .config import CogVLMConfig
+from .errors import TensorParallelError
 from .model import Chunk, CogVLMForCausalLM, CrossAttention, KVCache, VisionAttention, VisionExpertAttention
+from .options import launched_by_torchrun
 from .quantize import QuantConfig
 
 # Ranks wait for rank 0's next command as long as a chat sits idle: the group's timeout must not
 # end them (a dead rank is noticed by its closed connection or by the launcher's watchdog)
 IDLE_TIMEOUT = timedelta(days=20)
-
-
-class TensorParallelError(RuntimeError):
-    """The ranks could not start, or one of them stopped: the message says which and why."""
 
 
 def check_split(config: CogVLMConfig, world: int) -> None:
@@ -416,11 +414,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def launched_by_torchrun() -> int | None:
-    """The world size torchrun gave this process, or None when torchrun did not start it."""
-    return int(os.environ["WORLD_SIZE"]) if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
 def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, device: torch.device,

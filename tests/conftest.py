@@ -17,7 +17,8 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from cogvlm.config import CogVLMConfig, tiny_test_config
+from cogvlm.config import CogVLMConfig
+from tests.configs import tiny_test_config
 from cogvlm.model import CogVLMForCausalLM
 
 CORPUS = [

@@ -119,14 +119,14 @@ def test_two_processes_under_torchrun_equal_one(talkative, dataset, tmp_path):
 def test_journal_ignores_a_partial_last_line_and_csv_resumes(talkative_vlm, dataset, tmp_path):
     images = images_in(dataset)[:5]
     out = tmp_path / "captions.csv"
-    sink = RecordFile(out, rank=0)
-    assert caption_images(talkative_vlm, images[:3], sink, batch_size=2, sampling=GREEDY).done == 3
+    sink, greedy = RecordFile(out, rank=0), talkative_vlm.sampling(**GREEDY)
+    assert caption_images(talkative_vlm, images[:3], sink, batch_size=2, sampling=greedy).done == 3
     sink.close()
     with open(sink.journal, "a") as f:  # what a kill in the middle of a write would leave
         f.write(f'{{"image": "{images[3]}", "capt')
 
     sink = RecordFile(out, rank=0)
-    summary = caption_images(talkative_vlm, images, sink, batch_size=2, sampling=GREEDY)
+    summary = caption_images(talkative_vlm, images, sink, batch_size=2, sampling=greedy)
     sink.close()
     assert (summary.done, summary.skipped, summary.failed) == (2, 3, [])
     journal = [json.loads(line) for line in sink.journal.read_text().splitlines()]
@@ -135,7 +135,7 @@ def test_journal_ignores_a_partial_last_line_and_csv_resumes(talkative_vlm, data
     assert not sink.journal.exists()
     want = talkative_vlm.generate([(p, "", None) for p in images], template="base", **GREEDY)
     assert RecordFile(out, rank=0).records == {str(p): w for p, w in zip(images, want)}
-    again = caption_images(talkative_vlm, images, RecordFile(out, rank=0), sampling=GREEDY)
+    again = caption_images(talkative_vlm, images, RecordFile(out, rank=0), sampling=greedy)
     assert (again.done, again.skipped) == (0, 5)
 
 

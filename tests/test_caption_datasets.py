@@ -23,7 +23,7 @@ import torch
 from cogvlm.caption import caption_shards
 from cogvlm.cli import main
 from cogvlm.data.synthetic import make_scene
-from cogvlm.datasets import Columns, ShardWriter
+from cogvlm.data.shards import Columns, ShardWriter
 from cogvlm.image import load_image
 from tests.test_caption import ENV
 
@@ -209,7 +209,7 @@ def test_a_damaged_shard_is_reported_and_the_others_written(data, talkative_vlm,
     cut.write_bytes((root / "tars" / "00001.tar").read_bytes()[:1000])  # ends inside its first member
     shards = [cut, root / "tars" / "00000.tar"]
     summary = caption_shards(talkative_vlm, shards, ShardWriter(tmp_path / "out"), Columns(), batch_size=4,
-                             sampling=GREEDY, progress=False)
+                             sampling=talkative_vlm.sampling(**GREEDY), progress=False)
     assert (summary.shards_written, summary.done, len(summary.failed)) == (1, 8, 1)
     assert summary.shards_failed == [f"{cut} cannot be read: unexpected end of data"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["00000.parquet"]

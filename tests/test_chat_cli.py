@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from cogvlm import CogVLM
-from cogvlm.chat_cli import print_stream, save_drawing, turn_boxes
+from cogvlm.cli.chat import print_stream, save_drawing
+from cogvlm.grounding import turn_boxes
 from cogvlm.cli import main
 from cogvlm.grounding import PALETTE, parse_boxes
 

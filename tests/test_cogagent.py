@@ -13,7 +13,8 @@ import torch
 
 from cogvlm import CogVLM
 from cogvlm.checkpoint import convert, load_model, save_hf
-from cogvlm.config import REGISTRY, from_hf_config, from_sat_config, tiny_test_config
+from cogvlm.config import REGISTRY, from_hf_config, from_sat_config
+from tests.configs import tiny_test_config
 from cogvlm.model import CogVLMForCausalLM, KVCache
 from cogvlm.prompt import ImageRequiredError, PromptTokens, agent_query, build_prompt, continuation_chunk, layout_batch
 from cogvlm.tokenizer import Tokenizer
@@ -461,7 +462,8 @@ def test_operation_box_is_drawn_on_the_screenshot(tmp_path):
     """What `cogvlm chat` and `cogvlm web` draw for an agent answer (both call turn_boxes)."""
     from PIL import Image
 
-    from cogvlm.chat_cli import save_drawing, turn_boxes
+    from cogvlm.cli.chat import save_drawing
+    from cogvlm.grounding import turn_boxes
     from cogvlm.grounding import PALETTE
 
     answer = ("Plan: 1. Type CogVLM into the search box.\nNext Action: Type \"CogVLM\".\n"
@@ -577,7 +579,7 @@ def test_caption_and_eval(agent_checkpoint, tmp_path):
     every answer equals the API's for the same request, and each prefill runs the tower once."""
     from cogvlm.data.records import read_records
     from cogvlm.data.synthetic import make_dataset
-    from cogvlm.evaluate import evaluate
+    from cogvlm.eval.jsonl import evaluate
 
     vlm = CogVLM.from_pretrained(agent_checkpoint, device="cpu")
     assert vlm.caption(IMAGE, top_k=1) == vlm.generate([(IMAGE, "", None)], template="base", top_k=1)[0]

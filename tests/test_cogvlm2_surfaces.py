@@ -113,7 +113,7 @@ def test_convert_unpacks_an_int4_copy_into_safetensors(cogvlm2_checkpoint, tmp_p
 
 def test_evaluate_scores_cogvlm2_answers(vlm, tmp_path):
     from cogvlm.data.records import read_records
-    from cogvlm.evaluate import evaluate
+    from cogvlm.eval.jsonl import evaluate
 
     data = make_dataset(tmp_path / "eval", n_images=2, seed=4, image_size=48)
     short = CogVLM(vlm.model, vlm.tokenizer, defaults=vlm.sampling(max_new_tokens=8))

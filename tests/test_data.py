@@ -10,7 +10,7 @@ import pytest
 
 from cogvlm.data.records import read_records
 from cogvlm.data.synthetic import COLOURS, conversations, make_dataset, make_scene
-from cogvlm.evaluate import normalize_answer, object_set, score, task_of, vqa_accuracy
+from cogvlm.eval.jsonl import normalize_answer, object_set, score, task_of, vqa_accuracy
 from cogvlm.grounding import parse_boxes
 
 

@@ -12,7 +12,7 @@ import pytest
 from cogvlm.eval import metrics as M
 from cogvlm.eval.formats.grounding import load_refs
 from cogvlm.grounding import Box
-from cogvlm.options import UsageError
+from cogvlm.errors import UsageError
 
 
 @pytest.mark.parametrize("prediction, answers, expected", [

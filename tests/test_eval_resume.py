@@ -18,7 +18,7 @@ import pytest
 from cogvlm import CogVLM
 from cogvlm.data.records import read_records
 from cogvlm.data.synthetic import make_dataset
-from cogvlm.evaluate import evaluate
+from cogvlm.eval.jsonl import evaluate
 from cogvlm.eval.runner import run_task
 from tests import eval_fixtures as F
 

@@ -15,7 +15,7 @@ from cogvlm.cli import main
 from cogvlm.eval.prompts import PROMPTS
 from cogvlm.eval.runner import build_query, read_benchmark, run_task
 from cogvlm.eval.tasks import TASKS
-from cogvlm.options import UsageError
+from cogvlm.errors import UsageError
 from tests import eval_fixtures as F
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cogvlm.checkpoint import load_model
-from cogvlm.config import tiny_test_config
+from tests.configs import tiny_test_config
 from cogvlm.data.synthetic import make_dataset
 from cogvlm.finetune import TrainArgs, Trainer, finetune
 from cogvlm.prompt import PromptTokens, layout_batch

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cogvlm import CogVLM
-from cogvlm.config import tiny_test_config
+from tests.configs import tiny_test_config
 from cogvlm.data.records import Record
 from cogvlm.finetune import make_examples
 from cogvlm.generate import TextStream, final_text

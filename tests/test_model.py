@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cogvlm.config import REGISTRY, tiny_test_config
+from cogvlm.config import REGISTRY
+from tests.configs import tiny_test_config
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, build_prompt, layout_batch
 from cogvlm.tokenizer import Tokenizer

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from cogvlm.config import REGISTRY, tiny_test_config
+from cogvlm.config import REGISTRY
+from tests.configs import tiny_test_config
 from cogvlm.model import KVCache
 from cogvlm.plan import kv_cache_bytes, weight_bytes
 
@@ -68,7 +69,7 @@ def test_kv_cache_bytes_match_the_cache_the_model_allocates():
 
 
 def test_help_memory_plan_matches_the_plan():
-    from cogvlm.options import MEMORY_PLAN
+    from cogvlm.cli.flags import MEMORY_PLAN
 
     for bits, vision_bits in ((None, None), (8, None), (4, None), (4, 8)):
         assert f"{weight_bytes(REAL, torch.bfloat16, bits, 128, vision_bits)['total'] / 1e9:.1f} GB" in MEMORY_PLAN
@@ -89,3 +90,15 @@ def test_a_rank_of_a_quantized_split_holds_its_slices_in_int4():
     plain = L * 2 * expert(None) + linear_bytes(V // 2, H, None)
     assert rank_weight_bytes(REAL, 2, torch.bfloat16, 4) - rank_weight_bytes(REAL, 2) == quantized - plain
     assert rank_weight_bytes(REAL, 2, torch.bfloat16, 4) == 8_178_617_088  # README: 2 x 12 GB cards
+
+
+def test_plan_takes_the_same_quantization_flags_as_every_verb(capsys):
+    """`plan --quant 4 --group-size 32 --quant-vision 8` counts what `chat` with the same flags
+    would load: the weights line is weight_bytes of exactly that quantization."""
+    from cogvlm.cli import main
+
+    assert main(["plan", "cogvlm-chat-v1.1", "--quant", "4", "--group-size", "32", "--quant-vision", "8"]) == 0
+    out = capsys.readouterr().out
+    want = weight_bytes(REAL, torch.bfloat16, 4, 32, 8)["total"]
+    assert want < weight_bytes(REAL, torch.bfloat16, 4, 32)["total"]  # the ViT in int8 is counted
+    assert f"{want / 2**30:.2f}" in out, out

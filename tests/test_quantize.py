@@ -130,7 +130,7 @@ def quantized(linear: torch.nn.Linear, bits: int, group_size: int, weight: torch
 def mid_size_model() -> CogVLMForCausalLM:
     """A random model of 8 layers of width 512 with LLaMA-like weight scales (std 0.02
     matrices, unit norms), so the quantization noise adds up over the layers as in a real model."""
-    from cogvlm.config import tiny_test_config
+    from tests.configs import tiny_test_config
 
     config = tiny_test_config(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8)
     g = torch.Generator().manual_seed(7)
@@ -285,16 +285,39 @@ def test_quantize_command_and_quant_flag_on_cpu(talkative, tmp_path, capsys):
     quantizes while loading on CPU; both answer the same; bad requests exit 2 in one line."""
     from cogvlm.cli import main
 
-    assert main(["quantize", str(talkative), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
+    assert main(["quantize", str(talkative), str(tmp_path / "q4"), "--quant", "4", "--group-size", "32"]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'q4'}\n"
     ask = ["chat", "--device", "cpu", "--query", "hello", "--max_new_tokens", "6", "--top_k", "1"]
     assert main(ask + ["--model", str(tmp_path / "q4")]) == 0
     stored = capsys.readouterr().out
     assert main(ask + ["--model", str(talkative), "--quant", "4", "--quant-group-size", "32"]) == 0
     assert capsys.readouterr().out == stored and stored.strip()
-    assert main(["quantize", str(tmp_path / "q4"), str(tmp_path / "again"), "--bits", "8"]) == 2
+    assert main(["quantize", str(tmp_path / "q4"), str(tmp_path / "again"), "--quant", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "quantized already" in err and not (tmp_path / "again").exists()
+
+
+def test_quantize_takes_the_old_spelling_for_one_release_with_a_note(talkative, tmp_path, capsys):
+    """`--bits/--vision-bits` are `--quant/--quant-vision` on every other verb; the old names
+    still write the same checkpoint, saying so; a disagreement or no bits at all is one line."""
+    from safetensors.torch import load_file
+
+    from cogvlm.cli import main
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert main(["quantize", str(talkative), str(new), "--quant", "4", "--group-size", "32"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["quantize", str(talkative), str(old), "--bits", "4", "--group-size", "32"]) == 0
+    assert "--bits is now --quant" in capsys.readouterr().err
+    for shard in sorted(new.glob("*.safetensors")):
+        a, b = load_file(str(shard)), load_file(str(old / shard.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["quantize", str(talkative), str(tmp_path / "x"), "--quant", "4", "--bits", "8"]) == 2
+    assert main(["quantize", str(talkative), str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2].startswith("cogvlm quantize: error: --bits 8 and --quant 4 disagree")
+    assert err[-1] == "cogvlm quantize: error: say how many bits: --quant 4 or --quant 8"
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 # The README's examples (cogvlm/web_examples) that fp32 cogvlm-tiny answers correctly (checked by
@@ -371,7 +394,7 @@ def test_tensor_parallel_quantizes_each_ranks_share(tmp_path, sp_model_path):
     import shutil
 
     from cogvlm.checkpoint import save_hf
-    from cogvlm.config import tiny_test_config
+    from tests.configs import tiny_test_config
 
     from .conftest import randomize
 

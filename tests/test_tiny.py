@@ -15,7 +15,7 @@ import pytest
 
 from cogvlm import CogVLM
 from cogvlm.data.synthetic import COLOURS, SHAPES, conversations, make_scene
-from cogvlm.evaluate import score, task_of
+from cogvlm.eval.jsonl import score, task_of
 from cogvlm.grounding import parse_boxes
 
 # Training uses seeds 0, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15 and 16, its validation seed 1 and the

@@ -24,7 +24,7 @@ import torch
 
 from cogvlm import CogVLM
 from cogvlm.checkpoint import Split, iter_tensors, load_model, merge_ranks, save_hf, split_rule, take_rank
-from cogvlm.config import tiny_test_config
+from tests.configs import tiny_test_config
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.tp import TensorParallelError, check_split
 from tests.conftest import tiny_cogvlm2_config

@@ -17,7 +17,7 @@ from PIL import Image
 from cogvlm import CogVLM
 from cogvlm.cli import main
 from cogvlm.grounding import PALETTE, drawable
-from cogvlm.web import EXAMPLES, load_examples
+from cogvlm.cli.web import EXAMPLES, load_examples
 from tests.processes import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text
-from ..options import UsageError
+from ..errors import UsageError
 from .tasks import Published, Task
 
 

@@ -1,9 +1,9 @@
 """Running a benchmark like a production job: batched, resumable, sharded, with progress.
 
-- Predictions are appended as whole JSON lines (flushed and fsynced after every batch) to
-  OUT/predictions.jsonl (rank 0) or OUT/predictions.rank<R>.jsonl: a SIGKILL loses at most the
-  batch in flight, and a rerun skips every item already answered (a partial last line from a
-  killed write is cut off before appending).
+- Predictions are appended as whole JSON lines (`jobs.Journal`: flushed and fsynced after every
+  batch) to OUT/predictions.jsonl (rank 0) or OUT/predictions.rank<R>.jsonl: a SIGKILL loses at
+  most the batch in flight, and a rerun skips every item already answered (a partial last line
+  from a killed write is cut off before appending).
 - Under torchrun each process answers items[rank::world]; after a barrier rank 0 reads every
   journal and scores, so one process and N processes give the same report.
 - Decoding goes through `CogVLM.generate` (batched, greedy unless sampling flags say otherwise).
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
+from ..errors import ContextLengthError, ImageError, UsageError
 from ..files import write_text
-from ..generate import ContextLengthError
-from ..image import ImageError, load_image
-from ..options import UsageError, torchrun_group
+from ..image import load_image
+from ..jobs import Journal, read_journal, torchrun_group
 from ..progress import Progress
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
@@ -39,44 +38,16 @@ def journal_path(out: Path, rank: int) -> Path:
     return out / ("predictions.jsonl" if rank == 0 else f"predictions.rank{rank}.jsonl")
 
 
-def _complete_lines(path: Path) -> tuple[list[dict], int]:
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for n, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} line {n} is not a prediction record; fix or delete it") from None
-    return rows, end
+PREDICTION = "prediction record"
 
 
 def read_predictions(out: Path) -> dict[str, str]:
     """Every prediction recorded under OUT, by any rank, in this run or an interrupted one."""
     preds: dict[str, str] = {}
     for path in sorted(out.glob("predictions*.jsonl")):
-        for row in _complete_lines(path)[0]:
+        for row in read_journal(path, PREDICTION)[0]:
             preds[row["id"]] = row["prediction"]
     return preds
-
-
-class Journal:
-    """This process's append-only predictions file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if path.exists():  # cut a partial last line, or the next record would extend it
-            os.truncate(path, _complete_lines(path)[1])
-        self._file = open(path, "ab")
-
-    def write(self, rows: Sequence[tuple[str, str]]) -> None:
-        self._file.write("".join(json.dumps({"id": i, "prediction": p}, ensure_ascii=False) + "\n"
-                                 for i, p in rows).encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def build_query(prompt: Prompt, item: Item) -> str:
@@ -107,7 +78,7 @@ def answer_items(vlm: CogVLM, items: Sequence[Item], journal: Journal, prompt: P
         answers = vlm.generate([(img, build_query(prompt, it), None) for it, img in readable],
                                template=prompt.template, **sampling)
         found = {it.id: a for (it, _), a in zip(readable, answers)}
-        journal.write([(it.id, found.get(it.id, "")) for it in batch])
+        journal.write({"id": it.id, "prediction": found.get(it.id, "")} for it in batch)
         progress.update(len(batch))
     return len(items)
 
@@ -191,7 +162,7 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
     check_run(out, settings, rank)
     done = read_predictions(out)
     mine = [it for it in items[rank::size] if it.id not in done]
-    journal = Journal(journal_path(out, rank))
+    journal = Journal(journal_path(out, rank), PREDICTION)
     bar = Progress(len(mine), f"eval {task.name} {job.split}" + (f" rank {rank}" if size > 1 else ""),
                    "item", enabled=progress and bool(mine), every=progress_every)
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ...options import UsageError
+from ...errors import UsageError
 
 
 @dataclass

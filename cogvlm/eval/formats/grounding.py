@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from ...grounding import format_boxes, from_pixels
-from ...options import UsageError
+from ...errors import UsageError
 from ..metrics import xywh_to_corners
 from . import Benchmark, Item, find_image, load_json
 

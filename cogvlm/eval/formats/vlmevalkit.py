@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ...options import UsageError
+from ...errors import UsageError
 from . import Benchmark, Item, one_file
 
 LETTERS = "ABCDE"

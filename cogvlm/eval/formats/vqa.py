@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ...options import UsageError
+from ...errors import UsageError
 from . import Benchmark, Item, find_image, load_json, one_file, require
 
 

@@ -1,5 +1,5 @@
 """Evaluation on a JSONL set in the training format (`cogvlm eval DATA.jsonl`; the published
-benchmarks are in `cogvlm.eval`): VQA accuracy, referring-expression Acc@0.5, caption
+benchmarks are in the rest of `cogvlm.eval`): VQA accuracy, referring-expression Acc@0.5, caption
 object-set match (spec section 8 metric definitions).
 
 Each turn is scored by the task its prompt shows: the vqa template → VQA accuracy; a box-only
@@ -15,9 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from .data.records import read_records
-from .eval.metrics import normalize_answer, vqa_accuracy as official_vqa_accuracy
-from .grounding import iou, parse_boxes
+from ..data.records import read_records
+from ..grounding import iou, parse_boxes
+from .metrics import normalize_answer, vqa_accuracy as official_vqa_accuracy
 
 
 def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:

@@ -7,13 +7,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..options import UsageError, add_model_flags, load_model, sampling_flags, share_items
-from .tasks import TASKS
+from ..errors import UsageError
+from ..eval.tasks import TASKS
+from ..jobs import share_items
+from .flags import add_model_flags, load_model, load_options, sampling_flags
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare:
-        from .report import compare, load_report
+        from ..eval.report import compare, load_report
 
         a, b = args.compare
         print(compare(load_report(a), load_report(b), (str(a), str(b))))
@@ -26,19 +28,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("give either a JSONL file or --task, not both")
     if not args.annotations:
         raise UsageError(f"--task {args.task} needs --annotations FILE(S) (docs/eval.md says which)")
-    sampling = sampling_flags(args)
-    from .report import table
-    from .runner import prepare, run_job
+    sampling, options = sampling_flags(args), load_options(args)
+    from ..eval.report import table
+    from ..eval.runner import prepare, run_job
 
     job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
                   args.template)  # every file or prompt mistake before the (slow) model load
     # under torchrun each process answers its share of the items with a model of its own, unless
     # --tp N splits one model over the processes (then rank 0 answers every item)
-    rank, size = share_items(args)
-    tensor_parallel = (args.tp or 1) > 1
-    vlm = load_model(args)
+    rank, size, options = share_items(options)
+    vlm = load_model(options, sampling)
     result = run_job(vlm, job, args.out, args.batch_size, sampling, args.model, args.progress_every,
-                     data_parallel=not tensor_parallel)
+                     data_parallel=options.world == 1)
     if rank == 0:
         if "submission" in result:
             print(f"{TASKS[args.task].title} {result['split']}: answers are hidden; wrote the submission file "
@@ -53,14 +54,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_jsonl(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate, format_table, write_json
+    from ..eval.jsonl import evaluate, format_table, write_json
 
     if args.data is None:
         raise UsageError("give a JSONL file, or --task NAME --annotations FILE(S) (see cogvlm eval --help)")
     task_only = [f"--{k}" for k in ("annotations", "images", "split", "out", "prompt") if getattr(args, k)]
     if task_only:
         raise UsageError(f"{', '.join(task_only)} need --task NAME (a JSONL file needs none of them)")
-    vlm = load_model(args)
+    vlm = load_model(load_options(args), sampling_flags(args))
     result = evaluate(vlm, args.data, batch_size=args.batch_size, limit=args.limit)
     print(format_table(result))
     if args.output:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .files import atomic_path
-from .options import UsageError
+from ..errors import ShardError, UsageError
+from ..files import atomic_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SHARD_SUFFIXES = (".tar", ".parquet")
@@ -53,11 +53,6 @@ class Result:
     key: str
     caption: str | None
     error: str | None = None
-
-
-class ShardError(Exception):
-    """A shard that cannot be read as a whole (not a tar or Parquet file, cut short): it is
-    reported and left unwritten, so a rerun tries it again; the other shards go on."""
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,17 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
 
-from .chat_cli import turn_boxes
-from .options import UsageError, add_model_flags, load_model, sampling_flags
-from .config import TEMPLATES
-from .grounding import draw_boxes, drawable
-from .prompt import ImageRequiredError
+from ..config import TEMPLATES
+from ..errors import ImageRequiredError, UsageError
+from ..grounding import draw_boxes, drawable, turn_boxes
+from .flags import add_model_flags, load_model, load_options, sampling_flags
 
 if TYPE_CHECKING:
     import gradio as gr
 
-    from .api import ChatSession, CogVLM
+    from ..api import ChatSession, CogVLM
 
-EXAMPLES = Path(__file__).with_name("web_examples")
+EXAMPLES = Path(__file__).parent.parent / "web_examples"
 INTRO = ("# CogVLM\nUpload or paste an image (or none, for text-only chat) and ask about it. Boxes written "
          "as `[[x0,y0,x1,y1]]` (thousandths of the image size) in a question or an answer are drawn on "
          "the image below it. Changing the image or the template starts a new conversation.")
@@ -77,13 +76,12 @@ def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
 
 
-def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
-              sampling: dict[str, Any] | None = None) -> gr.Blocks:
-    """The demo's page; `sampling` (from the flags) sets the starting values of the controls."""
+def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None) -> gr.Blocks:
+    """The demo's page; the model's sampling defaults (from the flags) set the starting values of
+    the controls."""
     import gradio as gr
 
-    sampling = sampling or {}
-    start = vlm.sampling(**sampling)
+    start = vlm.defaults
 
     def respond(image: Image.Image | None, query: str, convo: Conversation | None, template: str,
                 temperature: float, top_p: float, top_k: float, max_new_tokens: float) -> Iterator[tuple]:
@@ -93,7 +91,7 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
         key = (_image_key(image), template)
         if convo is None or convo.key != key:
             try:
-                convo = Conversation(vlm.session(image, template, **sampling), key)
+                convo = Conversation(vlm.session(image, template), key)
             except ImageRequiredError as e:  # CogAgent has no text-only chat
                 raise gr.Error(str(e)) from None
         session = convo.session
@@ -151,8 +149,8 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the web demo needs Gradio: pip install 'cogvlm[web]'") from None
     examples = load_examples(args.examples)
-    sampling = sampling_flags(args)
-    app = build_app(load_model(args), examples, args.template, sampling)
+    sampling, options = sampling_flags(args), load_options(args)
+    app = build_app(load_model(options, sampling), examples, args.template)
     # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag
     _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                                                  show_error=True, quiet=True, prevent_thread_lock=True)

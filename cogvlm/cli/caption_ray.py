@@ -9,23 +9,39 @@ Why it is built this way:
   defaults): nothing is lost. Every row carries (shard, index); the driver keeps the
   first result per row, so a retry can never write a sample twice. Each shard ends with a marker
   row holding its sample count; when a shard's rows are all in, the driver writes its output
-  shard atomically (datasets.py), as the single-machine run does.
+  shard atomically (data/shards.py), as the single-machine run does.
+- Replicas receive the driver's `LoadOptions` and `SamplingParams` as they are (frozen values
+  Ray pickles), so every replica loads and samples exactly as the driver was told.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .caption import Summary, caption_batch, load_sample, progress_bar, run_meta, say
-from .datasets import Columns, Result, Sample, ShardError, ShardWriter, samples
+from ..caption import Summary, caption_batch, load_sample, progress_bar, run_meta, say
+from ..data.shards import Columns, Result, Sample, ShardError, ShardWriter, samples
+from ..generate import SamplingParams
+from ..options import LoadOptions
 
 ROWS_PER_BLOCK = 32  # samples per block out of the read stage: a few MB of encoded images
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide to run: the cluster (None: a local instance), the replicas and what each
+    takes, images per batch, seconds between progress lines off a terminal."""
+
+    address: str | None = None
+    replicas: int = 1
+    gpus_per_replica: float = 0
+    cpus_per_replica: float = 1
+    batch_size: int = 8
+    log_every: float = 30.0
 
 
 def _schema():
@@ -63,16 +79,17 @@ class Captioner:
     """One model replica: loads the model once, then captions every batch Ray hands it. Marker
     rows pass through."""
 
-    def __init__(self, flags: dict[str, Any], query: str, template: str | None, sampling: dict[str, Any],
+    def __init__(self, options: LoadOptions, sampling: SamplingParams, query: str, template: str | None,
                  threads: int) -> None:
         import torch
 
-        from .options import load_model
+        from ..api import CogVLM
 
         torch.set_num_threads(threads)
-        self.vlm = load_model(argparse.Namespace(**flags))
-        self.query, self.template, self.sampling = query, template, sampling
-        self.meta = dict(run_meta(self.vlm, flags["model"], query, template, sampling))
+        self.vlm = CogVLM.from_pretrained(options)
+        self.vlm.defaults = sampling
+        self.query, self.template = query, template
+        self.meta = dict(run_meta(self.vlm, str(options.model), query, template))
         self.replica = f"{os.getpid()}@{socket.gethostname()}"
 
     def __call__(self, batch: Any) -> Any:
@@ -82,7 +99,7 @@ class Captioner:
         start = time.perf_counter()
         work = [r for r in rows if r["index"] >= 0]
         loaded = [load_sample(Path(r["shard"]), Sample(r["key"], r["image"] or r["source"], r["error"])) for r in work]
-        captions, _ = caption_batch(self.vlm, loaded, self.query, self.template, self.sampling)
+        captions, _ = caption_batch(self.vlm, loaded, self.query, self.template)
         seconds = (time.perf_counter() - start) / max(len(work), 1)
         for row, img, caption in zip(work, loaded, captions):
             row.update(caption=caption, error=img if isinstance(img, str) else None,
@@ -110,24 +127,24 @@ def _init_ray(address: str | None) -> None:
     ctx.print_on_execution_start = False
 
 
-def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: ShardWriter, columns: Columns,
-                   query: str, template: str | None, sampling: dict[str, Any]) -> Summary:
-    """Caption the shards without output in `writer`'s folder on a pool of `args.replicas` actors."""
+def caption_on_ray(options: LoadOptions, sampling: dict[str, Any], ray_options: RayOptions, shards: Sequence[Path],
+                   writer: ShardWriter, columns: Columns, query: str, template: str | None) -> Summary:
+    """Caption the shards without output in `writer`'s folder on a pool of `ray_options.replicas`
+    actors; `sampling` holds the sampling flags, over the model's defaults."""
     import ray
 
-    from .checkpoint import resolve
+    from ..checkpoint import read_config, resolve
+    from .flags import sampling_params
 
-    resolve(args.model)  # a wrong --model ends here with one line, not in every actor
+    # a wrong --model or --max_length ends here with one line, not in every actor
+    params = sampling_params(read_config(resolve(options.model)), sampling)
     todo = [s for s in shards if not writer.done(s)]
     summary = Summary(shards_skipped=len(shards) - len(todo))
     if not todo:
         return summary
-    _init_ray(args.ray_address)
-    flags = {k: v for k, v in vars(args).items() if k != "func"}  # every loading flag options.py defines
-    if args.gpus_per_replica and flags["device"] is None:
-        flags["device"] = "cuda"
-    elif not args.gpus_per_replica:
-        flags["device"] = "cpu"
+    _init_ray(ray_options.address)
+    gpus = ray_options.gpus_per_replica
+    options = replace(options, device=(options.device or "cuda") if gpus else "cpu")
     items = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
     # reading is light I/O next to a model replica: it takes no CPU slot, or replicas would starve it
     blocks = items.map_batches(read_shards, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=0,
@@ -135,14 +152,14 @@ def caption_on_ray(args: argparse.Namespace, shards: Sequence[Path], writer: Sha
     # Ray Data's actor pools restart lost actors and retry their tasks (max_restarts and
     # max_task_retries -1 by default): a replica that dies mid-batch costs a model load, no samples
     captioned = blocks.map_batches(
-        Captioner, batch_format="pyarrow", batch_size=args.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=args.replicas),
-        num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica or None,
-        fn_constructor_kwargs={"flags": flags, "query": query, "template": template, "sampling": sampling,
-                               "threads": max(1, int(args.cpus_per_replica))})
+        Captioner, batch_format="pyarrow", batch_size=ray_options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=ray_options.replicas),
+        num_cpus=ray_options.cpus_per_replica, num_gpus=gpus or None,
+        fn_constructor_kwargs={"options": options, "sampling": params, "query": query, "template": template,
+                               "threads": max(1, int(ray_options.cpus_per_replica))})
     results: dict[str, dict[int, Result]] = {str(s): {} for s in todo}
     counts: dict[str, int] = {}
-    bar, start = progress_bar(None, None, args.log_every), time.monotonic()
+    bar, start = progress_bar(None, None, ray_options.log_every), time.monotonic()
     try:
         for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():

@@ -19,27 +19,19 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from PIL import Image
 
-from .files import atomic_path
-from .generate import ContextLengthError
-from .grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_operations
-from .image import ImageError, load_image
-from .options import UsageError, add_model_flags, load_model, sampling_flags, spellings
-from .prompt import ImageRequiredError
-from .tokenizer import TokenizerError
+from ..errors import ContextLengthError, ImageError, ImageRequiredError, TokenizerError, UsageError
+from ..files import atomic_path
+from ..grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_operations, turn_boxes
+from ..image import load_image
+from .flags import add_model_flags, load_model, load_options, sampling_flags, spellings
 
 if TYPE_CHECKING:
-    from .api import ChatSession, CogVLM
+    from ..api import ChatSession, CogVLM
 
 # ---- grounding drawings -----------------------------------------------------------------------
 
 # out of the working folder, kept across runs; each drawing's path is printed
 DRAW_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cogvlm" / "boxes"
-
-def turn_boxes(query: str, answer: str) -> list[GroundedPhrase]:
-    """What to draw for one turn: boxes the question points at (unlabelled), then the answer's."""
-    asked = [GroundedPhrase("", p.boxes, p.span) for p in parse_boxes(query).phrases]
-    return asked + parse_boxes(answer).phrases
-
 
 def save_drawing(image: Image.Image, phrases: list[GroundedPhrase], out_dir: Path, stem: str) -> Path:
     """Write a copy of `image` with the boxes drawn as a new PNG in `out_dir`, atomically, readable
@@ -138,7 +130,7 @@ def _turn(args: argparse.Namespace, text: Strings, session: ChatSession, query: 
             print(text.drawn.format(drawn))
 
 
-def interactive(vlm: CogVLM, args: argparse.Namespace, sampling: dict[str, Any]) -> int:
+def interactive(vlm: CogVLM, args: argparse.Namespace) -> int:
     """The seed's loop: an image (or none), then questions until `clear` (new image) or `stop`."""
     try:
         import readline  # noqa: F401 -- gives input() line editing and history
@@ -160,10 +152,10 @@ def interactive(vlm: CogVLM, args: argparse.Namespace, sampling: dict[str, Any])
             print(e)
             continue
         if args.no_prompt:
-            _turn(args, text, vlm.session(image, "base", **sampling), "", image, source)
+            _turn(args, text, vlm.session(image, "base"), "", image, source)
             continue
         try:
-            session = vlm.session(image, args.template, **sampling)
+            session = vlm.session(image, args.template)
         except ImageRequiredError as e:  # CogAgent: no text-only chat
             print(e)
             continue
@@ -179,11 +171,10 @@ def interactive(vlm: CogVLM, args: argparse.Namespace, sampling: dict[str, Any])
 
 # ---- one-shot mode and the verb ----------------------------------------------------------------
 
-def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None,
-             sampling: dict[str, Any]) -> int:
+def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None) -> int:
     """Answer --query (or caption with --no_prompt), print it or a JSON record, and exit."""
     query = "" if args.no_prompt else args.query
-    session = vlm.session(image, "base" if args.no_prompt else args.template, **sampling)
+    session = vlm.session(image, "base" if args.no_prompt else args.template)
     start = time.perf_counter()
     try:
         for piece in session.stream(query):
@@ -214,10 +205,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     oneshot = args.query is not None or (args.image is not None and args.no_prompt)
     if args.json and not oneshot:
         raise UsageError("--json needs --query, or --image with --no_prompt")
-    sampling = sampling_flags(args)
+    sampling, options = sampling_flags(args), load_options(args)
     image = load_image(args.image) if args.image else None  # a bad path fails before the slow load
-    vlm = load_model(args)
-    return one_shot(vlm, args, image, sampling) if oneshot else interactive(vlm, args, sampling)
+    vlm = load_model(options, sampling)
+    return one_shot(vlm, args, image) if oneshot else interactive(vlm, args)
 
 
 def add_chat_verb(verbs: Any) -> None:
