@@ -77,9 +77,12 @@ class PackedGatedMLP(nn.Module):
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN packing helps plain fp32/bf16 inference on CPU builds that have it."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    """oneDNN packing helps plain fp32/bf16 inference on CPU builds that have it. Its bf16 packing
+    needs AVX-512 (BW/VL/DQ) and raises without it (an AMD EPYC with AVX2 only, say): bf16 then
+    stays plain."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.cpu._is_avx512_supported())
 
 
 def prepack_model(model: CogVLMForCausalLM) -> CogVLMForCausalLM:
