@@ -16,6 +16,7 @@ from .model import CogVLMForCausalLM, KVCache
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import QuantConfig, can_prepack, prepack_model
+from .sharding import check_split
 from .tp import launched_by_torchrun, load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
@@ -104,9 +105,10 @@ class CogVLM:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
         if prepack is None:
             prepack = not compile and can_prepack(device, dtype)
+        check_split(config, tp)  # the load's one check: the plan and every rank's share trust it
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
-            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted)
+            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config)
             return cls(model, _find_tokenizer(folder, tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:
