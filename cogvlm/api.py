@@ -18,6 +18,7 @@ from .options import LoadOptions
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
+from .sharding import check_split
 from .tp import load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
@@ -116,9 +117,10 @@ class CogVLM:
         prepack = options.prepack
         if prepack is None:
             prepack = not options.compile and can_prepack(device, dtype)
+        check_split(config, tp)  # the load's one check: the plan and every rank's share trust it
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
-            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted)
+            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config)
             return cls(model, _find_tokenizer(folder, options.tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:

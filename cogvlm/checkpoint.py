@@ -22,9 +22,8 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -36,6 +35,7 @@ from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sa
 from .errors import CheckpointError
 from .model import CogVLMForCausalLM
 from .quantize import Int4Linear, Int8Linear, QuantConfig, QuantError, fill, quantize_layout, quantize_tensors
+from .sharding import Split
 from .tokenizer import TOKENIZER_FILE, TOKENIZER_FILES, VICUNA_REPO, tokenizer_file
 
 HF_CONFIG = "config.json"
@@ -323,91 +323,6 @@ def sat_to_hf_name(name: str) -> str | None:
         if m:
             return hf.format(**m.groupdict())
     return name
-
-
-def split_rule(hf_name: str) -> str:
-    """How a tensor is split across model-parallel ranks: 'qkv', 'kv', 'dim0', 'dim1' or 'replicated'."""
-    if hf_name.startswith(("model.vision.linear_proj.", "model.cross_vision.")):
-        return "replicated"  # the adapter and CogAgent's high-resolution tower are not split
-    if hf_name.endswith("cross_attn.key_value.weight"):
-        return "kv"  # rank r holds [k_r; v_r]
-    if hf_name.endswith("cross_attn.query.weight"):
-        return "dim0"
-    if hf_name.endswith("cross_attn.dense.weight"):
-        return "dim1"
-    if hf_name.endswith(("query_key_value.weight", "query_key_value.bias")):
-        return "qkv"
-    if hf_name in ("model.embed_tokens.weight", "lm_head.weight") or re.search(
-            r"(gate_proj|up_proj)\.weight$|mlp\.fc1\.(weight|bias)$", hf_name):
-        return "dim0"
-    if re.search(r"(expert_dense|down_proj|attention\.dense|mlp\.fc2)\.weight$", hf_name):
-        return "dim1"
-    return "replicated"
-
-
-def row_blocks(hf_name: str, config: CogVLMConfig) -> tuple[int, ...] | None:
-    """The relative row counts of a 'qkv' tensor's blocks where they may differ: the decoder's
-    fused QKV (both experts' weights, the vision expert's bias) is [q: num_heads | k:
-    num_key_value_heads | v: num_key_value_heads] heads, unequal under grouped-query attention
-    (cogvlm2.md section 4). None for the rest: the ViT's q/k/v and CogAgent's k/v are equal."""
-    if ".self_attn." in hf_name and split_rule(hf_name) == "qkv":
-        return config.num_heads, config.num_key_value_heads, config.num_key_value_heads
-    return None
-
-
-def _block_sizes(rows: int, blocks: tuple[int, ...]) -> list[int]:
-    unit = rows // sum(blocks)
-    return [b * unit for b in blocks]
-
-
-def merge_ranks(parts: list[torch.Tensor], rule: str, blocks: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The whole tensor from its ranks' parts; `blocks` as in `take_rank`."""
-    if len(parts) == 1 or rule == "replicated":
-        return parts[0]
-    if rule == "dim0":
-        return torch.cat(parts, 0)
-    if rule == "dim1":
-        return torch.cat(parts, 1)
-    blocks = blocks or (1,) * len(rule)  # "qkv": rank r holds [q_r; k_r; v_r]; "kv": [k_r; v_r]
-    pieces = [p.split(_block_sizes(p.shape[0], blocks)) for p in parts]
-    return torch.cat([blk[i] for i in range(len(blocks)) for blk in pieces], 0)
-
-
-def take_rank(t: torch.Tensor | Any, rule: str, rank: int, world: int,
-              blocks: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Rank `rank`'s part of a whole tensor under `rule`: the inverse of `merge_ranks`. `t` may
-    be a safetensors slice, so that only this part is read from the file. A 'qkv' / 'kv' tensor's
-    rows are blocks of the relative sizes `blocks` (`row_blocks`; default equal), each split."""
-    shape = t.get_shape() if hasattr(t, "get_shape") else t.shape
-    if world == 1 or rule == "replicated":
-        return t[:]
-    if rule == "dim1":
-        n = shape[1] // world
-        return t[:, rank * n:(rank + 1) * n]
-    if rule == "dim0":
-        n = shape[0] // world
-        return t[rank * n:(rank + 1) * n]
-    parts, start = [], 0  # qkv: this rank's heads of q, then of k, then of v; kv: of k, then of v
-    for rows in _block_sizes(shape[0], blocks or (1,) * len(rule)):
-        n = rows // world
-        parts.append(t[start + rank * n:start + (rank + 1) * n])
-        start += rows
-    return torch.cat(parts)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Tensor-parallel rank `rank` of `world` of a model with `config`: which part of each tensor it holds."""
-
-    config: CogVLMConfig
-    rank: int = 0
-    world: int = 1
-
-    def take(self, hf_name: str, t: torch.Tensor | Any) -> torch.Tensor:
-        return take_rank(t, split_rule(hf_name), self.rank, self.world, row_blocks(hf_name, self.config))
-
-    def merge(self, hf_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-        return merge_ranks(parts, split_rule(hf_name), row_blocks(hf_name, self.config))
 
 
 def _sat_files(folder: Path) -> list[Path]:

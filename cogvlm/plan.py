@@ -9,6 +9,10 @@ set of tensors alive at once in the prefill of one image prompt (a ViT layer at 
 size, or a decoder layer over `max_length` tokens), plus `RUNTIME_OVERHEAD` per device for the
 CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads on CUDA run
 `check_fits` first, so a model that cannot fit fails with this advice instead of out of memory.
+
+`plan`, `rank_weight_bytes` and `weight_bytes` check the split (`check_split`), then hand over to
+private twins that trust it; `check_fits` goes straight to the twins, because the load that calls
+it has checked the split already, and a load checks it once.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from functools import lru_cache
 import torch
 
 from .config import CogVLMConfig
-from .checkpoint import expected_shapes, split_rule
-from .errors import PlanError
+from .checkpoint import expected_shapes
+from .errors import PlanError, TensorParallelError
 from .model import CogVLMForCausalLM
 from .quantize import QuantConfig, quantize_layout
-from .tp import ParallelCogVLM, TensorParallelError, check_split
+from .sharding import check_split, rank_shape
+from .tp import ParallelCogVLM
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
@@ -42,19 +47,16 @@ def rank_weight_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype =
     shapes as `split_rule` cuts it (every rank holds the same). Quantized, `weight_bytes` of the
     modules a rank builds (each slice with its own padding and scales)."""
     check_split(config, world)
+    return _rank_weight_bytes(config, world, dtype, quant_bits, group_size, vision_bits)
+
+
+def _rank_weight_bytes(config: CogVLMConfig, world: int, dtype: torch.dtype, quant_bits: int | None,
+                       group_size: int, vision_bits: int | None) -> int:
+    """`rank_weight_bytes` for a split already checked."""
     if quant_bits is not None or vision_bits is not None:
-        return weight_bytes(config, dtype, quant_bits, group_size, vision_bits, world)["total"]
+        return _weight_bytes(config, dtype, quant_bits, group_size, vision_bits, world)["total"]
     size = torch.finfo(dtype).bits // 8
-    total = 0
-    for name, shape in _shapes(config).items():
-        rule = split_rule(name)
-        shape = list(shape)
-        if rule in ("dim0", "qkv", "kv"):
-            shape[0] //= world
-        elif rule == "dim1":
-            shape[1] //= world
-        total += math.prod(shape) * size
-    return total
+    return sum(math.prod(rank_shape(name, shape, world)) * size for name, shape in _shapes(config).items())
 
 
 PARTS = ("embeddings", "decoder", "lm_head", "vision")
@@ -79,6 +81,14 @@ def weight_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, quan
     on the meta device, quantized modules included (`quantize_layout`): the packed layout's
     bytes, scales and padding. `dtype`: the tensors left in full precision. With `world` > 1,
     those of one tensor-parallel rank (`ParallelCogVLM`)."""
+    if world > 1:
+        check_split(config, world)
+    return _weight_bytes(config, dtype, quant_bits, group_size, vision_bits, world)
+
+
+def _weight_bytes(config: CogVLMConfig, dtype: torch.dtype, quant_bits: int | None, group_size: int,
+                  vision_bits: int | None, world: int) -> dict[str, int]:
+    """`weight_bytes` for a split already checked (`ParallelCogVLM` trusts it)."""
     with torch.device("meta"):
         model = (ParallelCogVLM(config, 0, world) if world > 1 else CogVLMForCausalLM(config)).to(dtype)
     if quant_bits is not None or vision_bits is not None:
@@ -146,8 +156,16 @@ class Plan:
 
 def plan(config: CogVLMConfig, tp: int = 1, quant: int | None = None, dtype: torch.dtype = torch.bfloat16,
          batch: int = 1, max_length: int = 2048, group_size: int = 128, vision_bits: int | None = None) -> Plan:
+    """What one device needs for `config` split over `tp` ranks; `TensorParallelError` if `tp`
+    does not divide the model."""
     check_split(config, tp)
-    return Plan(tp, quant, rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
+    return _plan(config, tp, quant, dtype, batch, max_length, group_size, vision_bits)
+
+
+def _plan(config: CogVLMConfig, tp: int, quant: int | None, dtype: torch.dtype, batch: int, max_length: int,
+          group_size: int = 128, vision_bits: int | None = None) -> Plan:
+    """`plan` for a split already checked."""
+    return Plan(tp, quant, _rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
                 kv_cache_bytes(config, batch, max_length, dtype, tp),
                 activation_bytes(config, tp, dtype, batch, max_length))
 
@@ -215,12 +233,13 @@ def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: QuantCo
                device: torch.device) -> None:
     """Before a CUDA load: raise `PlanError` with advice if the weights, one prompt's cache and its
     prefill cannot fit the GPUs (instead of an out-of-memory crash mid-load). Reads the cards'
-    sizes only: that creates no CUDA context on the other ranks' GPUs."""
+    sizes only: that creates no CUDA context on the other ranks' GPUs. The caller has checked
+    the split (`check_split`; `CogVLM.from_pretrained` does, once per load)."""
     if device.type != "cuda":
         return
     cards = range(tp) if tp > 1 else [device.index or 0]
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in cards)
-    p = plan(config, tp, quant and quant.bits, dtype, 1, max_length, *(
+    p = _plan(config, tp, quant and quant.bits, dtype, 1, max_length, *(
         (quant.group_size, quant.vision_bits) if quant else ()))
     if not p.fits(memory):
         raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but the GPU "

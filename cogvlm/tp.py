@@ -1,7 +1,7 @@
 """Tensor parallelism: one model split across N processes (GPUs, or CPU processes over gloo).
 
 The split is the authors' SAT model parallelism (and gpt-fast's `tp.py`), and `split_rule` in
-`cogvlm.checkpoint` is its one table: every attention's heads are divided among the ranks (the
+`cogvlm.sharding` is its one table: every attention's heads are divided among the ranks (the
 q/k/v rows of a head stay together, the output projection is split by its input columns), every
 MLP by columns then rows, for both experts and for the ViT; the token embedding and the output
 head are split over the vocabulary; the GLU adapter, norms, patch and position embeddings are
@@ -47,32 +47,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_weights, read_config, read_quant, resolve, split_rule
+from .checkpoint import load_weights, read_config, read_quant, resolve
 from .config import CogVLMConfig
 from .errors import TensorParallelError
 from .model import Chunk, CogVLMForCausalLM, CrossAttention, KVCache, VisionAttention, VisionExpertAttention
 from .options import launched_by_torchrun
 from .quantize import QuantConfig
+from .sharding import check_split, rank_shape, split_rule
 
 # Ranks wait for rank 0's next command as long as a chat sits idle: the group's timeout must not
 # end them (a dead rank is noticed by its closed connection or by the launcher's watchdog)
 IDLE_TIMEOUT = timedelta(days=20)
-
-
-def check_split(config: CogVLMConfig, world: int) -> None:
-    """Every split dimension must divide by the rank count; say which does not."""
-    sizes = {"attention heads": config.num_heads, "MLP width": config.intermediate_size,
-             "vocabulary": config.vocab_size, "ViT heads": config.vision.num_heads,
-             "ViT MLP width": config.vision.intermediate_size}
-    if config.num_key_value_heads != config.num_heads:  # GQA (CogVLM2): each rank takes whole KV heads too
-        sizes["KV heads"] = config.num_key_value_heads
-    if config.cross_vision is not None:  # CogAgent's cross-attention splits by heads too
-        sizes["cross-attention width"] = config.cross_compute_hidden_size
-    bad = [f"{k} {v}" for k, v in sizes.items() if v % world]
-    if world < 1 or bad:
-        fits = [n for n in range(1, 65) if all(v % n == 0 for v in sizes.values())]
-        raise TensorParallelError(f"cannot split this model over {world} ranks ({', '.join(bad) or 'need >= 1'} "
-                         f"do not divide); possible rank counts: {', '.join(map(str, fits))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +98,11 @@ class ParallelCogVLM(CogVLMForCausalLM):
     """Rank `rank` of `world`'s share: the same modules with 1/N of the heads, MLP width and
     vocabulary (local head counts in each attention's `num_heads`). Built on the meta device and
     filled by `load_weights(..., rank, world)`; `install_collectives` adds the all-reduces once
-    the final modules are in place (after prepacking, which replaces the linear layers)."""
+    the final modules are in place (after prepacking, which replaces the linear layers).
+    `world` must divide the model (`check_split`): the load checked it once before any rank
+    built its share, so this trusts it rather than checking again on every rank."""
 
     def __init__(self, cfg: CogVLMConfig, rank: int = 0, world: int = 1) -> None:
-        check_split(cfg, world)
         super().__init__(cfg)
         self.rank, self.world = rank, world
         self.driver: Driver | None = None  # rank 0 only: sends each call to the other ranks
@@ -127,15 +113,12 @@ class ParallelCogVLM(CogVLMForCausalLM):
                 module.num_kv_heads //= world
             if not isinstance(module, nn.Linear):
                 continue
-            rule = split_rule(name + ".weight")
-            if rule == "replicated":
+            if split_rule(name + ".weight") == "replicated":
                 continue
-            split_in = rule == "dim1"
+            out_features, in_features = rank_shape(name + ".weight", module.weight.shape, world)
             parent, _, child = name.rpartition(".")
             setattr(self.get_submodule(parent), child, nn.Linear(
-                module.in_features // world if split_in else module.in_features,
-                module.out_features if split_in else module.out_features // world,
-                bias=module.bias is not None, device=module.weight.device))
+                in_features, out_features, bias=module.bias is not None, device=module.weight.device))
         self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, rank, world)
         self.local_config = replace(cfg, num_heads=cfg.num_heads // world,
                                     num_key_value_heads=cfg.num_key_value_heads // world,
@@ -417,17 +400,22 @@ def _free_port() -> int:
 
 
 def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, device: torch.device,
-                  prepack: bool, quant: QuantConfig | None = None) -> tuple[ParallelCogVLM, Path]:
+                  prepack: bool, quant: QuantConfig | None = None,
+                  config: CogVLMConfig | None = None) -> tuple[ParallelCogVLM, Path]:
     """Rank 0's share, with the other ranks loading theirs: started here, or (under torchrun)
     already running this same call, in which case ranks > 0 serve and never return. With
     `quant`, each rank quantizes its float slices as they stream in (a row-split layer's int4
     groups then lie within one rank's columns: the same groups as on one device when the split
-    width divides by the group size)."""
+    width divides by the group size). `config`: the folder's, given by a caller that has already
+    run `check_split` on it for `world` (`CogVLM.from_pretrained` does, before planning); without
+    it the folder's is read and checked here, before any rank starts. Either way the split is
+    checked once per load: the ranks' `ParallelCogVLM`s trust it."""
     if device.type not in ("cpu", "cuda") or device.index not in (None, 0):
         raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick "
                                   f"the GPUs with CUDA_VISIBLE_DEVICES), not {device}")
     folder = resolve(name_or_path)
-    check_split(read_config(folder), world)
+    if config is None:
+        check_split(read_config(folder), world)
     if read_quant(folder) is not None:
         raise TensorParallelError(f"{folder} is a quantized checkpoint, which loads on one device; for tp={world} "
                                   f"load the float checkpoint with quantization (--quant), each rank quantizing "

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from cogvlm import CogVLM
-from cogvlm.checkpoint import Split, iter_tensors, load_model, merge_ranks, save_hf, split_rule, take_rank
+from cogvlm.checkpoint import iter_tensors, load_model, save_hf
 from tests.configs import tiny_test_config
 from cogvlm.prompt import PromptTokens, layout_batch
-from cogvlm.tp import TensorParallelError, check_split
+from cogvlm.sharding import Split, check_split, merge_ranks, rank_shape, split_rule, take_rank
+from cogvlm.tp import TensorParallelError
 from tests.conftest import tiny_cogvlm2_config
 from tests.processes import free_port
 from tests.test_caption import ENV, ROOT
@@ -61,6 +62,7 @@ def test_take_rank_inverts_merge_ranks(tiny_model):
         rule = split_rule(name)
         parts = [take_rank(full, rule, r, 4) for r in range(4)]
         assert torch.equal(merge_ranks(parts, rule), full), name
+        assert all(p.shape == rank_shape(name, full.shape, 4) for p in parts), name  # what plan and tp count
 
 
 def test_sat_ranks_load_straight_from_their_own_file(tiny_model, tmp_path):
@@ -87,6 +89,38 @@ def test_split_must_divide_every_width(bpe_tokenizer_path):
     with pytest.raises(TensorParallelError, match=r"^cannot split this model over 4 ranks \(KV heads 2 do not divide\); "
                                                   r"possible rank counts: 1, 2$"):
         check_split(gqa, 4)
+
+
+def count_split_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The world of every `check_split` call in this process from now on, through whichever
+    cogvlm module made it (each binds the function under its own name)."""
+    import cogvlm.sharding
+
+    original, calls = cogvlm.sharding.check_split, []
+
+    def spy(config, world: int) -> None:
+        calls.append(world)
+        original(config, world)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("cogvlm") and getattr(module, "check_split", None) is original:
+            monkeypatch.setattr(module, "check_split", spy)
+    return calls
+
+
+def test_a_cuda_load_checks_the_split_once(tiny_checkpoint, monkeypatch):
+    """The plan before a CUDA load (its weight count, and the quantized rank it builds on the
+    meta device) and `load_parallel` trust the load's one check. Two 80 GB cards are faked;
+    the load stops at the GPU count, before any process starts."""
+    from types import SimpleNamespace
+
+    calls = count_split_checks(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(TensorParallelError, match="tp=2 needs 2 GPUs; 1 are visible"):
+        CogVLM.from_pretrained(tiny_checkpoint, device="cuda", tp=2, quant=8)
+    assert calls == [2]
 
 
 def gqa_slice(name: str, t: torch.Tensor, rank: int, world: int, config) -> torch.Tensor:
@@ -140,6 +174,16 @@ def split(sat2: Path):
     procs = vlm.model.driver.procs
     vlm.close()
     assert [p.poll() for p in procs] == [0], "the other rank did not stop cleanly"
+
+
+@pytest.mark.slow
+def test_a_two_rank_load_checks_the_split_once(tiny_checkpoint, monkeypatch):
+    """Rank 0 checks the split once; `load_parallel` and its `ParallelCogVLM` trust it (the
+    other rank, started after the check, does not check at all)."""
+    calls = count_split_checks(monkeypatch)
+    vlm = CogVLM.from_pretrained(tiny_checkpoint, device="cpu", tp=2)
+    vlm.close()
+    assert calls == [2]
 
 
 def mixed_batch(config):
