@@ -1,6 +1,6 @@
 """Reading bitsandbytes 4-bit checkpoints (the published CogVLM2 int4 copies) in plain PyTorch.
 
-bitsandbytes stores a 4-bit linear weight `W` as four state-dict entries (cogvlm2.md section 1):
+bitsandbytes stores a 4-bit linear weight `W` as four state-dict entries (docs/spec/cogvlm2.md section 1):
 `W` uint8, two 4-bit codes per byte over the flattened weight, the first value in the high
 nibble; `W.absmax` fp32, one scale per block of `blocksize` values; `W.quant_map` the 16 fp32
 code values (fp4 or nf4); `W.quant_state.bitsandbytes__<type>` the UTF-8 bytes of a JSON record

@@ -1,4 +1,4 @@
-"""Finding, reading, checking and writing CogVLM checkpoints (spec section 7).
+"""Finding, reading, checking and writing CogVLM checkpoints (docs/spec/cogvlm.md section 7).
 
 Two layouts are read: Hugging Face (config.json + sharded safetensors, or pytorch_model*.bin
 torch pickles, possibly bitsandbytes 4-bit as the CogVLM2 int4 copies) and the authors' SAT
@@ -143,7 +143,7 @@ def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0, world: int = 
     folder's `config`, read when not given, says how its QKV blocks are sized).
     Derived buffers are left out (recomputed), except the decoder's `rotary_emb.inv_freq` with
     `rope_buffers`: CogVLM2 rotates with the stored ones (v1 copies that hold them are read
-    without, cogvlm.md section 7)."""
+    without, docs/spec/cogvlm.md section 7)."""
     config = config or read_config(folder)
     if layout_of(folder) == "hf":
         groups = _iter_hf(folder, device, Split(config, rank, world))
@@ -291,7 +291,7 @@ _SAT_TO_HF = [
     ("mixins.eva.linear_proj.{name}.{w}", "model.vision.linear_proj.{name}.{w}"),
     ("mixins.eva.boi", "model.vision.boi"),
     ("mixins.eva.eoi", "model.vision.eoi"),
-    # CogAgent (cogagent.md section 12): a pure rename, no tensor is reshaped
+    # CogAgent (docs/spec/cogagent.md section 12): a pure rename, no tensor is reshaped
     ("transformer.layers.{i}.post_cross_attention_layernorm.weight",
      "model.layers.{i}.post_cross_attention_layernorm.weight"),
     ("transformer.layers.{i}.cross_attention.{name}.weight", "model.layers.{i}.cross_attn.{name}.weight"),

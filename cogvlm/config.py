@@ -22,7 +22,7 @@ DEFAULT_MODEL = "cogvlm-tiny"  # shipped inside the package: every surface works
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """EVA2-CLIP-E with its last layer dropped (spec section 2)."""
+    """EVA2-CLIP-E with its last layer dropped (docs/spec/cogvlm.md section 2)."""
 
     image_size: int = 490
     patch_size: int = 14
@@ -50,7 +50,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class CrossVisionConfig:
-    """CogAgent's high-resolution tower, EVA2-CLIP-L (cogagent.md section 7). Only the image size
+    """CogAgent's high-resolution tower, EVA2-CLIP-L (docs/spec/cogagent.md section 7). Only the image size
     is in the published configs; the rest is hard-coded in the authors' code, hence the defaults."""
 
     image_size: int = 1120
@@ -78,7 +78,7 @@ class CrossVisionConfig:
 
 @dataclass(frozen=True)
 class CogVLMConfig:
-    """The visual-expert LLaMA decoder plus its vision encoder (spec section 2).
+    """The visual-expert LLaMA decoder plus its vision encoder (docs/spec/cogvlm.md section 2).
 
     The defaults are CogVLM v1's (Vicuna-7B). CogVLM2 (Llama-3-8B) is the same model with
     options: grouped-query attention (`num_key_value_heads`), a bias on the vision expert's
@@ -100,7 +100,7 @@ class CogVLMConfig:
     # the authors' code does; v1 computes them in fp32 from rope_theta
     rope_freqs_in_weights: bool = False
     # text-only conversations get Vicuna's system frame (prompt.build_prompt, the v1 demos);
-    # CogVLM2's Llama-3 decoder keeps the template without an image too (cogvlm2.md section 6)
+    # CogVLM2's Llama-3 decoder keeps the template without an image too (docs/spec/cogvlm2.md section 6)
     vicuna_frame: bool = True
     max_position_embeddings: int = 2048
     bos_token_id: int = 1
@@ -219,7 +219,7 @@ LLAMA3_VOCAB = 128256  # a config with this vocabulary is a CogVLM2 (Llama-3 dec
 
 # config.json keys the published files may leave out, and their values: CogVLM2's come from the
 # defaults of the authors' config class and constants hard-coded in their code (cogvlm2.md
-# section 2), v1's from cogvlm.md section 2
+# section 2), v1's from docs/spec/cogvlm.md section 2
 _HF_DEFAULTS = {
     "v1": {"num_multi_query_heads": None, "vision_qkv_bias": False, "rope_theta": 10000.0,
            "rope_freqs_in_weights": False, "vicuna_frame": True, "max_position_embeddings": 2048, "bos_token_id": 1,
@@ -404,7 +404,7 @@ def wrong_value(d: Any, error: Exception, file: str) -> ConfigError:
 
 def _template_name(version: str, cogagent: bool = False) -> str:
     """Our template for the authors' `template_version`: they call the v1.1 chat template
-    `chat_old`, and CogAgent's `chat` is the ` [INST] ... [/INST] ` one (cogagent.md section 11)."""
+    `chat_old`, and CogAgent's `chat` is the ` [INST] ... [/INST] ` one (docs/spec/cogagent.md section 11)."""
     version = {**TEMPLATE_ALIASES, **({"chat": "inst"} if cogagent else {})}.get(version, version)
     if version not in TEMPLATES or (version == "inst" and not cogagent):
         raise ConfigError(f"unknown template version {version!r}; expected one of {TEMPLATES}")
@@ -469,11 +469,11 @@ def _published(image_size: int, template: str) -> CogVLMConfig:
 
 
 def _cogagent(template: str) -> CogVLMConfig:
-    """CogAgent-18B: CogVLM at 224 px plus the 1120 px cross-attention branch (cogagent.md section 3)."""
+    """CogAgent-18B: CogVLM at 224 px plus the 1120 px cross-attention branch (docs/spec/cogagent.md section 3)."""
     return CogVLMConfig(template=template, vision=VisionConfig(image_size=224), cross_vision=CrossVisionConfig())
 
 
-# CogVLM2-19B (cogvlm2.md section 2): the chat and Chinese models (and their int4 copies) share it
+# CogVLM2-19B (docs/spec/cogvlm2.md section 2): the chat and Chinese models (and their int4 copies) share it
 COGVLM2 = CogVLMConfig(
     vocab_size=LLAMA3_VOCAB, intermediate_size=14336, num_key_value_heads=8, vision_qkv_bias=True,
     rope_theta=500000.0, rope_freqs_in_weights=True, vicuna_frame=False, max_position_embeddings=8192,

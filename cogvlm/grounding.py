@@ -6,7 +6,7 @@ one phrase are separated by ";". The box belongs to the noun phrase just before 
 
 CogAgent's agent answers end in a line such as
 `Grounded Operation:[combobox] Search -> TYPE: CogVLM at the box [[212,498,787,564]]`
-(cogagent.md section 11): `parse_operations` reads those, and such a box is labelled with
+(docs/spec/cogagent.md section 11): `parse_operations` reads those, and such a box is labelled with
 its operation rather than with the words before it.
 """
 

@@ -1,4 +1,4 @@
-"""Image loading and CogVLM preprocessing (spec section 3), with PIL only: no torchvision."""
+"""Image loading and CogVLM preprocessing (docs/spec/cogvlm.md section 3), with PIL only: no torchvision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompt templates (spec section 5) and the token layout of a batch (spec section 4)."""
+"""Prompt templates (docs/spec/cogvlm.md section 5) and the token layout of a batch (docs/spec/cogvlm.md section 4)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def build_prompt(query: str, history: History = (), template: str = "chat", imag
     if not image:
         turns = "".join(f"USER: {q} ASSISTANT: {a}\n" for q, a in history)
         return _unicode(f"{VICUNA_SYSTEM} {turns}USER: {query} ASSISTANT:")
-    if template == "inst":  # CogAgent's chat (cogagent.md section 11)
+    if template == "inst":  # CogAgent's chat (docs/spec/cogagent.md section 11)
         turns = "".join(f" [INST] {q} [/INST] {a}" for q, a in history)
         return _unicode(f"{turns} [INST] {query} [/INST] ")
     answer_format = "Answer:" if template == "chat" else "Short answer:"
@@ -56,7 +56,7 @@ def _unicode(text: str) -> str:
 
 
 def agent_query(task: str, grounding: bool = True, sentence: str = "What steps do I need to take to <TASK>?") -> str:
-    """CogAgent's GUI-agent question (cogagent.md section 11): the task in double quotes in one of
+    """CogAgent's GUI-agent question (docs/spec/cogagent.md section 11): the task in double quotes in one of
     the authors' task sentences, and `(with grounding)` right after it (no space) for an answer
     that ends in a `Grounded Operation:` line with the element's box."""
     if "<TASK>" not in sentence:
@@ -76,7 +76,7 @@ class PromptTokens:
 
 def image_pixels(image: ImageInput | None, cfg: CogVLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The model's input pixels for one picture: (low-res, high-res or None). Both come from the
-    original picture (cogagent.md section 5). CogAgent refuses a conversation without an image."""
+    original picture (docs/spec/cogagent.md section 5). CogAgent refuses a conversation without an image."""
     if image is None:
         if cfg.cross_vision is not None:
             raise ImageRequiredError("CogAgent needs an image (a screenshot) for every conversation; "

@@ -75,7 +75,7 @@ def row_blocks(hf_name: str, config: CogVLMConfig) -> tuple[int, ...] | None:
     """The relative row counts of a 'qkv' tensor's blocks where they may differ: the decoder's
     fused QKV (both experts' weights, the vision expert's bias) is [q: num_heads | k:
     num_key_value_heads | v: num_key_value_heads] heads, unequal under grouped-query attention
-    (cogvlm2.md section 4). None for the rest: the ViT's q/k/v and CogAgent's k/v are equal."""
+    (docs/spec/cogvlm2.md section 4). None for the rest: the ViT's q/k/v and CogAgent's k/v are equal."""
     if ".self_attn." in hf_name and split_rule(hf_name) == "qkv":
         return config.num_heads, config.num_key_value_heads, config.num_key_value_heads
     return None

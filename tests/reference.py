@@ -23,7 +23,7 @@ L, V = "L", "V"
 def reference_prompt(query: str, history: list[tuple[str, str]], template: str) -> str:
     if template == "base":
         return query
-    if template == "inst":  # cogagent.md section 11: " [INST] q1 [/INST] a1 [INST] … [INST] {query} [/INST] "
+    if template == "inst":  # docs/spec/cogagent.md section 11: " [INST] q1 [/INST] a1 [INST] … [INST] {query} [/INST] "
         prompt = ""
         for q, a in history:
             prompt += " [INST] " + q + " [/INST] " + a
@@ -36,7 +36,7 @@ def reference_prompt(query: str, history: list[tuple[str, str]], template: str) 
 
 
 def reference_layout(text_ids: list[int], with_image: bool, num_patches: int, bos: int = 1, placeholder: int = 0):
-    """Token ids, token types and position ids of one conversation (spec section 4)."""
+    """Token ids, token types and position ids of one conversation (docs/spec/cogvlm.md section 4)."""
     n_img = num_patches + 2 if with_image else 0
     ids = [bos] + [placeholder] * n_img + list(text_ids)
     types = [L] + [V] * n_img + [L] * len(text_ids)
@@ -111,7 +111,7 @@ def reference_vision(sd, cfg, pixels):
 
 
 def reference_cross_vision(sd, cfg, pixels):
-    """cogagent.md section 7: EVA2-CLIP-L at high resolution → (N, width) features."""
+    """docs/spec/cogagent.md section 7: EVA2-CLIP-L at high resolution → (N, width) features."""
     w = {k: v.double() for k, v in sd.items()}
     cv = cfg.cross_vision
     pre = "model.cross_vision.vit.model."
@@ -208,7 +208,7 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
                                     causal=True)[0] for h in range(cfg.num_heads)])
         a = a.transpose(0, 1).reshape(n, -1)
         x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w[p + "self_attn.vision_expert_dense.weight"])
-        if cross:  # cogagent.md section 8: every token attends to all image features, no RoPE, no mask
+        if cross:  # docs/spec/cogagent.md section 8: every token attends to all image features, no RoPE, no mask
             h = _rms(x, w[p + "post_cross_attention_layernorm.weight"], cfg.rms_norm_eps)
             inner = w[p + "cross_attn.query.weight"].shape[0]
             cd = inner // cfg.num_heads

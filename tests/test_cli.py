@@ -39,5 +39,5 @@ def test_list_shows_sizes_from_the_real_configs_and_what_is_here(tmp_path):
     assert rows["cogvlm-chat-v1.1"][1:] == ["THUDM/cogvlm-chat-hf", "17.64", "B", "35.3", "GB", "490", "chat", "-"]
     assert rows["cogvlm-base-224"][-4:] == ["base", "cached", "(3", "MB)"]
     assert rows["cogvlm-tiny"][-1] == "shipped"
-    # 18,291,033,280 (cogagent.md section 4); both image sizes
+    # 18,291,033,280 (docs/spec/cogagent.md section 4); both image sizes
     assert rows["cogagent-chat"][1:] == ["THUDM/cogagent-chat-hf", "18.29", "B", "36.6", "GB", "224+1120", "inst", "-"]

@@ -145,7 +145,7 @@ def test_bf16_close_to_fp32(agent):
 
 
 def test_text_only_is_refused(agent):
-    """Neither of the authors' code paths runs CogAgent without an image (spec section 10)."""
+    """Neither of the authors' code paths runs CogAgent without an image (docs/spec/cogagent.md section 10)."""
     with pytest.raises(ImageRequiredError):
         layout_batch([PromptTokens(*pictures(1)[0][:1], [5], pictures(1)[0][1]), PromptTokens(None, [6])],
                      agent.config)
@@ -274,7 +274,7 @@ def test_api_refuses_text_only(agent_checkpoint):
 
 # ---- configuration ---------------------------------------------------------------------------
 
-PUBLISHED_HF = {  # cogagent-chat-hf's config.json keys (spec section 3)
+PUBLISHED_HF = {  # cogagent-chat-hf's config.json keys (docs/spec/cogagent.md section 3)
     "architectures": ["CogAgentForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
     "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000, "hidden_act": "silu",
     "rms_norm_eps": 1e-05, "max_position_embeddings": 2048, "tie_word_embeddings": False, "bos_token_id": 1,
@@ -284,7 +284,7 @@ PUBLISHED_HF = {  # cogagent-chat-hf's config.json keys (spec section 3)
                       "hidden_act": "gelu", "layer_norm_eps": 1e-6, "patch_size": 14, "in_channels": 3,
                       "image_size": 224, "num_positions": 257, "dropout_prob": 0.0},
 }
-PUBLISHED_SAT = {  # cogagent-chat's model_config.json (spec section 3)
+PUBLISHED_SAT = {  # cogagent-chat's model_config.json (docs/spec/cogagent.md section 3)
     "model_class": "CogAgentModel", "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
     "vocab_size": 32000, "inner_hidden_size": 11008, "use_bias": False, "layernorm_order": "pre",
     "max_sequence_length": 4096, "is_decoder": [True] * 32, "cross_attn_hidden_size": 1024,
@@ -309,7 +309,7 @@ def test_published_configs_read_as_the_registry_entry():
     assert from_hf_config(tiny.to_hf_dict()) == tiny
 
 
-# The CogAgent additions of spec section 12 (HF names), i over 32 decoder layers, j over 24 blocks.
+# The CogAgent additions of docs/spec/cogagent.md section 12 (HF names), i over 32 decoder layers, j over 24 blocks.
 SPEC_CROSS_LAYER = {
     "post_cross_attention_layernorm.weight": (4096,), "cross_attn.query.weight": (1024, 4096),
     "cross_attn.key_value.weight": (2048, 1024), "cross_attn.dense.weight": (4096, 1024),
@@ -351,7 +351,7 @@ def test_full_size_model_has_spec_names_shapes_and_count():
 # ---- checkpoints: HF and SAT (model-parallel) layouts ----------------------------------------------
 
 def cogagent_sat_name(hf: str) -> str:
-    """cogagent.md section 12, written out independently of cogvlm.checkpoint."""
+    """docs/spec/cogagent.md section 12, written out independently of cogvlm.checkpoint."""
     parts = hf.split(".")
     if hf.startswith("model.layers.") and parts[3] in ("cross_attn", "post_cross_attention_layernorm"):
         i = parts[2]

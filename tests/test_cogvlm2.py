@@ -136,7 +136,7 @@ def test_layers_storing_different_frequencies_are_refused(cogvlm2_model, tmp_pat
 
 # ---- the published 19B: names, shapes, parameters, config.json ----------------------------------
 
-SPEC_DECODER = {  # cogvlm2.md section 8, i over the 32 decoder layers
+SPEC_DECODER = {  # docs/spec/cogvlm2.md section 8, i over the 32 decoder layers
     "input_layernorm.weight": (4096,), "post_attention_layernorm.weight": (4096,),
     "self_attn.language_expert_query_key_value.weight": (6144, 4096),
     "self_attn.vision_expert_query_key_value.weight": (6144, 4096),
@@ -181,7 +181,7 @@ def test_full_size_model_has_spec_names_shapes_and_count(name):
     assert REGISTRY[name].config.image_tokens == 2306 and REGISTRY[name].config.max_position_embeddings == 8192
 
 
-# The published config.json's keys (cogvlm2.md section 2): no num_multi_query_heads, rope_theta,
+# The published config.json's keys (docs/spec/cogvlm2.md section 2): no num_multi_query_heads, rope_theta,
 # torch_dtype; those come from the authors' config class and code.
 PUBLISHED = {
     "architectures": ["CogVLMForCausalLM"], "bos_token_id": 128000, "eos_token_id": [128001, 128009],
@@ -271,7 +271,7 @@ def test_both_stop_ids_end_an_answer(cogvlm2_model, bpe_tokenizer_path, stop):
 
 # ---- bitsandbytes fp4 ---------------------------------------------------------------------------
 
-# bitsandbytes' fp4 code (cogvlm2.md section 1): 0, 1/192, 8/12, 1, 4/12, 6/12, 2/12, 3/12, then negated
+# bitsandbytes' fp4 code (docs/spec/cogvlm2.md section 1): 0, 1/192, 8/12, 1, 4/12, 6/12, 2/12, 3/12, then negated
 FP4 = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]) / 12
 BLOCK = 64
 

@@ -223,7 +223,7 @@ def test_draw_tiny_image_edge_boxes(mode: str) -> None:
     assert out.getpixel((0, 16)) == PALETTE[0]
 
 
-# ---- CogAgent's Grounded Operation lines (cogagent.md section 11) ------------------------------
+# ---- CogAgent's Grounded Operation lines (docs/spec/cogagent.md section 11) ------------------------------
 
 AGENT_ANSWER = (
     'Plan: 1. Click the search box. 2. Type "CogVLM". 3. Press enter.\n'

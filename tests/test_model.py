@@ -120,7 +120,7 @@ def test_layout_position_ids_and_expert_range():
     assert mixed.image_rows.tolist() == [0]
 
 
-# The parameter table of spec section 7, with i over 32 decoder and j over 63 vision layers.
+# The parameter table of docs/spec/cogvlm.md section 7, with i over 32 decoder and j over 63 vision layers.
 SPEC_DECODER = {
     "input_layernorm.weight": (4096,), "post_attention_layernorm.weight": (4096,),
     "self_attn.language_expert_query_key_value.weight": (12288, 4096),

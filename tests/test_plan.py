@@ -11,7 +11,7 @@ from cogvlm.model import KVCache
 from cogvlm.plan import kv_cache_bytes, weight_bytes
 
 REAL = REGISTRY["cogvlm-chat-v1.1"].config
-H, I, L, V = 4096, 11008, 32, 32000  # Vicuna-7B dims (spec section 2)
+H, I, L, V = 4096, 11008, 32, 32000  # Vicuna-7B dims (docs/spec/cogvlm.md section 2)
 VH, VI, VL = 1792, 15360, 63  # EVA2-CLIP-E, last layer dropped
 PATCHES = (490 // 14) ** 2
 

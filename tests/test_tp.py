@@ -124,7 +124,7 @@ def test_a_cuda_load_checks_the_split_once(tiny_checkpoint, monkeypatch):
 
 
 def gqa_slice(name: str, t: torch.Tensor, rank: int, world: int, config) -> torch.Tensor:
-    """Rank `rank`'s part under grouped-query attention, written out from cogvlm2.md section 4:
+    """Rank `rank`'s part under grouped-query attention, written out from docs/spec/cogvlm2.md section 4:
     the decoder's QKV rows are [q: H heads | k: H_kv | v: H_kv]; a rank takes its 1/N of each."""
     if ".self_attn." not in name or "query_key_value" not in name:
         return rank_slice(name, t, rank, world)

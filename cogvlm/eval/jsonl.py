@@ -1,6 +1,6 @@
 """Evaluation on a JSONL set in the training format (`cogvlm eval DATA.jsonl`; the published
 benchmarks are in the rest of `cogvlm.eval`): VQA accuracy, referring-expression Acc@0.5, caption
-object-set match (spec section 8 metric definitions).
+object-set match (docs/spec/cogvlm.md section 8 metric definitions).
 
 Each turn is scored by the task its prompt shows: the vqa template → VQA accuracy; a box-only
 reference answer → REC (IoU ≥ 0.5); an empty base query → caption object set; a grounded-caption

@@ -157,7 +157,7 @@ PixelBox = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
 
 def box_to_pixels(box, width: int, height: int) -> PixelBox:
-    """A 0-999 CogVLM box (thousandths of the image side, spec section 6) in image pixels."""
+    """A 0-999 CogVLM box (thousandths of the image side, docs/spec/cogvlm.md section 6) in image pixels."""
     return (box.x0 * width / 1000, box.y0 * height / 1000, box.x1 * width / 1000, box.y1 * height / 1000)
 
 
