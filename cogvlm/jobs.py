@@ -32,8 +32,13 @@ def read_journal(path: Path, what: str) -> tuple[list[dict[str, Any]], int]:
 
 
 def parse_jsonl(text: str, path: Path, what: str) -> list[dict[str, Any]]:
+    """One record per "\n"-ended line. Not `str.splitlines`: it also splits at U+2028, U+2029
+    and U+0085, which a file name or an item id may hold and `json.dumps(ensure_ascii=False)`
+    writes as they are."""
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
