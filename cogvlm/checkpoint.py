@@ -560,12 +560,40 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
 # ---------------------------------------------------------------------------------------------
 
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_destination(out_dir: str | Path, force: bool = False) -> None:
+    """Where `save_hf` may write: a new or empty folder, or, with `force`, a checkpoint folder
+    holding only files it writes, which is then replaced. Anything else is refused before any
+    work is done: `cogvlm convert cogvlm-tiny ~/models` must never delete the models in ~/models."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; give a new folder for the checkpoint")
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names:
+        return
+    foreign = [n for n in names if n not in (HF_CONFIG, HF_INDEX, *TOKENIZER_FILES) and not _SHARD_NAME.fullmatch(n)]
+    if foreign or HF_INDEX not in names:
+        shown = ", ".join(foreign[:3] or names[:3]) + (", ..." if len(foreign or names) > 3 else "")
+        raise CheckpointError(f"{out_dir} already holds files cogvlm did not write ({shown}); nothing was changed: "
+                              f"give a new or empty folder")
+    if not force:
+        raise CheckpointError(f"{out_dir} already holds a checkpoint; nothing was changed: give a new folder, or "
+                              f"--force (force=True) to replace it")
+
+
 def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str | Path,
             max_shard_bytes: int = 5 * 2**30, extra_files: tuple[Path, ...] = (),
-            quant: QuantConfig | None = None) -> Path:
+            quant: QuantConfig | None = None, force: bool = False) -> Path:
     """Write config.json, safetensors shards and the index atomically: a crash leaves no half
-    folder. A quantized state (`quant`) is recorded in config.json's "quantization"."""
+    folder. A quantized state (`quant`) is recorded in config.json's "quantization". The folder
+    must be new or empty, or (`force`) a checkpoint of ours, which is replaced
+    (`check_destination`)."""
     out_dir = Path(out_dir)
+    check_destination(out_dir, force)
     check_names(expected_shapes(config, quant), {k: tuple(v.shape) for k, v in state.items()}, "to save")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -593,8 +621,9 @@ def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str |
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
+        check_destination(out_dir, force)  # again: the folder may have changed while we wrote
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            shutil.rmtree(out_dir)  # empty, or only files save_hf writes
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -611,8 +640,9 @@ def _stored_dtype(state: dict[str, torch.Tensor]) -> str:
     return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
 
 
-def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30, force: bool = False) -> Path:
     """Any readable layout → Hugging Face layout, tensors bit-exact (dtype kept)."""
+    check_destination(dst, force)
     folder = resolve(src)
     config = read_config(folder)
     state: dict[str, torch.Tensor] = {}
@@ -622,14 +652,15 @@ def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30) 
         state.update(group)
     report_weights(bad, str(folder))
     extra = tuple(p for p in [tokenizer_file(folder)] if p is not None)
-    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra)
+    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra, force=force)
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig, device: str | torch.device = "cpu",
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
+                        max_shard_bytes: int = 5 * 2**30, force: bool = False) -> Path:
     """Any readable float checkpoint → a quantized Hugging Face-layout one (packed weights in the
     device-neutral layout + scales; the other tensors in bf16, the dtype quantized models run
     in), quantizing each weight on `device` as it streams in. Holds the quantized model only."""
+    check_destination(dst, force)
     folder = resolve(src)
     config = read_config(folder)
     if read_quant(folder) is not None:
@@ -647,4 +678,4 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig, de
             else:
                 state[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
     extra = tuple(p for p in [tokenizer_file(folder)] if p is not None)
-    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra, quant=quant)
+    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra, quant=quant, force=force)

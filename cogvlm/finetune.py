@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import load_weights, read_config, resolve, save_hf
+from .checkpoint import check_destination, load_weights, read_config, resolve, save_hf
 from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
 from .errors import TrainingError
@@ -224,8 +224,10 @@ def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$"))
 
 
-def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
+               force: bool = False) -> Path:
     """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
+    check_destination(out, force)
     peft = _peft()
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -242,7 +244,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: to
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
     extra = tuple(p for p in [tokenizer_file(folder), tokenizer_file(Path(adapter))] if p is not None)[:1]
-    return save_hf(state, merged.config, out, extra_files=extra)
+    return save_hf(state, merged.config, out, extra_files=extra, force=force)
 
 
 # ---------------------------------------------------------------------------------------------

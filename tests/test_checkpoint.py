@@ -217,6 +217,35 @@ def test_convert_command(tiny_model, tmp_path):
     assert "cogvlm convert: error: unknown model" in bad.stderr
 
 
+def test_convert_never_touches_a_folder_it_did_not_write(tiny_model, tmp_path):
+    """`cogvlm convert SRC ~/models` once erased everything in ~/models: a destination holding
+    anything else is refused before any work; a checkpoint of ours is replaced only with --force;
+    an empty folder is fine."""
+    src = save_hf(tiny_model.state_dict(), tiny_model.config, tmp_path / "src")
+    models = tmp_path / "models"
+    (models / "other-model").mkdir(parents=True)
+    (models / "other-model" / "weights.bin").write_bytes(b"precious")
+    (models / "notes.txt").write_text("mine")
+    run = [sys.executable, "-m", "cogvlm", "convert", str(src)]
+    out = subprocess.run(run + [str(models)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "holds files cogvlm did not write (notes.txt, other-model)" in out.stderr
+    forced = subprocess.run(run + [str(models), "--force"], capture_output=True, text=True)
+    assert forced.returncode == 2 and "did not write" in forced.stderr
+    assert (models / "other-model" / "weights.bin").read_bytes() == b"precious"
+    assert (models / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "src"]  # no temporary folder left
+
+    (tmp_path / "empty").mkdir()
+    assert subprocess.run(run + [str(tmp_path / "empty")], capture_output=True).returncode == 0
+    again = subprocess.run(run + [str(tmp_path / "empty")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr and "--force" in again.stderr
+    assert subprocess.run(run + [str(tmp_path / "empty"), "--force"], capture_output=True).returncode == 0
+    same_weights(load_model(tmp_path / "empty")[0], tiny_model)
+    with pytest.raises(CheckpointError, match="did not write"):  # the API refuses too
+        save_hf(tiny_model.state_dict(), tiny_model.config, models, force=True)
+
+
 def test_loaded_weights_do_not_depend_on_the_file(tiny_model, tmp_path):
     """fp32 weights stored as fp32 are copied on load: rewriting the checkpoint in place (as an
     update under a running server would) leaves the loaded model as it was."""

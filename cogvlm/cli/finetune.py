@@ -47,7 +47,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     from ..finetune import merge_lora
 
-    print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
+    print(f"wrote {merge_lora(args.base, args.adapter, args.out, force=args.force)}")
     return 0
 
 
@@ -88,5 +88,8 @@ def add_finetune_verbs(verbs: Any) -> None:
                          description="Base checkpoint + LoRA adapter folder (from finetune --lora) -> one Hugging Face-layout checkpoint.")
     p.add_argument("base", help="base checkpoint folder, registry name or hub id")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder: new or empty (written atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything else "
+                        "is never touched)")
     p.set_defaults(func=cmd_merge_lora)

@@ -31,7 +31,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError("say how many bits: --quant 4 or --quant 8")
     quant = QuantConfig(args.quant, args.group_size, args.quant_vision)
     out = quantize_checkpoint(args.src, args.dst, quant, device=args.device or "cpu",
-                              max_shard_bytes=int(args.shard_gb * 2**30))
+                              max_shard_bytes=int(args.shard_gb * 2**30), force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -45,10 +45,13 @@ def add_quantize_verb(verbs: Any) -> None:
                                      "loads it directly (CPU or CUDA) with no re-quantization. "
                                      "See docs/quantization.md.")
     p.add_argument("src", help="float checkpoint folder (SAT or Hugging Face layout), registry name or hub id")
-    p.add_argument("dst", help="output folder (replaced atomically if it exists)")
+    p.add_argument("dst", help="output folder: new or empty (written atomically)")
     add_quant_flags(p)
     p.add_argument("--bits", type=int, choices=(4, 8), help=argparse.SUPPRESS)
     p.add_argument("--vision-bits", type=int, choices=(8,), help=argparse.SUPPRESS)
     p.add_argument("--device", help="where to compute the quantization (default cpu); the file loads on any device")
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything else "
+                        "is never touched)")
     p.set_defaults(func=cmd_quantize)
