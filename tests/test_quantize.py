@@ -18,6 +18,9 @@ from cogvlm.quantize import (GROUP_SIZES, PLAIN_ROWS, Int4Linear, Int8Linear, Pa
 
 needs_onednn = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
                                   reason="this torch build has no oneDNN")
+# oneDNN packs bf16 weights only on CPUs with AVX-512 (BW/VL/DQ); can_prepack says no elsewhere
+needs_bf16_packing = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.bfloat16),
+                                        reason="oneDNN's bf16 packing needs AVX-512, which this CPU lacks")
 
 
 # Bounds from the formats: int8 rounds each weight to the nearest of 255 levels spaced
@@ -170,7 +173,8 @@ def test_quantized_model_logits_drift_within_bounds(bits, rms_bound, max_bound):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5),
+                                        pytest.param(torch.bfloat16, 0.02, marks=needs_bf16_packing)])
 def test_prepacked_model_gives_the_same_logits(tiny_model, dtype, tol):
     # Same weights, only the memory layout and the kernels' summation order change: fp32 logits
     # agree to float rounding; bf16 to a few bf16 steps of the logits' scale.
@@ -208,6 +212,15 @@ def test_packed_linear_sends_one_row_and_long_inputs_to_the_plain_weight_in_fp32
         long = torch.randn(1, PLAIN_ROWS + 3, 1024, generator=g)
         assert torch.equal(PackedLinear(wide)(long), F.linear(long, wide))
         assert packed.plain_weight.data_ptr() == linear.weight.data_ptr()  # shared, not copied
+
+
+@needs_bf16_packing
+def test_packed_linear_keeps_only_the_packed_weight_in_bf16():
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=g))
+        one = torch.randn(1, 96, generator=g)
         bf16 = PackedLinear(linear.weight.bfloat16())
         assert bf16.plain_weight is None  # bf16: the packed kernel is the faster one, kept alone
         assert torch.allclose(bf16(one.bfloat16()).float(), linear(one) - linear.bias, atol=0.05, rtol=0.02)
