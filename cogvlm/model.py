@@ -433,11 +433,7 @@ class KVCache:
         self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self._valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        if bucketed and torch.device(device).type == "cuda":
-            # CUDA graphs read and write these in place: no copy into graph-owned inputs per
-            # step, and a new cache re-records the graphs instead of recompiling them
-            for t in (*self._k, *self._v, self._valid, self.slot):
-                torch._dynamo.mark_static_address(t, guard=False)
+        self._static([self.slot])
         self.length = 0  # slots filled so far (same for every row)
         self.padded = False  # True once any invalid slot lies before `length`
         self.starts = [0] * batch
@@ -468,8 +464,18 @@ class KVCache:
         """k, v and valid of the first `rows` buffer rows (a bucket: the live rows and idle ones
         after them), made once per batch composition, not per step."""
         if rows not in self._step_views:
-            self._step_views[rows] = ([t[:rows] for t in self._k], [t[:rows] for t in self._v], self._valid[:rows])
+            k, v, valid = [t[:rows] for t in self._k], [t[:rows] for t in self._v], self._valid[:rows]
+            self._static([*k, *v, valid])
+            self._step_views[rows] = k, v, valid
         return self._step_views[rows]
+
+    def _static(self, tensors: list[torch.Tensor]) -> None:
+        """Bucketed on CUDA: the graphs read and write these tensors (the very objects the step is
+        given) in place, with no copy into graph-owned inputs per step; a new cache re-records
+        the graphs rather than recompiling them (no guard on the address)."""
+        if self.bucketed and tensors[0].device.type == "cuda":
+            for t in tensors:
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def rewind(self, length: int) -> None:
         """Keep only the first `length` slots: later ones become free (and invalid) again, so
