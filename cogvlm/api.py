@@ -81,9 +81,10 @@ class CogVLM:
         linear weights in oneDNN's layout, which makes batched CPU decoding up to ~2x faster
         (in fp32 it keeps the plain weights too, for batch 1: see `PackedLinear`); turn it off
         to keep one copy of fp32 weights, or to change or save them after loading. `compile` runs
-        each decode step through torch.compile (it packs the weights itself for batches, so it
-        replaces `prepack`): the fastest decoding, after some seconds of compiling, at the cost
-        of a packed copy of the language weights per frozen graph (see `compile_decode`).
+        each decode step through torch.compile (see `compile_decode`): on CUDA as CUDA graphs,
+        one per batch and window bucket, in static KV buffers; on CPU it packs the weights
+        itself for batches, so it replaces `prepack`: the fastest decoding, after some seconds of
+        compiling, at the cost of a packed copy of the language weights per frozen graph.
         `tp=N` splits the model over N processes (`cogvlm.tp`: N GPUs, or N CPU processes) that
         this call starts; under `torchrun` the default is its world size, and ranks > 0 serve
         rank 0 inside this call until it closes (`close()`, or at exit), then exit.

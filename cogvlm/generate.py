@@ -112,31 +112,69 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A few host values on `device` without waiting for it: a plain host-to-device copy on CUDA
+    synchronizes the stream, one from pinned memory with `non_blocking` does not."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+class Sampler:
+    """Samples one token per row for one batch composition (its rows' parameters, in order).
+
+    The per-row tensors (penalty, temperature, top-k, top-p, which rows sample) are built once
+    when rows join or leave, not at every step, and everything a step decides on the host
+    (whether any row penalizes repeats, which rows sample) is known from the parameters: a step
+    makes no host-to-device copy and no host sync. Each seeded row draws from its own generator
+    (one `multinomial` each: a seed gives the same tokens alone or batched); unseeded rows draw
+    together, from torch's default generator."""
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 device: torch.device) -> None:
+        device = torch.device(device)
+        self.penalty = None
+        if any(p.repetition_penalty != 1 for p in params):
+            self.penalty = _on(device, [[p.repetition_penalty] for p in params], torch.float32)
+        random = [i for i, p in enumerate(params) if not p.greedy]
+        self.any_random = bool(random)
+        if not random:
+            return
+        sub = [params[i] for i in random]
+        self.rows = _on(device, random)
+        self.temperature = _on(device, [[p.temperature] for p in sub], torch.float32)
+        self.top_k = _on(device, [[p.top_k or MAX_TOP_K + 1] for p in sub])  # 0: past any vocabulary
+        self.top_p = _on(device, [[p.top_p] for p in sub], torch.float32)
+        self.seeded = [(j, generators[i]) for j, i in enumerate(random) if generators[i] is not None]
+        unseeded = [j for j, i in enumerate(random) if generators[i] is None]
+        self.unseeded = _on(device, unseeded) if unseeded else None
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 logits and the (B, V) tokens each row has seen → (B,) tokens."""
+        if self.penalty is not None:
+            penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(seen, penalized, logits)
+        tokens = logits.argmax(-1)
+        if not self.any_random:
+            return tokens
+        x = logits.index_select(0, self.rows) / self.temperature
+        x, order = x.sort(dim=-1, descending=True)
+        rank = torch.arange(x.shape[-1], device=x.device)[None]
+        x = x.masked_fill(rank >= self.top_k, float("-inf"))
+        probs = x.softmax(-1)
+        beyond_p = probs.cumsum(-1) - probs >= self.top_p
+        probs = x.masked_fill(beyond_p, float("-inf")).softmax(-1)
+        picks = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)
+        for j, generator in self.seeded:
+            picks[j] = torch.multinomial(probs[j], 1, generator=generator)
+        if self.unseeded is not None:
+            picks.index_copy_(0, self.unseeded, torch.multinomial(probs.index_select(0, self.unseeded), 1))
+        return tokens.index_copy(0, self.rows, order.gather(1, picks)[:, 0])
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor,
            generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row from (B, V) float32 logits, each row with its own parameters."""
-    device = logits.device
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if (penalty != 1).any():
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalized, logits)
-    tokens = logits.argmax(-1)
-    random_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not random_rows:
-        return tokens
-    sub = [params[i] for i in random_rows]
-    x = logits[random_rows] / torch.tensor([p.temperature for p in sub], device=device)[:, None]
-    x, order = x.sort(dim=-1, descending=True)
-    rank = torch.arange(x.shape[-1], device=device)[None]
-    top_k = torch.tensor([p.top_k or x.shape[-1] for p in sub], device=device)[:, None]
-    x = x.masked_fill(rank >= top_k, float("-inf"))
-    probs = x.softmax(-1)
-    beyond_p = probs.cumsum(-1) - probs >= torch.tensor([p.top_p for p in sub], device=device)[:, None]
-    probs = x.masked_fill(beyond_p, float("-inf")).softmax(-1)
-    for j, row in enumerate(random_rows):
-        pick = torch.multinomial(probs[j], 1, generator=generators[row])
-        tokens[row] = order[j, pick[0]]
-    return tokens
+    return Sampler(params, generators, logits.device)(logits, seen)
 
 
 # What "strip surrounding white space" (spec section 5) strips: ASCII white space only. A bare
@@ -249,6 +287,7 @@ class BatchDecoder:
         self.generators = [None if p.seed is None else torch.Generator(model.device).manual_seed(p.seed)
                            for p in params]
         self._last: torch.Tensor | None = None  # tokens sampled at the previous step, not fed yet
+        self._sampler: Sampler | None = None  # the active rows' sampling, rebuilt when they change
         self._ending: set[int] = set()
         self._joining: list[tuple[BatchDecoder, int]] = []
 
@@ -283,6 +322,7 @@ class BatchDecoder:
             self.next_positions = torch.cat([self.next_positions, other.next_positions])
             self.active += rows
         self._joining = []
+        self._sampler = None
 
     @property
     def ending(self) -> list[int]:
@@ -311,7 +351,9 @@ class BatchDecoder:
         generators = [self.generators[r] for r in self.active]
         states = [None if g is None else g.get_state() for g in generators]  # ~5 kB each: cheap
         try:
-            tokens = sample(self.logits, params, self.seen, generators)
+            if self._sampler is None:
+                self._sampler = Sampler(params, generators, self.logits.device)
+            tokens = self._sampler(self.logits, self.seen)
         except Exception:  # one row's trouble must not end the others: find it by sampling alone
             for g, state in zip(generators, states):
                 if g is not None:  # rows sampled before the failure drew from their generators
@@ -320,7 +362,7 @@ class BatchDecoder:
         self.seen.scatter_(1, tokens[:, None], True)
         out = {}
         stops = self.model.config.stop_ids  # eos, and CogVLM2's <|eot_id|>
-        for row, tok in zip(self.active, tokens.tolist()):
+        for row, tok in zip(self.active, tokens.tolist()):  # the step's one host sync
             if row in self.failed:
                 continue
             if tok in stops:
@@ -353,10 +395,11 @@ class BatchDecoder:
             keep = [i for i, r in enumerate(self.active) if r not in self._ending]
             self.active = [self.active[i] for i in keep]
             self._ending.clear()
+            self._sampler = None
             if not keep:
                 return
-            idx = torch.tensor(keep, device=self.model.device)
-            self.cache.keep_rows(idx)
+            self.cache.keep_rows(keep)  # in place, from the host's list
+            idx = _on(self.model.device, keep)
             tokens, self.seen = tokens[idx], self.seen[idx]
             self.next_positions = self.next_positions[idx]
         self.logits = self.model.decode_step(tokens, self.next_positions, self.cache)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -357,26 +358,51 @@ def split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, rope: tuple[torch.Te
     return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
 
 
-def grouped(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """`attend(q, k, v, mask)` for grouped-query attention: query head h reads KV head h // G
-    (G = H / H_kv). The G query heads of a group are folded into the query axis, which is
-    exact because query rows are independent, so any attention kernel runs it without copying
-    K and V G times. q (B, H, N, hd), k and v (B, H_kv, T, hd), mask (B, 1, N, T) or None."""
-    b, h, n, d = q.shape
-    g = h // k.shape[1]
-    if g == 1:
-        return attend(q, k, v, mask)
-    if mask is not None:
-        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * n, mask.shape[-1])
-    return attend(q.reshape(b, h // g, g * n, d), k, v, mask).reshape(b, h, n, d)
-
-
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    """Prefill attention. No mask means no padding and no cached prefix (see `_mask`), so several
+    queries take `is_causal`, which lets SDPA pick FlashAttention on CUDA instead of reading a
+    materialized bias; one query attends to every slot before it. Grouped-query attention
+    (CogVLM2) goes to SDPA's own `enable_gqa`: no copy of K, V or the mask per group."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[-2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
-DECODE_WINDOW = 64  # decode attention reads the cache in multiples of this many slots
+DECODE_WINDOW = 64  # the smallest cache window a decode step attends over, in slots
+
+
+def decode_window(slots: int, capacity: int) -> int:
+    """The cache slots a decode step attends over when `slots` are in use (its own included): the
+    smallest power of two >= `slots`, at least DECODE_WINDOW, at most `capacity`. Slots past the
+    last used one are never valid, so the window changes no result; powers of two keep the
+    compiled graphs per cache few (one per doubling) while reading at most twice the used slots."""
+    window = DECODE_WINDOW
+    while window < slots:
+        window *= 2
+    return min(window, capacity)
+
+
+def row_bucket(rows: int) -> int:
+    """The batch size a bucketed decode step runs `rows` rows at: 1, 2, 4, 8, then multiples of 8
+    (vLLM's CUDA-graph batch sizes): few graphs, and at most 7 idle rows past 8."""
+    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
+
+
+def _move_slots(t: torch.Tensor, dim: int, src: int, dst: int, n: int) -> None:
+    """`t`'s slots [src, src+n) along `dim` to [dst, dst+n), in place; the ranges may overlap.
+    `copy_` refuses overlapping memory, so an overlapping move goes in pieces of |src-dst| slots
+    (never more than 4), or else through a copy of the n slots of this one tensor."""
+    gap = abs(src - dst)
+    if gap == 0 or n == 0:
+        return
+    if gap >= n:
+        t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n))
+    elif n > 4 * gap:
+        t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n).clone())
+    else:  # leftwards from the front, rightwards from the back: no piece reads what one wrote
+        offsets = range(0, n, gap) if dst < src else reversed(range(0, n, gap))
+        for o in offsets:
+            c = min(gap, n - o)
+            t.narrow(dim, dst + o, c).copy_(t.narrow(dim, src + o, c))
 
 
 class KVCache:
@@ -384,19 +410,43 @@ class KVCache:
 
     `valid` marks slots that hold real tokens (False for padding), so attention never needs
     the caller's mask again after the token was written.
+
+    The buffers may hold more rows than the batch: `k`, `v` and `valid` are views of the first
+    `batch_size` rows. Rows that leave are compacted down inside the buffers (`keep_rows`) and
+    rows that join fill free rows (`concat`), so a batch whose rows change keeps its buffers and
+    their addresses (what CUDA graphs captured on them read) and never holds a second copy.
+    `bucketed` (a model compiled for CUDA graphs, see `compile_decode`): `row_bucket(batch)` rows
+    and a power-of-two `max_len`, the static shapes the decode step's graphs are captured at.
+    `slot` is the device tensor that tells the step which slot to write, set without a
+    host-to-device copy; `starts` (host side) is each row's first used slot, so dropping rows
+    finds the slots nobody uses without reading `valid` back.
     """
 
     def __init__(self, batch: int, max_len: int, cfg: CogVLMConfig, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # GQA: only the KV heads
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+                 device: torch.device | str, bucketed: bool = False) -> None:
+        rows = row_bucket(batch) if bucketed else batch
+        if bucketed:
+            max_len = max(DECODE_WINDOW, 1 << (max_len - 1).bit_length())
+        shape = (rows, cfg.num_key_value_heads, max_len, cfg.head_dim)  # GQA: only the KV heads
+        self.bucketed = bucketed
+        self._k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self._valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self._static([self.slot])
         self.length = 0  # slots filled so far (same for every row)
         self.padded = False  # True once any invalid slot lies before `length`
+        self.starts = [0] * batch
         # CogAgent: per layer the cross-attention k, v of each row's image, set at the prefill
         # that brings the image; they never grow with the text
         self.cross: list[CrossKV] | None = None
+        self._use_rows(batch)
+
+    def _use_rows(self, rows: int) -> None:
+        self.k = [t[:rows] for t in self._k]
+        self.v = [t[:rows] for t in self._v]
+        self.valid = self._valid[:rows]
+        self._step_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
 
     @property
     def max_len(self) -> int:
@@ -406,62 +456,145 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
+    @property
+    def row_capacity(self) -> int:
+        return self._valid.shape[0]
+
+    def step_views(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """k, v and valid of the first `rows` buffer rows (a bucket: the live rows and idle ones
+        after them), made once per batch composition, not per step."""
+        if rows not in self._step_views:
+            k, v, valid = [t[:rows] for t in self._k], [t[:rows] for t in self._v], self._valid[:rows]
+            self._static([*k, *v, valid])
+            self._step_views[rows] = k, v, valid
+        return self._step_views[rows]
+
+    def _static(self, tensors: list[torch.Tensor]) -> None:
+        """Bucketed on CUDA: the graphs read and write these tensors (the very objects the step is
+        given) in place, with no copy into graph-owned inputs per step; a new cache re-records
+        the graphs rather than recompiling them (no guard on the address)."""
+        if self.bucketed and tensors[0].device.type == "cuda":
+            for t in tensors:
+                torch._dynamo.mark_static_address(t, guard=False)
+
     def rewind(self, length: int) -> None:
         """Keep only the first `length` slots: later ones become free (and invalid) again, so
         attention over the cache never needs to know where its end was before."""
         self.valid[:, length:] = False
         self.length = length
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows so they stop costing work, and the leading slots no kept row uses
-        (rows that joined later sit right-aligned behind the ones that left): a batch that keeps
-        admitting rows, as a busy server's does, would otherwise grow by a slot every step."""
-        valid = self.valid.index_select(0, rows)
-        used = valid[:, :self.length].any(0).nonzero()
-        start = int(used[0]) if len(used) else self.length
-        self.k = [t[:, :, start:].index_select(0, rows) for t in self.k]
-        self.v = [t[:, :, start:].index_select(0, rows) for t in self.v]
-        self.valid = valid[:, start:].contiguous()
-        self.length -= start
+    def keep_rows(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep only `rows` (indices, in this order) so finished rows stop costing work, in place:
+        kept rows move down into the freed ones, inside the same buffers (no second cache, no
+        host sync: the host knows the rows). The leading slots no kept row uses (rows that
+        joined later sit right-aligned behind the ones that left) are dropped too, once they
+        are a quarter of the used slots: a batch that keeps admitting rows, as a busy server's
+        does, would otherwise grow by a slot every step; waiting for a quarter keeps each
+        overlapping move to at most four copies (`_move_slots`)."""
+        keep = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        start = min((self.starts[r] for r in keep), default=self.length)
+        if 4 * start < self.length:
+            start = 0
+        n = self.length - start
+        if keep != sorted(set(keep)):  # a reordering (the decoder never asks for one): gathered
+            self._gather_rows(keep, start)
+        else:
+            still = next((j for j, r in enumerate(keep) if r != j), len(keep))  # rows that stay put
+            for buf in (*self._k, *self._v, self._valid):
+                dim = 2 if buf.ndim == 4 else 1  # the slot axis
+                _move_slots(buf[:still], dim, start, 0, n)
+                for j in range(still, len(keep)):  # j < keep[j]: row j's old data is gone or moved
+                    buf[j].narrow(dim - 1, 0, n).copy_(buf[keep[j]].narrow(dim - 1, start, n))
+            for t in [t for kv in self.cross or () for t in kv]:
+                for j in range(still, len(keep)):
+                    t[j].copy_(t[keep[j]])
+            if self.cross is not None:
+                self.cross = [(k[:len(keep)], v[:len(keep)]) for k, v in self.cross]
+        self._valid[:len(keep), n:] = False
+        self.starts = [self.starts[r] - start for r in keep]
+        self.length = n
+        self._use_rows(len(keep))
+
+    def _gather_rows(self, keep: list[int], start: int) -> None:
+        """`keep_rows` for any order of rows: each buffer gathered through a copy of its kept part."""
+        idx = torch.tensor(keep, device=self._valid.device)
+        n = self.length - start
+        for buf in (*self._k, *self._v):
+            buf[:len(keep), :, :n] = buf.index_select(0, idx)[:, :, start:self.length]
+        self._valid[:len(keep), :n] = self._valid.index_select(0, idx)[:, start:self.length]
         if self.cross is not None:
-            self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
+            self.cross = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.cross]
 
     @staticmethod
     def concat(a: KVCache, b: KVCache, capacity: int) -> KVCache:
         """Stack two caches' rows, right-aligned at the longer one's length (the shorter one is
-        left-padded with invalid slots), with `capacity` slots per row."""
-        length = max(a.length, b.length)
-        out = KVCache.__new__(KVCache)
-        out.k, out.v = [], []
-        for src_a, src_b, dst in ((a.k, b.k, out.k), (a.v, b.v, out.v)):
-            for ta, tb in zip(src_a, src_b):
-                t = ta.new_zeros(ta.shape[0] + tb.shape[0], ta.shape[1], capacity, ta.shape[3])
-                t[:ta.shape[0], :, length - a.length:length] = ta[:, :, :a.length]
-                t[ta.shape[0]:, :, length - b.length:length] = tb[:, :, :b.length]
-                dst.append(t)
-        out.valid = a.valid.new_zeros(a.batch_size + b.batch_size, capacity)
-        out.valid[:a.batch_size, length - a.length:length] = a.valid[:, :a.length]
-        out.valid[a.batch_size:, length - b.length:length] = b.valid[:, :b.length]
-        out.length = length
-        out.padded = a.padded or b.padded or a.length != b.length
+        left-padded with invalid slots), with at least `capacity` slots per row. `a` (the running
+        batch) is consumed: its buffers become the result's.
+
+        When `a`'s buffers have room for `b`'s rows and `capacity` slots, `b` is written into
+        its free rows in place (and `a`'s rows move right if `b` is longer): the only memory
+        taken is `b`'s own cache, which the caller drops after. Otherwise new buffers are
+        allocated one layer at a time, each of `a`'s layers freed as soon as it is copied, so
+        at any moment there is the new cache and one old layer, not two whole caches."""
         if (a.cross is None) != (b.cross is None):
             raise ValueError("cannot batch a row with cross-attention image features with one without")
+        length = max(a.length, b.length)
+        ra, rb = a.batch_size, b.batch_size
+        in_place = a.row_capacity >= ra + rb and a._valid.shape[1] >= capacity
+        out = KVCache.__new__(KVCache)
+        out.bucketed, out.slot = a.bucketed, a.slot
+        if in_place:
+            out._valid = a._valid
+            _move_slots(out._valid[:ra], 1, 0, length - a.length, a.length)
+            out._valid[:ra, :length - a.length] = False
+            out._valid[ra:ra + rb] = False
+        else:
+            rows = row_bucket(ra + rb) if a.bucketed else ra + rb
+            slots = max(DECODE_WINDOW, 1 << (capacity - 1).bit_length()) if a.bucketed else capacity
+            out._valid = a._valid.new_zeros(rows, slots)
+            out._valid[:ra, length - a.length:length] = a._valid[:ra, :a.length]
+        out._valid[ra:ra + rb, length - b.length:length] = b.valid[:, :b.length]
+        old_k, old_v = a._k, a._v
+        a._k = a._v = a.k = a.v = []  # a's every reference to its layers: each is freed once moved
+        a._step_views = {}
+        out._k, out._v = [], []
+        for old_list, b_list, new_list in ((old_k, b.k, out._k), (old_v, b.v, out._v)):
+            for i, tb in enumerate(b_list):
+                if in_place:
+                    t = old_list[i]
+                    _move_slots(t[:ra], 2, 0, length - a.length, a.length)
+                else:
+                    old = old_list[i]
+                    t = old.new_zeros(out._valid.shape[0], old.shape[1], out._valid.shape[1], old.shape[3])
+                    t[:ra, :, length - a.length:length] = old[:ra, :, :a.length]
+                    old_list[i] = old = None
+                t[ra:ra + rb, :, length - b.length:length] = tb[:, :, :b.length]
+                new_list.append(t)
+        out.length = length
+        out.padded = a.padded or b.padded or a.length != b.length
+        out.starts = [s + length - a.length for s in a.starts] + [s + length - b.length for s in b.starts]
         out.cross = None if a.cross is None else [
             (torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.cross, b.cross)]
+        out._use_rows(ra + rb)
         return out
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention for one query per row. SDPA, except on CPU in bf16/fp16 or inside torch.compile,
-    where the same math as plain matmuls is faster: SDPA's CPU kernel is 2-4x slower in bf16 for a
-    single query (measured, 16 heads x 128 slots), and compiled, inductor fuses the plain math
-    into the step (fp32 decoding +3-7% tok/s at batch 1, +24% at batch 8, measured side by side).
-    The math runs in fp32, as SDPA accumulates, so the results agree to the output rounding."""
+    """Attention for one query per row: q (B, H, 1, hd), k and v (B, H_kv, T, hd), mask
+    (B, 1, 1, T). SDPA (its own grouped-query attention), except on CPU in bf16/fp16 or inside
+    torch.compile, where the same math as plain matmuls is faster: SDPA's CPU kernel is 2-4x
+    slower in bf16 for a single query (measured, 16 heads x 128 slots), and compiled, inductor
+    fuses the plain math into the step (fp32 decoding +3-7% tok/s at batch 1, +24% at batch 8,
+    measured side by side). There the G = H / H_kv query heads of a group are the G queries of
+    their KV head, exact as query rows are independent: no copy of K, V or the mask. The math
+    runs in fp32, as SDPA accumulates, so the results agree to the output rounding."""
     if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.compiler.is_compiling()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    b, h, _, d = q.shape
+    groups = q.float().reshape(b, k.shape[1], h // k.shape[1], d)
+    scores = (groups @ k.float().transpose(-1, -2)) * d ** -0.5
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.float()).to(q.dtype).reshape(b, h, 1, d)
 
 
 class RotaryFrequencies(nn.Module):
@@ -497,7 +630,7 @@ class VisionExpertAttention(nn.Module):
             cache.k[layer][:, :, start:end] = k
             cache.v[layer][:, :, start:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        out = grouped(sdpa, q, k, v, mask)
+        out = sdpa(q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return routed(out, self.language_expert_dense, self.vision_expert_dense, span)
 
@@ -509,7 +642,7 @@ class VisionExpertAttention(nn.Module):
                             rope)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v)
-        out = grouped(attend_one, q, k_cache, v_cache, mask)
+        out = attend_one(q, k_cache, v_cache, mask)
         return self.language_expert_dense(out.reshape(x.shape[0], -1))  # (local heads under tensor parallelism)
 
 
@@ -605,6 +738,7 @@ class CogVLMModel(nn.Module):
 
 
 GRAPHS_PER_MODEL = 4  # compiled decode graphs: batch 1 and batches, each with a short and a full window
+BUCKET_GRAPHS_PER_MODEL = 128  # graphs of the bucketed step: row buckets x windows x cache lengths met
 _COMPILED_MODELS = itertools.count(1)
 
 
@@ -616,6 +750,7 @@ class CogVLMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", self.rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        self.decode_buckets = False  # set by compile_decode(graphs=True): caches and steps in static shapes
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -638,7 +773,7 @@ class CogVLMForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(batch, max_len, self.config, self.dtype, self.device)
+        return KVCache(batch, max_len, self.config, self.dtype, self.device, bucketed=self.decode_buckets)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels → (B, P+2, hidden) embeddings, in the model's dtype."""
@@ -679,8 +814,10 @@ class CogVLMForCausalLM(nn.Module):
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _mask(self, chunk: Chunk, cache: KVCache | None) -> torch.Tensor | None:
-        """Boolean (B, 1, N, T) mask: causal over real tokens. Each query also sees itself, so
-        padding positions stay finite (their outputs are never used)."""
+        """Boolean (B, 1, N, T) mask: causal over real tokens, built once for all layers. Each
+        query also sees itself, so padding positions stay finite (their outputs are never used).
+        None where no padding is involved and the chunk is one token or starts the cache: then
+        attention needs no mask (`sdpa`)."""
         b, n = chunk.input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + n
@@ -694,8 +831,8 @@ class CogVLMForCausalLM(nn.Module):
             cache.valid[:, start:end] = real
             cache.padded = cache.padded or has_padding
             valid, padded = cache.valid[:, :end], cache.padded
-        if n == 1 and not padded:
-            return None  # one new token, no padding: it attends to everything before it
+        if not padded and (n == 1 or start == 0):
+            return None  # one new token attends to every slot; a fresh prompt is plain causal (`sdpa`)
         q_pos = torch.arange(start, end, device=valid.device)[:, None]
         k_pos = torch.arange(end, device=valid.device)[None, :]
         allowed = ((k_pos <= q_pos) & valid[:, None, :]) | (k_pos == q_pos)  # (B, N, T)
@@ -734,24 +871,32 @@ class CogVLMForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The hot loop of generation: one text token per row, `tokens` and `positions` (B,), goes
-        to slot `cache.length`; returns float32 next-token logits (B, vocab).
+        """The hot loop of generation: one text token per row, `tokens` and `positions` (B,) on
+        the model's device, goes to slot `cache.length`; returns float32 next-token logits (B, vocab).
 
-        Equal to `forward` on a one-token chunk, but lean and shape-stable: no expert routing,
-        no host syncs, and attention reads a window of the cache that grows in steps of
-        `DECODE_WINDOW` slots."""
+        Equal to `forward` on a one-token chunk, but lean and shape-stable: no expert routing, no
+        host syncs and no host-to-device copies (the slot is set on the device with `fill_`), and
+        attention reads a window of the cache that doubles as it fills (`decode_window`). In a
+        bucketed cache (`compile_decode(graphs=True)`) the step runs at `row_bucket` rows: the
+        idle rows after the batch's compute what nobody reads, so rows that join or leave within
+        a bucket reuse its graph."""
         slot = cache.length
         if slot >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots; all are used")
-        window = min(cache.max_len, (slot // DECODE_WINDOW + 1) * DECODE_WINDOW)
-        cache.valid[:, slot] = True
         if self.config.cross_vision is not None and cache.cross is None:
             raise ValueError("CogAgent cannot decode without an image's cross-attention keys/values")
-        logits = self._decode(tokens.to(self.device), positions.to(self.device),
-                              torch.tensor([slot], device=self.device), cache.k, cache.v, cache.valid, window,
+        rows = cache.batch_size
+        # CogAgent's cross keys/values are exactly the batch's rows: it runs unbucketed
+        bucket = row_bucket(rows) if cache.bucketed and cache.cross is None else rows
+        k, v, valid = cache.step_views(bucket)
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        if bucket > rows:
+            tokens, positions = F.pad(tokens, (0, bucket - rows)), F.pad(positions, (0, bucket - rows))
+        cache.slot.fill_(slot)
+        logits = self._decode(tokens, positions, cache.slot, k, v, valid, decode_window(slot + 1, cache.max_len),
                               cache.cross)
         cache.length += 1
-        return logits
+        return logits[:rows]
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor,
@@ -760,15 +905,27 @@ class CogVLMForCausalLM(nn.Module):
         # when its input is a matrix
         x = self.model.embed_tokens(tokens)
         rope = self._rope(positions[:, None])
-        mask = valid[:, None, None, :window]  # slots past this one are never valid (see KVCache.rewind)
+        valid.index_fill_(1, slot, True)
+        mask = valid[:, None, None, :window]  # once per step; later slots are never valid (KVCache.rewind)
         for i, (layer, k, v) in enumerate(zip(self.model.layers, k_cache, v_cache)):
             x = layer.decode(x, rope, slot, k[:, :, :window], v[:, :, :window], mask,
                              None if cross is None else cross[i])
         return self.lm_head(self.model.norm(x)).float()
 
-    def compile_decode(self) -> None:
-        """Run `decode_step` through torch.compile: inductor fuses the many small per-token ops
-        (they dominate CPU decoding at batch 1). Batches are compiled with inductor's weight
+    def compile_decode(self, graphs: bool | None = None) -> None:
+        """Run `decode_step` through torch.compile, one of two ways.
+
+        `graphs` (the default on CUDA): the step is compiled whole (`fullgraph`) at static shapes,
+        the row bucket and window of each step (`row_bucket`, `decode_window`) and the cache's
+        power-of-two length, and on CUDA captured as CUDA graphs (`mode="reduce-overhead"`):
+        decode there is launch-bound, ~30 kernels per layer that a graph replays in one launch.
+        The cache buffers and its slot tensor are static addresses the graphs write in place.
+        Each bucket compiles once; weights stay inputs (no freezing: that is a CPU layout
+        choice, and would hold a copy of the weights per graph). On CPU this mode is what the
+        tests check the bucketing with.
+
+        Otherwise (the default on CPU): inductor fuses the many small per-token ops (they
+        dominate CPU decoding at batch 1). Batches are compiled with inductor's weight
         freezing, which keeps the decode weights as constants in its packed matmul layout (a
         plain matmul repacks them on every call). Batch 1 in fp32 is compiled without: MKL's
         plain matrix-vector product is as fast there, and freezing would hold a copy in MKL's
@@ -780,12 +937,31 @@ class CogVLMForCausalLM(nn.Module):
         from torch._dynamo import config as dynamo_config
         from torch._inductor import config as inductor_config
 
+        graphs = self.device.type == "cuda" if graphs is None else graphs
         # every model's step is the code of this one method, whose graphs dynamo keeps for the
         # whole process, running it eagerly once there are `recompile_limit` of them; a frozen
-        # graph holds one model's weights, so each model adds its own: make room for its four,
+        # graph holds one model's weights, so each model adds its own: make room for its graphs,
         # or a third compiled bf16 model in one process (a notebook that reloads, an evaluation
         # of several checkpoints) would silently decode uncompiled
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, GRAPHS_PER_MODEL * next(_COMPILED_MODELS))
+        limit = (BUCKET_GRAPHS_PER_MODEL if graphs else GRAPHS_PER_MODEL) * next(_COMPILED_MODELS)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, limit)
+        if graphs:
+            self.decode_buckets = True
+            cuda = self.device.type == "cuda"
+            step = torch.compile(self._decode, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                 dynamic=False)
+
+            def graph_step(*args: object) -> torch.Tensor:
+                if not cuda:
+                    return step(*args)
+                # a new iteration: the graphs' output memory is reused by the next replay, so the
+                # logits are copied out (one small kernel) for callers that keep them a while
+                torch.compiler.cudagraph_mark_step_begin()
+                return step(*args).clone()
+
+            self._decode = graph_step
+            return
         step = torch.compile(self._decode, dynamic=True)
         freeze_one_row = self.dtype != torch.float32
 
