@@ -177,7 +177,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.T
     return Sampler(params, generators, logits.device)(logits, seen)
 
 
-# What "strip surrounding white space" (spec section 5) strips: ASCII white space only. A bare
+# What "strip surrounding white space" (docs/spec/cogvlm.md section 5) strips: ASCII white space only. A bare
 # str.strip() would also take the control characters \x1c-\x1f and Unicode spaces off the ends
 # of an answer, which then changes the history the next prompt replays.
 WHITE_SPACE = " \t\n\r\v\f"
@@ -257,7 +257,7 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 def final_text(tokenizer: Tokenizer, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
-    """The answer: decoded, cut at the first stop string, stripped of white space (spec section 5)."""
+    """The answer: decoded, cut at the first stop string, stripped of white space (docs/spec/cogvlm.md section 5)."""
     text = tokenizer.decode(list(ids))
     hit = _find_stop(text, stop, 0)
     return (text if hit is None else text[:hit]).strip(WHITE_SPACE)

@@ -1,13 +1,13 @@
 """CogVLM in plain PyTorch: EVA2-CLIP encoder, GLU adapter, and the visual-expert LLaMA decoder.
 
-Module and parameter names equal the Hugging Face checkpoint names (spec section 7), so a
-published state dict loads with no renaming.
+Module and parameter names equal the Hugging Face checkpoint names (docs/spec/cogvlm.md
+section 7), so a published state dict loads with no renaming.
 
-Expert routing (spec section 3): a token uses the visual expert iff it and the next token are
-image tokens, i.e. `boi` and the patches. Our input layout (see `cogvlm.inputs`) puts that run at
-the same columns in every row of a batch, so routing is one `(start, end)` column range: the
-visual expert runs on `x[:, start:end]` and the language expert on the rest: two dense matmuls,
-no boolean-mask scatter.
+Expert routing (docs/spec/cogvlm.md section 3): a token uses the visual expert iff it and the next
+token are image tokens, i.e. `boi` and the patches. Our input layout (`prompt.layout_batch`) puts
+that run at the same columns in every row of a batch, so routing is one `(start, end)` column
+range: the visual expert runs on `x[:, start:end]` and the language expert on the rest: two dense
+matmuls, no boolean-mask scatter.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class EVA2CLIPModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# CogAgent's high-resolution tower (EVA2-CLIP-L, cogagent.md section 7)
+# CogAgent's high-resolution tower (EVA2-CLIP-L, docs/spec/cogagent.md section 7)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ class PatchEmbed(nn.Module):
 
 class EVA2CLIPL(nn.Module):
     """Image → (B, N, width) patch features. The last built block, the final norm and the head are
-    in the checkpoint but never run (cogagent.md section 13, item 1)."""
+    in the checkpoint but never run (docs/spec/cogagent.md section 13, item 1)."""
 
     def __init__(self, cfg: CrossVisionConfig) -> None:
         super().__init__()
@@ -713,7 +713,7 @@ class Chunk:
       when every token is real (decode steps: saves a host sync per step).
     - `images`: (R, 3, S, S) pixels for the rows `image_rows` (None: every row), or None. Their
       P+2 embeddings replace the placeholders at columns `image_start : image_start + P + 2`.
-      The batch layout (`cogvlm.inputs`) keeps those columns padding in text-only rows.
+      The batch layout (`prompt.layout_batch`) keeps those columns padding in text-only rows.
     - `cross_images`: CogAgent's high-resolution pixels of the same pictures (R, 3, S', S').
     """
 
