@@ -15,10 +15,10 @@ from torch.utils._pytree import tree_flatten
 
 import cogvlm.model as model_module
 from cogvlm import CogVLM
-from cogvlm.config import tiny_test_config
 from cogvlm.model import KVCache, decode_window, row_bucket
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.tokenizer import Tokenizer
+from tests.configs import tiny_test_config
 
 from .conftest import randomize, tiny_cogvlm2_config
 
