@@ -194,15 +194,22 @@ def test_prepacked_model_gives_the_same_logits(tiny_model, dtype, tol):
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 
+def random_linear() -> tuple[torch.nn.Linear, torch.Generator]:
+    """A 96 -> 40 Linear with seeded weights, and the generator to draw its inputs from."""
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=g))
+    return linear, g
+
+
 @needs_onednn
 def test_packed_linear_sends_one_row_and_long_inputs_to_the_plain_weight_in_fp32():
     # fp32 keeps the plain weight for one-row inputs (MKL's matrix-vector product) and for
     # PLAIN_ROWS rows or more (MKL's GEMM, as fast there): the very kernel and values nn.Linear
     # uses, so bit-equal; the rows between take the packed weight (rounding)
-    g = torch.Generator().manual_seed(4)
-    linear = torch.nn.Linear(96, 40)
+    linear, g = random_linear()
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(40, 96, generator=g))
         packed = PackedLinear(linear.weight, linear.bias)
         one, rows = torch.randn(1, 96, generator=g), torch.randn(5, 96, generator=g)
         assert torch.equal(packed(one), linear(one))
@@ -216,10 +223,8 @@ def test_packed_linear_sends_one_row_and_long_inputs_to_the_plain_weight_in_fp32
 
 @needs_bf16_packing
 def test_packed_linear_keeps_only_the_packed_weight_in_bf16():
-    g = torch.Generator().manual_seed(4)
-    linear = torch.nn.Linear(96, 40)
+    linear, g = random_linear()
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(40, 96, generator=g))
         one = torch.randn(1, 96, generator=g)
         bf16 = PackedLinear(linear.weight.bfloat16())
         assert bf16.plain_weight is None  # bf16: the packed kernel is the faster one, kept alone

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .flags import add_output_flags
+
 FINETUNE_HELP = {
     "data": "training JSONL (docs/data-format.md)",
     "out": "output folder: final/ (the model), checkpoints/step-N/, log.jsonl",
@@ -89,7 +91,5 @@ def add_finetune_verbs(verbs: Any) -> None:
     p.add_argument("base", help="base checkpoint folder, registry name or hub id")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output folder: new or empty (written atomically)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything else "
-                        "is never touched)")
+    add_output_flags(p)
     p.set_defaults(func=cmd_merge_lora)

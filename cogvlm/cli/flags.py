@@ -93,6 +93,18 @@ def add_tp_flag(parser: argparse.ArgumentParser) -> None:
                              "`cogvlm plan` says which N fits")
 
 
+def add_output_flags(parser: argparse.ArgumentParser, src_help: str | None = None) -> None:
+    """The output folder of a verb that writes a checkpoint (convert, quantize, merge-lora): the
+    SRC -> DST pair and shard size when `src_help` is given, and --force."""
+    if src_help is not None:
+        parser.add_argument("src", help=src_help)
+        parser.add_argument("dst", help="output folder: new or empty (written atomically)")
+        parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything "
+                             "else is never touched)")
+
+
 def load_options(args: argparse.Namespace) -> LoadOptions:
     """The model flags as `LoadOptions`, checked (a bad combination is one line, exit 2)."""
     return LoadOptions(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,

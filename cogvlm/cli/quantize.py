@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from .flags import add_quant_flags
+from .flags import add_output_flags, add_quant_flags
 
 # the spellings of the first release, accepted for one more with a note on stderr
 OLD_SPELLINGS = {"bits": "quant", "vision_bits": "quant_vision"}
@@ -44,14 +44,9 @@ def add_quantize_verb(verbs: Any) -> None:
                                      "device-neutral layout, the quantization recorded in config.json. Every surface "
                                      "loads it directly (CPU or CUDA) with no re-quantization. "
                                      "See docs/quantization.md.")
-    p.add_argument("src", help="float checkpoint folder (SAT or Hugging Face layout), registry name or hub id")
-    p.add_argument("dst", help="output folder: new or empty (written atomically)")
+    add_output_flags(p, "float checkpoint folder (SAT or Hugging Face layout), registry name or hub id")
     add_quant_flags(p)
     p.add_argument("--bits", type=int, choices=(4, 8), help=argparse.SUPPRESS)
     p.add_argument("--vision-bits", type=int, choices=(8,), help=argparse.SUPPRESS)
     p.add_argument("--device", help="where to compute the quantization (default cpu); the file loads on any device")
-    p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything else "
-                        "is never touched)")
     p.set_defaults(func=cmd_quantize)
