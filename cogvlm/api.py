@@ -43,10 +43,10 @@ def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quantized: 
         capability = torch.cuda.get_device_capability(index)
         if (dtype == torch.bfloat16 or quantized) and capability < (8, 0):
             name = torch.cuda.get_device_properties(index).name
-            what = "quantized models (they run in bfloat16)" if quantized else "bfloat16"
+            what = "quantized models (they run in bfloat16) need" if quantized else "bfloat16 needs"
             fix = "" if quantized else "; use --fp16 (dtype=torch.float16) on this GPU"
             raise UsageError(f"cuda:{index} ({name}) has compute capability {capability[0]}.{capability[1]}; "
-                             f"{what} need 8.0 or newer (Ampere){fix}")
+                             f"{what} 8.0 or newer (Ampere){fix}")
 
 
 def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMConfig) -> Tokenizer:
