@@ -11,7 +11,7 @@ import torch
 from .checkpoint import load_model, read_config, read_quant, resolve
 from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
-from .errors import UsageError
+from .errors import TensorParallelError, UsageError
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
 from .options import LoadOptions
@@ -27,6 +27,26 @@ Request = tuple[ImageInput | None, str, History | None]
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quantized: bool) -> None:
+    """The GPUs a CUDA load will use are there and can run `dtype`: checked before anything is
+    planned, loaded or started, so each problem is one line (not `Invalid device id` from the
+    memory plan, or a raw CUDA error from the first bf16 kernel). Ranks use cuda:0..N-1."""
+    count = torch.cuda.device_count()
+    if world > 1 and count < world:
+        raise TensorParallelError(f"tp={world} needs {world} GPUs; {count} are visible (CUDA_VISIBLE_DEVICES "
+                                  f"picks them): use --tp {count} or fewer, or run on more GPUs")
+    if world == 1 and (device.index or 0) >= count:
+        raise UsageError(f"there is no {device}: {count} GPUs are visible (cuda:0 to cuda:{count - 1})")
+    for index in range(world) if world > 1 else [device.index or 0]:
+        capability = torch.cuda.get_device_capability(index)
+        if (dtype == torch.bfloat16 or quantized) and capability < (8, 0):
+            name = torch.cuda.get_device_properties(index).name
+            what = "quantized models (they run in bfloat16) need" if quantized else "bfloat16 needs"
+            fix = "" if quantized else "; use --fp16 (dtype=torch.float16) on this GPU"
+            raise UsageError(f"cuda:{index} ({name}) has compute capability {capability[0]}.{capability[1]}; "
+                             f"{what} 8.0 or newer (Ampere){fix}")
 
 
 def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMConfig) -> Tokenizer:
@@ -119,9 +139,11 @@ class CogVLM:
         if prepack is None:
             prepack = not options.compile and can_prepack(device, dtype)
         check_split(config, tp)  # the load's one check: the plan and every rank's share trust it
+        if device.type == "cuda":
+            check_gpus(device, tp, dtype, bool(quantized))
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
-            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config)
+            model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config, options.tp_timeout)
             return cls(model, _find_tokenizer(folder, options.tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
         if prepack:

@@ -22,6 +22,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+# Seconds a collective of a tensor-parallel call waits for the other ranks: longer than any one
+# prefill or decode step takes, short enough that a failed rank is reported rather than waited for
+TP_TIMEOUT = 600.0
+
+
 def launched_by_torchrun() -> int | None:
     """The world size torchrun gave this process, or None when torchrun did not start it."""
     return int(os.environ["WORLD_SIZE"]) if "TORCHELASTIC_RUN_ID" in os.environ else None
@@ -35,7 +40,9 @@ class LoadOptions:
     decoder's linear layers and the output head while loading, int4 in groups of `group_size`
     inputs; `quant_vision=8` does int8 for the ViT and adapter too. `tp` None means one device, or
     torchrun's world size when torchrun started the process. `prepack` None: on when it helps
-    (CPU, no compile)."""
+    (CPU, no compile). `tp_timeout`: seconds a collective of a tensor-parallel call waits for
+    the other ranks before every rank stops with `TensorParallelError` (not the idle wait
+    between calls, which has no limit)."""
 
     model: str | Path = DEFAULT_MODEL
     tokenizer: str | Path | None = None
@@ -47,6 +54,7 @@ class LoadOptions:
     group_size: int = 128
     quant_vision: int | None = None
     prepack: bool | None = None
+    tp_timeout: float = TP_TIMEOUT
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -59,6 +67,8 @@ class LoadOptions:
                              f"{str(self.dtype).removeprefix('torch.')}: drop --fp16 (dtype=...)")
         if self.tp is not None and self.tp < 1:
             raise UsageError(f"--tp {self.tp}: the number of processes must be at least 1")
+        if not self.tp_timeout > 0:
+            raise UsageError(f"--tp-timeout {self.tp_timeout}: give a number of seconds above 0")
         if self.world > 1 and self.compile:
             raise UsageError("--tp does not combine with --compile yet: the ranks decode uncompiled")
         if self.compile and self.prepack:

@@ -8,7 +8,9 @@ Every job ends exactly once (`Job._finish`), in one of four states, and a failur
 the requests it belongs to: a prompt that fails its prefill is retried alone, a row whose
 sampling fails leaves the batch alone (`BatchDecoder.failed`), and only an engine failure of the
 whole step (out of memory) ends the whole batch. A failed job keeps the error's message, not the
-exception: its traceback's frames would keep the batch's KV cache alive.
+exception: its traceback's frames would keep the batch's KV cache alive. A tensor-parallel
+failure (`TensorParallelError`: a rank failed, and every rank has stopped) ends every job, running
+or waiting, as `stopped`, and the loop: the model is gone, `on_failure` is told (the server exits).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .api import CogVLM
-from .errors import GenerationError
+from .errors import GenerationError, TensorParallelError
 from .generate import BatchDecoder, SamplingParams, TextStream, final_text
 from .prompt import PromptTokens
 
@@ -40,6 +42,7 @@ class Job:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (</s> or a stop string), "length", "cancelled" or "error"
     error: GenerationError | None = None  # why, when finish_reason is "error"
+    stopped: bool = False  # the error ended the model, not just this request (the server answers 503)
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -73,9 +76,11 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, vlm: CogVLM, max_batch: int = 16) -> None:
+    def __init__(self, vlm: CogVLM, max_batch: int = 16, on_failure: Callable[[], None] | None = None) -> None:
         self.vlm = vlm
         self.max_batch = max_batch
+        self.on_failure = on_failure  # called once the model has stopped for good
+        self.failure: TensorParallelError | None = None  # why it stopped
         self.batch_sizes: Counter[int] = Counter()  # decode steps seen at each batch size
         self._pending: queue.Queue[Job] = queue.Queue()
         self._wake = threading.Event()
@@ -84,12 +89,17 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, prompt: PromptTokens, params: SamplingParams) -> Job:
-        """Queue a request; raises ContextLengthError at once when it cannot fit."""
+        """Queue a request; raises ContextLengthError at once when it cannot fit, and the model's
+        `TensorParallelError` once it has stopped."""
+        if self.failure is not None:
+            raise self.failure
         length = self.vlm.prompt_length(prompt)
         self.vlm.generation_budget(length, params)  # validate now, in the caller's thread
         job = Job(prompt, params, length)
         self._pending.put(job)
         self._wake.set()
+        if self.failure is not None:  # it stopped while this job was queued: the loop will not see it
+            _stopped([job], self.failure)
         return job
 
     def close(self) -> None:
@@ -108,6 +118,14 @@ class Scheduler:
         while not self._stop:
             try:
                 decoder = self._tick(decoder, jobs)
+            except TensorParallelError as e:  # every rank has stopped: no later batch can run
+                log.error("the model stopped: %s; failing every request", e)
+                self.failure = e
+                _stopped([j for j, _ in jobs.values()] + self._take(self._pending.qsize() + 1), e)
+                jobs.clear()
+                if self.on_failure is not None:
+                    self.on_failure()
+                return
             except Exception as e:  # the engine failed for the whole batch (e.g. out of memory)
                 log.exception("decode step failed; failing the %d requests of this batch", len(jobs))
                 for job, _ in jobs.values():
@@ -177,6 +195,9 @@ class Scheduler:
         prefilled alone, so a request that fails for its own reasons fails alone."""
         try:
             fresh = self.vlm.decoder([j.prompt for j in newcomers], [j.params for j in newcomers])
+        except TensorParallelError as e:  # not this prompt's fault: the model stopped (`_loop`)
+            _stopped(newcomers, e)
+            raise
         except Exception as e:
             if len(newcomers) > 1:
                 for job in newcomers:
@@ -202,3 +223,10 @@ class Scheduler:
         job.completion_tokens = len(generated)
         job.answer = final_text(self.vlm.tokenizer, generated, job.params.stop)
         job._finish(reason, error)
+
+
+def _stopped(jobs: list[Job], error: TensorParallelError) -> None:
+    """End `jobs` because the model stopped for good (not for anything in the requests)."""
+    for job in jobs:
+        job.stopped = True
+        job._finish("error", error)

@@ -27,13 +27,13 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
 from .api import CogVLM
 from .config import TEMPLATES
-from .errors import CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TokenizerError
+from .errors import CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TensorParallelError, TokenizerError
 from .generate import SamplingParams
 from .image import load_image
 from .prompt import PromptTokens
@@ -438,15 +438,18 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return name.lower() in allowed
 
 
-def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI":
-    """The ASGI app. Its scheduler thread is closed when the app shuts down."""
+def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
+               on_failure: Callable[[], None] | None = None) -> "FastAPI":
+    """The ASGI app. Its scheduler thread is closed when the app shuts down. When the model
+    stops for good (a tensor-parallel rank failed) every request is answered 503 and
+    `on_failure` is called (`cogvlm serve` then exits); `app.state.scheduler.failure` says why."""
     import anyio
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    scheduler = Scheduler(vlm, max_batch)
+    scheduler = Scheduler(vlm, max_batch, on_failure)
     requests = RequestLog()
     images = ImageMemory(opts.max_image_memory)
 
@@ -467,6 +470,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
 
     docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="cogvlm", lifespan=lifespan, **docs)
+    app.state.scheduler = scheduler
 
     @app.middleware("http")
     async def check_host(request: Request, call_next: Any) -> Any:
@@ -518,6 +522,8 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
             job = scheduler.submit(ready.prompt, ready.params)
         except ContextLengthError as e:
             raise APIError(str(e), "messages", "context_length_exceeded") from None
+        except TensorParallelError as e:
+            raise APIError(f"the model stopped: {e}", kind="server_error", status=503) from None
         requests.add(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": opts.model_name}
         if ready.stream:
@@ -525,7 +531,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16) -> "FastAPI
                                      headers={"Cache-Control": "no-cache"})
         await _wait(request, job)
         if job.error is not None:
-            raise APIError(f"generation failed: {job.error}", kind="server_error", status=500)
+            raise APIError(f"generation failed: {job.error}", kind="server_error", status=503 if job.stopped else 500)
         return {**head, "object": "chat.completion", "usage": usage(job),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.answer},
                              "finish_reason": job.finish_reason, "logprobs": None}]}

@@ -20,6 +20,15 @@ broadcast to the other ranks, which run the same call on their shard (`serve_ran
 nothing. `CogVLM.from_pretrained(name, tp=N)` starts the other N-1 ranks itself (`load_parallel`), or
 joins the ranks `torchrun --nproc_per_node N` started: then rank 0 returns the model and the
 others serve it until rank 0 stops, and exit.
+
+Two process groups: commands travel over the default (gloo, CPU) group, which waits for rank 0's
+next command as long as a chat sits idle; activations over their own group (NCCL on GPU, gloo
+on CPU) whose collectives give up after `LoadSpec.timeout` seconds (`--tp-timeout`). Commands
+carry CPU tensors only (a CUDA tensor pickled by rank 0 would arrive on cuda:0 on every rank).
+After each mirrored call the ranks agree on how it went (`_agree`): a failure on any rank ends
+every rank, rank 0 with a `TensorParallelError` naming the rank and the cause, instead of the
+group drifting out of step (the next command sent while a rank still waits in the failed
+call's all-reduce) and hanging.
 """
 
 from __future__ import annotations
@@ -36,11 +45,11 @@ import time
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -51,12 +60,13 @@ from .checkpoint import load_weights, read_config, read_quant, resolve
 from .config import CogVLMConfig
 from .errors import TensorParallelError
 from .model import Chunk, CogVLMForCausalLM, CrossAttention, KVCache, VisionAttention, VisionExpertAttention
-from .options import launched_by_torchrun
+from .options import TP_TIMEOUT, launched_by_torchrun
 from .quantize import QuantConfig
 from .sharding import check_split, rank_shape, split_rule
 
-# Ranks wait for rank 0's next command as long as a chat sits idle: the group's timeout must not
-# end them (a dead rank is noticed by its closed connection or by the launcher's watchdog)
+# Ranks wait for rank 0's next command as long as a chat sits idle: the command group's timeout
+# must not end them (a dead rank is noticed by its closed connection or by the launcher's
+# watchdog). The activations' group has its own, finite timeout (`LoadSpec.timeout`).
 IDLE_TIMEOUT = timedelta(days=20)
 
 
@@ -73,24 +83,25 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab // world, dim))
         self.start = rank * (vocab // world)
+        self.group: dist.ProcessGroup | None = None  # the activations' group (`install_collectives`)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
         x = x.masked_fill(outside[..., None], 0)
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
 
-def _reduce_hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(out)
+def _reduce_hook(group: dist.ProcessGroup, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(out, group=group)
     return out
 
 
-def _gather_hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, out.contiguous())
+def _gather_hook(group: dist.ProcessGroup, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, out.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
 
 
@@ -137,10 +148,13 @@ class ParallelCogVLM(CogVLMForCausalLM):
                 if bias is not None:
                     bias.data.zero_()
 
-    def install_collectives(self) -> None:
+    def install_collectives(self, group: dist.ProcessGroup) -> None:
+        """All-reduces and the head's gather, on `group` (the activations' group, whose
+        collectives time out instead of waiting for a failed rank for ever)."""
         for name in self.row_parallel():
-            self.get_submodule(name).register_forward_hook(_reduce_hook)
-        self.lm_head.register_forward_hook(_gather_hook)
+            self.get_submodule(name).register_forward_hook(partial(_reduce_hook, group))
+        self.lm_head.register_forward_hook(partial(_gather_hook, group))
+        self.model.embed_tokens.group = group
 
     # ---- the calls rank 0 mirrors on the other ranks ---------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -207,7 +221,9 @@ class ParallelCache(KVCache):
 class Driver:
     """Rank 0's side: broadcasts each call before running it locally, one at a time (the server
     and web threads share it), with Ctrl-C held back until the call is done everywhere, so
-    every rank always runs the same collectives in the same order."""
+    every rank always runs the same collectives in the same order. A call that fails on any
+    rank (`_agree`) stops every rank: the driver raises `TensorParallelError` then and for
+    every later call."""
 
     def __init__(self, procs: list[subprocess.Popen] | None = None, threads: int | None = None) -> None:
         self.procs = procs or []  # the ranks we started (none under torchrun)
@@ -216,6 +232,7 @@ class Driver:
         self.ids = itertools.count(1)
         self.dropped: deque[int] = deque()  # caches rank 0 let go of; the others free theirs next call
         self.closed = False
+        self.failure: str | None = None  # why the ranks stopped, when a call failed on one of them
         self._busy = self._interrupted = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -231,22 +248,31 @@ class Driver:
 
     @contextmanager
     def command(self, op: str, *args: Any) -> Iterator[int]:
+        """Send `op(*args)` to the other ranks, run the body (rank 0's share of the call), then
+        agree with them on how it went. The same input error on every rank (a full cache: each
+        rank raised it before any collective) is raised as it is and the ranks go on; any other
+        failure, on any rank, stops them all and raises `TensorParallelError` naming the rank."""
         with self.lock:
             if self.closed:
-                raise TensorParallelError("the tensor-parallel ranks were stopped (close() was called)")
+                raise TensorParallelError(self.failure or "the tensor-parallel ranks were stopped (close() was called)")
             new_id = next(self.ids)
             dropped = [self.dropped.popleft() for _ in range(len(self.dropped))]
-            sent = [_CacheRef(a.id) if isinstance(a, ParallelCache) else a for a in args]
+            sent = [_CacheRef(a.id) if isinstance(a, ParallelCache) else _moved(a, torch.device("cpu")) for a in args]
             # Ctrl-C reaches the main thread only: hold it back while that thread is mid-call
             self._busy = threading.current_thread() is threading.main_thread()
+            error: Exception | None = None
             try:
-                _broadcast((dropped, op, new_id, sent))
-                yield new_id
-            except RuntimeError as e:  # torch.distributed reports a lost peer as RuntimeError
-                if isinstance(e, TensorParallelError) or not _is_comm_error(e):
-                    raise
-                raise TensorParallelError(f"tensor-parallel communication failed; another rank "
-                                          f"stopped ({str(e).splitlines()[0]})") from None
+                _lost_peer_is_fatal(_broadcast, (dropped, op, new_id, sent))
+                try:
+                    yield new_id
+                except Exception as e:  # reported to every rank first: they may wait in its collectives
+                    error = e
+                why = _lost_peer_is_fatal(_agree, op, error)
+                if why is not None:
+                    self._stop(why)
+                    raise TensorParallelError(why) from error
+                if error is not None:
+                    raise error
             finally:
                 self._busy = False
         if self._interrupted:
@@ -281,12 +307,17 @@ class Driver:
         with self.lock:
             if self.closed:
                 return
-            self.closed = True
-            try:
-                if dist.is_initialized():
-                    _broadcast(([], "stop", 0, []))
-            except RuntimeError:
-                pass  # a rank is already gone: nothing left to tell
+            self._stop(None)
+
+    def _stop(self, failure: str | None) -> None:
+        """Mark the driver closed (before any rank exits: the watchdog would take a rank that
+        stops after a failure for a crash), send the ranks "stop", and wait for them."""
+        self.closed, self.failure = True, failure
+        try:
+            if dist.is_initialized():
+                _broadcast(([], "stop", 0, []))
+        except RuntimeError:
+            pass  # a rank is already gone: nothing left to tell
         self._end(wait=30)
 
     def abort(self) -> None:
@@ -310,7 +341,62 @@ class Driver:
 def _is_comm_error(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist.DistBackendError) or any(
-        w in text for w in ("connection", "gloo", "nccl", "broken pipe", "peer"))
+        w in text for w in ("connection", "gloo", "nccl", "broken pipe", "peer", "timed out"))
+
+
+def _lost_peer_is_fatal(call: Any, *args: Any) -> Any:
+    """`call(*args)` on the command group, where a lost peer (torch.distributed reports it as a
+    RuntimeError) becomes a `TensorParallelError`."""
+    try:
+        return call(*args)
+    except RuntimeError as e:
+        if isinstance(e, TensorParallelError) or not _is_comm_error(e):
+            raise
+        raise TensorParallelError(f"tensor-parallel communication failed; another rank "
+                                  f"stopped ({str(e).splitlines()[0]})") from None
+
+
+def _moved(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor in it (in lists, tuples and dataclasses such as `Chunk`) on
+    `device`. Rank 0 sends CPU tensors (pickled CUDA tensors would arrive on cuda:0 on every
+    rank, opening a CUDA context there and mixing devices); each rank moves them to its own."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(x, device) for x in obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _moved(getattr(obj, f.name), device) for f in fields(obj) if f.init})
+    return obj
+
+
+class _Report(NamedTuple):
+    """How a call failed on one rank, as the others learn it."""
+
+    kind: str  # the exception's class name
+    text: str  # its message's first line
+    input_error: bool  # a ValueError: an input check, made the same way on every rank
+    comm: bool  # a collective failed (timed out, peer gone): a consequence, not a cause
+
+
+def _agree(op: str, error: Exception | None) -> str | None:
+    """After each mirrored call every rank says how it went, on the command group: one small
+    all-reduce, and the reports gathered only when a rank failed. Returns None while the ranks
+    are still in step (no failure, or the same input error on every rank: each raised it
+    before any collective), else the one line that ends them all: the first rank that failed
+    for a reason of its own (not because a collective timed out waiting for it) and why."""
+    flag = torch.tensor([0 if error is None else 1])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    mine = None if error is None else _Report(type(error).__name__, (str(error).splitlines() or [""])[0],
+                                               isinstance(error, ValueError), _is_comm_error(error))
+    reports: list[_Report | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if len(failed) == len(reports) and all(r == failed[0][1] for _, r in failed) and failed[0][1].input_error:
+        return None
+    rank, report = next(((rank, r) for rank, r in failed if not r.comm), failed[0])
+    return f"tensor-parallel rank {rank} failed in {op}: {report.kind}: {report.text}"
 
 
 def _broadcast(message: Any, src: int = 0) -> Any:
@@ -320,16 +406,18 @@ def _broadcast(message: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def serve_rank(model: ParallelCogVLM) -> None:
-    """The other ranks' loop: run rank 0's calls on this shard until told to stop."""
+def serve_rank(model: ParallelCogVLM) -> int:
+    """The other ranks' loop: run rank 0's calls on this shard until told to stop. Returns the
+    exit code: 1 when a call failed on some rank (rank 0 raises why, then sends "stop")."""
     caches: dict[int, KVCache] = {}
     while True:
         dropped, op, new_id, args = _broadcast(None)
         for cache_id in dropped:
             caches.pop(cache_id, None)
         if op == "stop":
-            return
-        args = [caches[a.id] if isinstance(a, _CacheRef) else a for a in args]
+            return 0
+        args = [caches[a.id] if isinstance(a, _CacheRef) else _moved(a, model.device) for a in args]
+        error: Exception | None = None
         try:
             if op == "new_cache":
                 caches[new_id] = model.new_cache(*args)
@@ -339,8 +427,11 @@ def serve_rank(model: ParallelCogVLM) -> None:
                 getattr(args[0], op)(*args[1:])
             else:  # forward, decode_step: the results are rank 0's
                 getattr(model, op)(*args)
-        except ValueError:
-            pass  # an input check (cache full, ...): rank 0 raised the same before any collective
+        except Exception as e:  # rank 0 learns it from `_agree` and reports it
+            error = e
+        if _agree(op, error) is not None:
+            _broadcast(None)  # rank 0's "stop", sent once it has marked the ranks stopped
+            return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,17 +448,17 @@ class LoadSpec:
     device_type: str
     prepack: bool
     quant: QuantConfig | None = None  # quantize each rank's slices while loading
+    timeout: float = TP_TIMEOUT  # seconds a collective of a call waits for the other ranks
 
 
 def rank_device(device_type: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else torch.device("cpu")
 
 
-def load_rank(spec: LoadSpec, rank: int, world: int) -> ParallelCogVLM:
-    """This rank's slices from the checkpoint: no rank reads (or holds) the whole model."""
+def load_rank(spec: LoadSpec, rank: int, world: int, group: dist.ProcessGroup) -> ParallelCogVLM:
+    """This rank's slices from the checkpoint: no rank reads (or holds) the whole model. Its
+    collectives run on `group` (`_activation_group`)."""
     device = rank_device(spec.device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     folder = Path(spec.folder)
     model = load_weights(folder, read_config(folder), spec.dtype, device, rank, world,
                          build=partial(ParallelCogVLM, rank=rank, world=world), quant=spec.quant)
@@ -376,15 +467,24 @@ def load_rank(spec: LoadSpec, rank: int, world: int) -> ParallelCogVLM:
         from .quantize import prepack_model
 
         model = prepack_model(model)
-    model.install_collectives()
+    model.install_collectives(group)
     return model
 
 
-def _join_group(rank: int, world: int, device_type: str, address: str | None = None) -> None:
-    """Commands and small objects always go over gloo (CPU); activations over NCCL on GPUs."""
-    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=address or "env://", rank=rank, world_size=world,
+def _join_group(rank: int, world: int, address: str | None = None) -> None:
+    """The command group: commands, load errors and each call's status, over gloo (CPU)."""
+    dist.init_process_group("gloo", init_method=address or "env://", rank=rank, world_size=world,
                             timeout=IDLE_TIMEOUT)
+
+
+def _activation_group(spec: LoadSpec) -> dist.ProcessGroup:
+    """The activations' group (every rank calls this, in the same order): NCCL on GPUs, gloo on
+    CPU, with `spec.timeout`, so a collective whose peer failed gives up and the ranks can
+    agree on what happened (`_agree`) instead of waiting for ever."""
+    if spec.device_type == "cuda":
+        torch.cuda.set_device(rank_device("cuda"))  # before NCCL meets the device
+    return dist.new_group(backend="nccl" if spec.device_type == "cuda" else "gloo",
+                          timeout=timedelta(seconds=spec.timeout))
 
 
 def _share_threads(world: int) -> None:
@@ -400,8 +500,8 @@ def _free_port() -> int:
 
 
 def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, device: torch.device,
-                  prepack: bool, quant: QuantConfig | None = None,
-                  config: CogVLMConfig | None = None) -> tuple[ParallelCogVLM, Path]:
+                  prepack: bool, quant: QuantConfig | None = None, config: CogVLMConfig | None = None,
+                  timeout: float = TP_TIMEOUT) -> tuple[ParallelCogVLM, Path]:
     """Rank 0's share, with the other ranks loading theirs: started here, or (under torchrun)
     already running this same call, in which case ranks > 0 serve and never return. With
     `quant`, each rank quantizes its float slices as they stream in (a row-split layer's int4
@@ -409,7 +509,8 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
     width divides by the group size). `config`: the folder's, given by a caller that has already
     run `check_split` on it for `world` (`CogVLM.from_pretrained` does, before planning); without
     it the folder's is read and checked here, before any rank starts. Either way the split is
-    checked once per load: the ranks' `ParallelCogVLM`s trust it."""
+    checked once per load: the ranks' `ParallelCogVLM`s trust it. `timeout`: seconds a
+    collective waits for the other ranks before the call fails (`--tp-timeout`)."""
     if device.type not in ("cpu", "cuda") or device.index not in (None, 0):
         raise TensorParallelError(f"tensor parallelism runs on 'cpu' or 'cuda' (ranks use cuda:0..N-1; pick "
                                   f"the GPUs with CUDA_VISIBLE_DEVICES), not {device}")
@@ -425,7 +526,7 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
     if dist.is_initialized():
         raise TensorParallelError("this process already runs a tensor-parallel model (one per process); "
                                   "close() it first")
-    spec = LoadSpec(str(folder), dtype, device.type, prepack, quant)
+    spec = LoadSpec(str(folder), dtype, device.type, prepack, quant, timeout)
     procs: list[subprocess.Popen] = []
     rank, address = 0, None
     if launched_by_torchrun() is None:
@@ -445,13 +546,13 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
     if device.type == "cpu":
         _share_threads(world)
     if rank:
-        _join_group(rank, world, device.type)
+        _join_group(rank, world)
         sys.exit(_worker(world))
     driver = Driver(procs, threads)  # from here on, a rank that dies ends this process with a message
     try:
-        _join_group(0, world, device.type, address)
+        _join_group(0, world, address)
         _broadcast(spec)
-        model, error = _load_or_error(spec, 0, world)
+        model, error = _load_or_error(spec, 0, world, _activation_group(spec))
         errors = _exchange(error)
     except BaseException:
         driver.abort()
@@ -466,9 +567,10 @@ def load_parallel(name_or_path: str | Path, world: int, dtype: torch.dtype, devi
     return model, folder
 
 
-def _load_or_error(spec: LoadSpec, rank: int, world: int) -> tuple[ParallelCogVLM | None, Exception | None]:
+def _load_or_error(spec: LoadSpec, rank: int, world: int,
+                   group: dist.ProcessGroup) -> tuple[ParallelCogVLM | None, Exception | None]:
     try:
-        return load_rank(spec, rank, world), None
+        return load_rank(spec, rank, world, group), None
     except Exception as e:  # reported by rank 0 after every rank has tried
         return None, e
 
@@ -485,13 +587,15 @@ def _worker(world: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout = open(os.devnull, "w")
     spec: LoadSpec = _broadcast(None)
-    model, error = _load_or_error(spec, dist.get_rank(), world)
+    model, error = _load_or_error(spec, dist.get_rank(), world, _activation_group(spec))
     if any(_exchange(error)):
         _broadcast(None)  # rank 0's stop
+        code = 0
     else:
-        serve_rank(model)
-    dist.destroy_process_group()
-    return 0
+        code = serve_rank(model)
+    if code == 0:  # after a failure a collective may still be pending: leave without waiting on it
+        dist.destroy_process_group()
+    return code
 
 
 def _exit_with_parent() -> None:
@@ -510,6 +614,6 @@ def main() -> int:
     world, device_type = int(os.environ["WORLD_SIZE"]), os.environ["COGVLM_TP_DEVICE"]
     if device_type == "cpu":
         _share_threads(world)
-    _join_group(int(os.environ["RANK"]), world, device_type)
+    _join_group(int(os.environ["RANK"]), world)
     return _worker(world)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import DEFAULT_MODEL, TEMPLATE_ALIASES, TEMPLATES
 from ..errors import UsageError
 from ..generate import SamplingParams
-from ..options import LoadOptions
+from ..options import TP_TIMEOUT, LoadOptions
 from ..quantize import BITS, GROUP_SIZES, VISION_BITS
 
 if TYPE_CHECKING:
@@ -91,6 +91,10 @@ def add_tp_flag(parser: argparse.ArgumentParser) -> None:
                         help="split the model over N GPUs (or N CPU processes) with tensor parallelism; "
                              "the N-1 other processes are started for you (under torchrun: its world size). "
                              "`cogvlm plan` says which N fits")
+    parser.add_argument("--tp-timeout", type=float, default=TP_TIMEOUT, metavar="SECONDS",
+                        help="with --tp: how long a collective of one model call waits for the other processes "
+                             f"before all of them stop with an error naming the one that failed (default "
+                             f"{TP_TIMEOUT:g}; waiting for the next request has no limit)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser, src_help: str | None = None) -> None:
@@ -109,7 +113,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """The model flags as `LoadOptions`, checked (a bad combination is one line, exit 2)."""
     return LoadOptions(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                        compile=args.compile, tp=args.tp, quant=args.quant, group_size=args.group_size,
-                       quant_vision=args.quant_vision)
+                       quant_vision=args.quant_vision, tp_timeout=args.tp_timeout)
 
 
 def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:

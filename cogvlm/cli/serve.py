@@ -83,5 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and opts.api_key is None:
         print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
-    uvicorn.run(create_app(vlm, opts, args.max_batch), host=args.host, port=args.port, log_level=args.log_level)
+    def stop() -> None:  # the model stopped for good: finish answering (503), then exit
+        server.should_exit = True
+
+    app = create_app(vlm, opts, args.max_batch, on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if app.state.scheduler.failure is not None:
+        raise app.state.scheduler.failure  # one line, exit 2 (cogvlm.cli.main)
     return 0
