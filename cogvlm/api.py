@@ -14,7 +14,7 @@ from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStre
 from .errors import TensorParallelError, UsageError
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
-from .options import LoadOptions
+from .options import TP_TIMEOUT, LoadOptions
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
 from .quantize import can_prepack, prepack_model
@@ -94,7 +94,8 @@ class CogVLM:
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         tokenizer: str | Path | None = None, prepack: bool | None = None,
                         compile: bool = False, tp: int | None = None, quant: int | None = None,
-                        group_size: int = 128, quant_vision: int | None = None) -> CogVLM:
+                        group_size: int = 128, quant_vision: int | None = None,
+                        tp_timeout: float = TP_TIMEOUT) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout), or `LoadOptions`
         (then without other keywords); by default the shipped cogvlm-tiny, which needs no download.
         `prepack` (default: on CPU) stores the
@@ -107,7 +108,9 @@ class CogVLM:
         compiling, at the cost of a packed copy of the language weights per frozen graph.
         `tp=N` splits the model over N processes (`cogvlm.tp`: N GPUs, or N CPU processes) that
         this call starts; under `torchrun` the default is its world size, and ranks > 0 serve
-        rank 0 inside this call until it closes (`close()`, or at exit), then exit.
+        rank 0 inside this call until it closes (`close()`, or at exit), then exit; a failure on
+        any rank, or a collective waiting `tp_timeout` seconds, ends them all with
+        `TensorParallelError`.
 
         `quant` (4 or 8) quantizes the decoder's linear layers (both experts) and the output head
         while loading, each weight on `device` as it streams in: int8 per output row, or int4 in
@@ -119,7 +122,7 @@ class CogVLM:
             options = name_or_path
         else:
             options = LoadOptions(DEFAULT_MODEL if name_or_path is None else name_or_path, tokenizer, dtype, device,
-                                  compile, tp, quant, group_size, quant_vision, prepack)
+                                  compile, tp, quant, group_size, quant_vision, prepack, tp_timeout)
         return cls.load(options)
 
     @classmethod
