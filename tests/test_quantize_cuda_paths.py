@@ -194,3 +194,99 @@ def test_an_old_gpu_is_refused_in_one_line(monkeypatch, dtype, quant, needs):
     check_cuda_capability(CPU, dtype, quant)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     check_cuda_capability(torch.device("cuda"), dtype, quant)
+
+
+def test_a_cuda_load_on_an_old_gpu_stops_before_reading_a_weight(monkeypatch, tiny_checkpoint):
+    from cogvlm import checkpoint
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(checkpoint, "iter_tensors", lambda *a, **k: pytest.fail("a weight was read"))
+    config = checkpoint.read_config(tiny_checkpoint)
+    with pytest.raises(UsageError, match=r"^Tesla T4 \(cuda\) has compute capability 7\.5; int4"):
+        checkpoint.load_weights(tiny_checkpoint, config, torch.bfloat16, "cuda", quant=QuantConfig(4, 32))
+
+
+@pytest.mark.parametrize("bits, name, dtype", [
+    (4, "model.layers.0.mlp.language_mlp.down_proj.scales_and_zeros", torch.float32),
+    (8, "model.layers.1.self_attn.language_expert_dense.scales", torch.float16),
+    (8, "lm_head.qweight", torch.uint8),
+])
+def test_a_quantized_tensor_in_the_wrong_dtype_is_named(tiny_checkpoint, tmp_path, bits, name, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from cogvlm.checkpoint import load_model, quantize_checkpoint
+
+    out = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", QuantConfig(bits, 32))
+    for shard in out.glob("*.safetensors"):
+        state = load_file(str(shard))
+        if name in state:
+            state[name] = state[name].to(dtype)  # same shape: only the dtype is wrong
+            save_file(state, str(shard))
+    wanted = {"scales_and_zeros": "bfloat16", "scales": "bfloat16", "qweight": "int8"}[name.rpartition(".")[2]]
+    got = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"1 quantized tensor\(s\) in the wrong dtype: {name.replace('.', '[.]')} "
+                                              rf"\({got}; expected {wanted}\)$"):
+        load_model(out, torch.bfloat16)
+
+
+class LazyCopier:
+    """A copy engine that runs its copies late, in order, and only when one is waited on (as a
+    busy GPU may): a staging buffer refilled before its copy ran would deliver wrong bytes."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.issued = self.most_in_flight = self.buffers = 0
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        self.buffers += 1
+        return torch.full((nbytes,), 0xAB, dtype=torch.uint8)
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.full(like.shape, 7, dtype=like.dtype) if like.dtype != torch.bool else torch.empty(like.shape, dtype=torch.bool)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> types.SimpleNamespace:
+        self.issued += 1
+        self.queue.append((self.issued, dst, src))
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+        seq = self.issued
+        return types.SimpleNamespace(synchronize=lambda: self.run_until(seq), seq=seq)
+
+    def run_until(self, seq: int) -> None:
+        while self.queue and self.queue[0][0] <= seq:
+            _, dst, src = self.queue.pop(0)
+            dst.copy_(src)
+
+    def hand_over(self, done: types.SimpleNamespace) -> None:
+        self.run_until(done.seq)  # a stream that waits for this copy has seen the earlier ones run
+
+
+def test_pinned_staging_delivers_every_tensor_bit_identical_in_order_with_bounded_copies():
+    from cogvlm.checkpoint import PinnedStaging
+
+    g = torch.Generator().manual_seed(9)
+    tensors = {"big": torch.randn(1000, generator=g),  # 4000 bytes: 63 chunks of 64
+               "bf16": torch.randn(33, 7, generator=g).bfloat16(),
+               "int8": torch.randint(-128, 127, (50,), generator=g, dtype=torch.int8),
+               "scalar": torch.tensor(3.5),
+               "empty": torch.empty(0, 4),
+               "mask": torch.rand(13, generator=g) > 0.5,
+               "strided": torch.randn(20, 30, generator=g).T,  # not contiguous
+               "last": torch.randint(0, 255, (300,), generator=g, dtype=torch.uint8)}
+    read: list[str] = []
+
+    def source():
+        for name, t in tensors.items():
+            read.append(name)
+            yield name, t
+
+    copier = LazyCopier()
+    delivered = []
+    for name, t in PinnedStaging(copier, slots=2, chunk_bytes=64).move(source()):
+        # one tensor of read-ahead: the next has been read (and queued) when this one arrives
+        assert read[-1] == (list(tensors)[len(delivered) + 1] if len(delivered) + 1 < len(tensors) else "last")
+        assert t.dtype == tensors[name].dtype and torch.equal(t, tensors[name]), name
+        delivered.append(name)
+    assert delivered == list(tensors)
+    assert copier.most_in_flight == 2 and copier.buffers == 2  # overlapped, never more than the two buffers
+    assert copier.queue == []  # every copy ran before the staging buffers were let go
