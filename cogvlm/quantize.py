@@ -5,7 +5,9 @@ Decoding reads every weight once per token, so storing the linear layers in 8 or
 both the memory and the bytes each step reads. The kernels (`torch.ops.aten._weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA, and on CPUs with
 AVX512-BF16 cogvlm's own int4 kernel on PyTorch's CPU layout, `cogvlm.kernels`) multiply by the
-packed weight directly: no full-precision copy of a weight is ever made. They want bf16 activations
+packed weight directly. On CUDA, long inputs (an image prefill) and every int8 call instead
+dequantize the layer into one bf16 buffer per device shared by all layers and use cuBLAS (`route`;
+one layer's bf16 weight of memory); the CPU always uses the packed kernels. They want bf16 activations
 (int4 on CUDA accepts nothing else; on CPU int8 and int4 are 10-30x slower with fp32
 activations, measured), so a quantized model runs in bf16. docs/quantization.md has the numbers.
 
