@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cogvlm import quantize
 from cogvlm.errors import CheckpointError, QuantError, UsageError
