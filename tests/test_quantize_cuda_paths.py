@@ -7,6 +7,7 @@ the CUDA-only pieces (packing function, copy engine) passed in or forced."""
 from __future__ import annotations
 
 import types
+from typing import Callable
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_int8_dequantize_is_the_product_rounded_once():
     assert torch.equal(dequantize_int8(layer.qweight, layer.scales, out), want)
 
 
-def tiled_packer(tile_k: int, shuffle: bool) -> callable:
+def tiled_packer(tile_k: int, shuffle: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """A stand-in for tinygemm's packing (which needs a GPU): 8-row x `tile_k`-column tiles, each
     tile's values in a fixed scrambled order, written as int32 words. `shuffle` scrambles across
     tiles too (a layout that is not tiled), which the layout reader must refuse."""
