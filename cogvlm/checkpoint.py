@@ -23,7 +23,8 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from collections import deque
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from safetensors import safe_open
@@ -34,7 +35,8 @@ from .bnb import Bnb4bitError, unpack_state
 from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config, registry_entry
 from .errors import CheckpointError
 from .model import CogVLMForCausalLM
-from .quantize import Int4Linear, Int8Linear, QuantConfig, QuantError, fill, quantize_layout, quantize_tensors
+from .quantize import (Int4Linear, Int8Linear, QuantConfig, QuantError, check_cuda_capability, fill, quantize_layout,
+                       quantize_tensors)
 from .sharding import Split
 from .tokenizer import TOKENIZER_FILE, TOKENIZER_FILES, VICUNA_REPO, tokenizer_file
 
@@ -227,7 +229,10 @@ def _iter_hf(folder: Path, device: str, split: Split) -> Iterator[dict[str, torc
             continue
         try:
             if split.world == 1:  # tensor by tensor, each in fresh memory (see _read_safetensors)
-                for name, tensor in _read_safetensors(shard):
+                tensors = _read_safetensors(shard)
+                if torch.device(device).type == "cuda":
+                    tensors = PinnedStaging(CudaCopier(torch.device(device))).move(tensors)
+                for name, tensor in tensors:
                     yield {name: tensor if device == "cpu" else tensor.to(device)}
                 continue
             with safe_open(str(shard), framework="pt", device=device) as f:  # a slice reads only this rank's part
@@ -236,6 +241,106 @@ def _iter_hf(folder: Path, device: str, split: Split) -> Iterator[dict[str, torc
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"cannot read {shard}: {e}") from None
+
+
+class CopyDone(Protocol):
+    """A queued copy: `synchronize` waits on the host until it has finished."""
+
+    def synchronize(self) -> None: ...
+
+
+class Copier(Protocol):
+    """The device side of `PinnedStaging`: CUDA's in `CudaCopier`, a plain one in the tests."""
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host uint8 buffer the device can read asynchronously (page-locked on CUDA)."""
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        """A device tensor of `like`'s shape and dtype, in memory of its own."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
+        """Queue dst <- src (uint8 views of equal length) and return its completion."""
+
+    def hand_over(self, done: CopyDone) -> None:
+        """Make the consumer's later device work wait for `done` (not the host)."""
+
+
+class CudaCopier:
+    """Copies on a side stream, so the loader's own work on one tensor waits for that tensor's
+    copy alone, not for the next one's, which is already queued."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, device=self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def hand_over(self, done: CopyDone) -> None:
+        torch.cuda.current_stream(self.device).wait_event(done)
+
+
+class PinnedStaging:
+    """Moves host tensors to a device through `slots` staging buffers of `chunk_bytes` each,
+    with at most `slots` copies in flight, so reading the next tensor from the file overlaps the
+    copy of this one. A tensor is copied in chunks: into a free staging buffer (waiting for that
+    buffer's previous copy to finish first), then queued asynchronously to its device tensor.
+    Each tensor is handed on once its last chunk is queued and the next tensor has been read and
+    queued too (one tensor of read-ahead), in the order they came. Pinned memory stays at
+    `slots * chunk_bytes` (64 MiB) whatever the tensor; device memory holds one tensor ahead."""
+
+    def __init__(self, copier: Copier, slots: int = 2, chunk_bytes: int = 32 << 20) -> None:
+        self.copier, self.chunk_bytes = copier, chunk_bytes
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.in_flight: deque[CopyDone] = deque()  # oldest first
+        self.next_slot = 0
+
+    def move(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, host tensor) -> (name, device tensor), in order, each bit-identical."""
+        ready: tuple[str, torch.Tensor, CopyDone | None] | None = None
+        for name, tensor in tensors:
+            queued = (name, *self._queue(tensor))
+            if ready is not None:
+                yield self._hand_over(ready)
+            ready = queued
+        if ready is not None:
+            yield self._hand_over(ready)
+        while self.in_flight:  # the staging buffers outlive no copy
+            self.in_flight.popleft().synchronize()
+
+    def _queue(self, tensor: torch.Tensor) -> tuple[torch.Tensor, CopyDone | None]:
+        out = self.copier.empty(tensor)
+        src, dst = tensor.contiguous().reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+        done = None
+        for begin in range(0, src.numel(), self.chunk_bytes):
+            n = min(self.chunk_bytes, src.numel() - begin)
+            slot = self.next_slot
+            self.next_slot = (slot + 1) % len(self.buffers)
+            if len(self.in_flight) == len(self.buffers):  # round robin: the oldest copy used this slot
+                self.in_flight.popleft().synchronize()
+            if self.buffers[slot] is None:
+                self.buffers[slot] = self.copier.staging_buffer(self.chunk_bytes)
+            staged = self.buffers[slot][:n]
+            staged.copy_(src[begin:begin + n])
+            done = self.copier.copy(dst[begin:begin + n], staged)
+            self.in_flight.append(done)
+        return out, done
+
+    def _hand_over(self, ready: tuple[str, torch.Tensor, CopyDone | None]) -> tuple[str, torch.Tensor]:
+        name, tensor, done = ready
+        if done is not None:
+            self.copier.hand_over(done)
+        return name, tensor
 
 
 def _iter_bin(shard: Path) -> Iterator[dict[str, torch.Tensor]]:
@@ -419,6 +524,9 @@ def report_weights(found: dict[str, list[str]], where: str) -> None:
     if found.get("dtype"):
         problems.append(f"{len(found['dtype'])} in a dtype weights do not have (only float32, bfloat16, float16): "
                         f"{_listing(found['dtype'])}")
+    if found.get("quant_dtype"):
+        problems.append(f"{len(found['quant_dtype'])} quantized tensor(s) in the wrong dtype: "
+                        f"{_listing(found['quant_dtype'])}")
     if found.get("finite"):
         problems.append(f"{len(found['finite'])} with NaN or inf values: {_listing(found['finite'])}")
     if problems:
@@ -462,6 +570,7 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
         raise CheckpointError(f"{folder} is quantized already ({stored.to_dict()}); load it without "
                               f"quantization options (or with the same ones)")
     quant = stored or quant
+    check_cuda_capability(device, dtype, quant)
     with torch.device("meta"):
         model = build(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -470,6 +579,7 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
         if stored is not None:
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    quant_dtypes = {k: v.dtype for k, v in model.state_dict().items() if k.rpartition(".")[0] in quantized}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     seen: dict[str, tuple[int, ...]] = {}
     read_device = "cpu" if device.type == "meta" else str(device)
@@ -484,6 +594,11 @@ def load_weights(folder: Path, config: CogVLMConfig, dtype: torch.dtype = torch.
         for name, tensor in fitting.items():
             _assign(model, name, tensor)
         for name in group.keys() - plain.keys():  # popped: a float weight is freed once quantized
+            if stored is not None and group[name].dtype != quant_dtypes[name]:
+                wrong = str(group.pop(name).dtype).removeprefix("torch.")
+                bad.setdefault("quant_dtype", []).append(
+                    f"{name} ({wrong}; expected {str(quant_dtypes[name]).removeprefix('torch.')})")
+                continue
             _quantized_part(quantized, pending, name, group.pop(name).to(device), quant, stored is not None)
         del group, plain, fitting
         if device.type == "cpu":

@@ -5,7 +5,9 @@ Decoding reads every weight once per token, so storing the linear layers in 8 or
 both the memory and the bytes each step reads. The kernels (`torch.ops.aten._weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA, and on CPUs with
 AVX512-BF16 cogvlm's own int4 kernel on PyTorch's CPU layout, `cogvlm.kernels`) multiply by the
-packed weight directly: no full-precision copy of a weight is ever made. They want bf16 activations
+packed weight directly. On CUDA, long inputs (an image prefill) and every int8 call instead
+dequantize the layer into one bf16 buffer per device shared by all layers and use cuBLAS (`route`;
+one layer's bf16 weight of memory); the CPU always uses the packed kernels. They want bf16 activations
 (int4 on CUDA accepts nothing else; on CPU int8 and int4 are 10-30x slower with fp32
 activations, measured), so a quantized model runs in bf16. docs/quantization.md has the numbers.
 
@@ -15,17 +17,22 @@ packed for its device's kernel when it is loaded, so one file serves CPU and GPU
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import QuantError
+from .errors import QuantError, UsageError
 from .kernels import CpuKernels, cpu_kernels
 from .model import CogVLMForCausalLM, GatedMLP
 
+
+log = logging.getLogger(__name__)
 
 PLAIN_ROWS = 256  # fp32 inputs with at least this many rows use MKL's GEMM on the plain weight
 
@@ -121,8 +128,186 @@ def _pad_input(x: torch.Tensor, width: int) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     return F.pad(x, (0, width - x.shape[1])) if width != x.shape[1] else x
 
+# Rows (the product of an activation's leading dims) from which a quantized layer dequantizes its
+# weight into a shared bf16 buffer and multiplies with cuBLAS instead of its packed kernel, by
+# (device type, bits). Estimates from PyTorch 2.13's CUDA kernels, not measured (no GPU this
+# round; docs/quantization.md "GPU"):
+# - int8: CUDA `_weight_int8pack_mm` runs one thread per output, each reading its weight row with
+#   stride K (uncoalesced), in 16x16 blocks of which one row of threads works at batch 1: slower
+#   than dequantizing (read 1 B, write 2 B per weight) plus a bf16 cuBLAS product at every row
+#   count, so int8 on CUDA always dequantizes (it saves memory, not time).
+# - int4: tinygemm reads the packed weight and dequantizes it again for every 16-row tile; the
+#   eager dequantization here costs about 14 B of memory traffic per weight (7 reads of the bf16
+#   weight), which by the same estimate pays from ~200-700 rows. 256 sends a 490 px image prefill
+#   (1225+ rows) to cuBLAS and keeps decoding and short text prompts on tinygemm.
+# Device types not listed (CPU) never dequantize: CPU speed is what it was.
+DEQUANT_ROWS: dict[tuple[str, int], int] = {("cuda", 8): 1, ("cuda", 4): 256}
+DEQUANT_CHUNK = 2**24  # int4 values dequantized per step: bounds the uint8/int8 temporaries to ~16 MB each
 
-class Int8Linear(nn.Module):
+
+def route(device_type: str, bits: int, rows: int, compiling: bool = False) -> Literal["packed", "dequant"]:
+    """Which path multiplies `rows` activation rows by a `bits`-bit weight on `device_type`.
+    Compiled graphs (`--compile` compiles decoding) keep the packed kernels: inductor's weight
+    freezing would fold an int4 dequantization into a full bf16 constant per layer."""
+    threshold = DEQUANT_ROWS.get((device_type, bits))
+    return "dequant" if threshold is not None and rows >= threshold and not compiling else "packed"
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def scratch(device: torch.device, shape: tuple[int, int]) -> torch.Tensor:
+    """A bf16 (N, K) view of the device's one dequantization buffer, which grows to the largest
+    layer that asks: every quantized layer on the device shares it, so the dequantized path costs
+    one layer's bf16 weight of memory. Safe to reuse because each layer's matmul is queued on the
+    same stream before the next layer overwrites the buffer."""
+    numel = shape[0] * shape[1]
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(device, None)  # free the smaller one first
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    return buf[:numel].view(shape)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """bf16(q * scale) per output row into `out` (the exact product, rounded once)."""
+    return torch.mul(qweight, scales[:, None], out=out)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """`blocks` consecutive row blocks of `height` rows from row `start`: each block's nibbles are
+    its column tiles in turn, and `order` gathers a tile's nibbles back into row-major order."""
+
+    start: int
+    blocks: int
+    height: int
+    order: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """Where a packed int4 layout puts each weight, read off the packing function itself
+    (`int4_layout`): rows in blocks, each block a sequence of `tile_k`-column tiles."""
+
+    tile_k: int
+    runs: tuple[_Run, ...]
+
+
+def _tile_k(device_type: str, width: int) -> int:
+    """Columns per tile of the device's int4 layout: CPU packs column by column (pairs make whole
+    bytes); tinygemm packs 16 * inner-k-tiles columns per tile."""
+    return 2 if device_type == "cpu" else 16 * _inner_k_tiles(width)
+
+
+def _inner_k_tiles(width: int) -> int:
+    return next(t for t in (8, 4, 2) if width % (16 * t) == 0)
+
+
+def pack_int4(q: torch.Tensor, tile_k: int) -> torch.Tensor:
+    """Neutral (rows, width / 2) uint8 nibbles -> the layout of the kernel on q's device."""
+    if q.device.type == "cpu":  # its layout is local to blocks of 64 rows: pack block by block
+        block, packed = _block(len(q), 2 * q.shape[1]), torch.empty_like(q)
+        for i, b in zip(range(0, len(q), block), q.split(block)):
+            packed[i:i + len(b)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.stack([b >> 4, b & 0xF], -1).view(len(b), -1).to(torch.int32), 1)
+        return packed
+    return torch.ops.aten._convert_weight_to_int4pack(q.contiguous(), tile_k // 16)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """A packed tensor's 4-bit values in memory order (low nibble of each byte first), uint8."""
+    b = packed.reshape(-1).view(torch.uint8)
+    return torch.stack((b & 15, b >> 4), -1).view(-1)
+
+
+@functools.cache
+def int4_layout(device: torch.device, rows: int, tile_k: int) -> Int4Layout | None:
+    """The device's packed int4 layout for `rows` output rows, derived by packing a weight whose
+    values spell out their own positions (four bits per pass) and reading where each landed: the
+    dequantizer then follows whatever PyTorch's packing function does, on CPU (blocks of 64, 32
+    and 16 rows) and CUDA (tinygemm's 8-row tiles) alike. Two column tiles are packed, to check
+    that the layout repeats tile by tile; None (with a warning) where it does not: such a layer
+    keeps its packed kernel."""
+    cols = 2 * tile_k
+    positions = torch.arange(rows * cols, device=device)
+    where = torch.zeros_like(positions)
+    for shift in range(0, max(1, (rows * cols - 1).bit_length()), 4):
+        digits = ((positions >> shift) & 15).to(torch.uint8).view(rows, cols)
+        where |= _nibbles(pack_int4(digits[:, 0::2] << 4 | digits[:, 1::2], tile_k)).long() << shift
+    layout = _runs(where.cpu().numpy(), tile_k, device)
+    if layout is None:
+        log.warning("this PyTorch's int4 layout on %s is not tiled as cogvlm expects; int4 layers "
+                    "with %d rows keep the packed kernel at every row count", device, rows)
+    return layout
+
+
+def _runs(where: np.ndarray, tile_k: int, device: torch.device) -> Int4Layout | None:
+    """Row blocks and tile orders from `where` (the row-major position in a (rows, 2 * tile_k)
+    weight of each packed nibble), or None if it is not blocks of two equal tiles."""
+    if not np.array_equal(np.sort(where), np.arange(where.size)):
+        return None
+    row, col = where // (2 * tile_k), where % (2 * tile_k)
+    runs: list[tuple[int, int, int, np.ndarray]] = []
+    j = start = 0
+    while j < where.size:
+        n = int(np.argmax(col[j:] >= tile_k))  # the block's first tile: columns below tile_k
+        first = (row[j:j + n] - start) * tile_k + col[j:j + n]
+        second = (row[j + n:j + 2 * n] - start) * tile_k + col[j + n:j + 2 * n] - tile_k
+        if n == 0 or n % tile_k or not np.array_equal(np.sort(first), np.arange(n)) \
+                or not np.array_equal(first, second):
+            return None
+        height, order = n // tile_k, np.argsort(first)
+        if runs and runs[-1][2] == height and np.array_equal(runs[-1][3], order):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, height, order)
+        else:
+            runs.append((start, 1, height, order))
+        j, start = j + 2 * n, start + height
+    return Int4Layout(tile_k, tuple(_Run(s, b, h, torch.from_numpy(o).to(device)) for s, b, h, o in runs))
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    layout: Int4Layout, out: torch.Tensor) -> torch.Tensor:
+    """bf16((q - 8) * scale + zero) of every packed value, row-major into `out` (N16, Kg): the
+    product is exact in fp32, so this is the fp32 sum rounded once to bf16. Row blocks go in
+    chunks of ~`DEQUANT_CHUNK` values to bound the temporaries."""
+    width, tile_k = out.shape[1], layout.tile_k
+    stream = packed.reshape(-1).view(torch.uint8)
+    scale, zero = (t.T for t in scales_and_zeros.unbind(-1))  # (N16, groups) each
+    byte = 0
+    for run in layout.runs:
+        per_block = run.height * width
+        step = max(1, DEQUANT_CHUNK // per_block)
+        for first in range(0, run.blocks, step):
+            blocks = min(step, run.blocks - first)
+            b = stream[byte:byte + blocks * per_block // 2]
+            byte += blocks * per_block // 2
+            codes = torch.stack((b & 15, b >> 4), -1).sub_(8).view(torch.int8)  # q - 8, in memory order
+            codes = codes.view(blocks, width // tile_k, -1)[:, :, run.order]
+            lo = run.start + first * run.height
+            rows = slice(lo, lo + blocks * run.height)
+            dst = out[rows]
+            dst.view(blocks, run.height, width // tile_k, tile_k).copy_(
+                codes.view(blocks, width // tile_k, run.height, tile_k).transpose(1, 2))
+            grouped = dst.view(-1, width // group_size, group_size)
+            torch.addcmul(zero[rows, :, None], grouped, scale[rows, :, None], out=grouped)
+    return out
+
+
+class _QuantizedBuffers(nn.Module):
+    """What the quantized layers share about moving: `.to(dtype)` / `.half()` / `.float()` leave
+    every stored tensor in its dtype (the kernels take int8/uint8 weights and bf16 scales, zeros
+    and biases, nothing else), and a move to another device keeps the bytes."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+
+class Int8Linear(_QuantizedBuffers):
     """A Linear with int8 weights, one bf16 scale per output row: y = (x @ q.T) * scale + bias.
 
     Layout (the same in checkpoints and in memory, on every device): `qweight` int8 (N, K16),
@@ -153,13 +338,17 @@ class Int8Linear(nn.Module):
         return {"qweight": qweight, "scales": scales}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(_pad_input(x, self.width), self.qweight, self.scales)
+        x2 = _pad_input(x, self.width)
+        if route(x2.device.type, 8, len(x2), torch.compiler.is_compiling()) == "dequant":
+            y = F.linear(x2, dequantize_int8(self.qweight, self.scales, scratch(x2.device, self.qweight.shape)))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedBuffers):
     """A Linear with 4-bit weights in groups of `group_size` inputs, each group with a bf16 scale
     and zero: w = (q - 8) * scale + zero (q in 0..15), the tinygemm kernels' format; a bias
     (CogVLM2's vision-expert QKV) stays bf16.
@@ -209,21 +398,40 @@ class Int4Linear(nn.Module):
     def pack(self) -> None:
         """Neutral `qweight` → the layout of its device's kernel (once, when it is filled). On CPU
         the layout is PyTorch's, which cogvlm's own decode kernels also read (`kernels`)."""
-        q = self.qweight
-        if q.device.type == "cpu":  # its layout is local to blocks of 64 rows: pack block by block
+        device = self.qweight.device
+        if device.type == "cpu":
             self.kernels = cpu_kernels() if self.rows % 64 == 0 else None
-            block, packed = _block(self.rows, self.width), torch.empty_like(q)
-            for i, b in zip(range(0, self.rows, block), q.split(block)):
-                packed[i:i + len(b)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    torch.stack([b >> 4, b & 0xF], -1).view(len(b), -1).to(torch.int32), 1)
-            self.qweight = packed
-        elif q.device.type != "meta":
-            tiles = next(t for t in (8, 4, 2) if self.width % (16 * t) == 0)
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack(q.contiguous(), tiles)
+        if device.type != "meta":
+            self.qweight = pack_int4(self.qweight, _tile_k(device.type, self.width))
+
+    def dequantize(self) -> torch.Tensor | None:
+        """The packed weight as bf16 (N16, Kg) in the device's shared buffer (`scratch`), or None
+        where the layout could not be read (`int4_layout`)."""
+        device = self.qweight.device
+        layout = int4_layout(device, self.rows, _tile_k(device.type, self.width))
+        if layout is None:
+            return None
+        return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size, layout,
+                               scratch(device, (self.rows, self.width)))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """CPU and CUDA pack int4 in different orders, so a packed weight cannot change device type
+        by a copy: refused with a QuantError (load on the target device instead). To and from
+        the meta device (shapes only) and between GPUs it moves."""
+        here = self.qweight.device
+        there = fn(torch.empty(0, dtype=torch.uint8, device=here)).device
+        if here.type != there.type and "meta" not in (here.type, there.type):
+            raise QuantError(f"an int4 model packed for {here.type} cannot be moved to {there.type} with "
+                             f".to(): the two kernels pack in different orders; load it with "
+                             f"device={there.type!r} instead")
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _pad_input(x, self.width)
-        if self.qweight.device.type != "cpu":
+        dequant = route(x2.device.type, 4, len(x2), torch.compiler.is_compiling()) == "dequant"
+        if dequant and (w := self.dequantize()) is not None:
+            y = F.linear(x2, w)
+        elif self.qweight.device.type != "cpu":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
         elif kernel := self.kernels and self.kernels.int4_rows(len(x2)):
             y = torch.ops.cogvlm.int4_mm(x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros,
@@ -276,6 +484,25 @@ class QuantConfig:
             return None if d.get(key) is None else int(d[key])
 
         return cls(bits("bits"), int(d.get("group_size", 128)), bits("vision_bits"))
+
+
+def check_cuda_capability(device: torch.device, dtype: torch.dtype, quant: QuantConfig | None) -> None:
+    """Refuse, before any weight is read, a load the GPU cannot run: bf16 (which every quantized
+    model computes in) and tinygemm's int4 need compute capability 8.0 (A100 / RTX 30xx or newer);
+    on a V100 or T4 they fail inside a kernel with a raw CUDA error."""
+    if device.type != "cuda":
+        return
+    if quant is not None and 4 in (quant.bits, quant.vision_bits):
+        needs, fix = "int4 (tinygemm)", "use --fp16 without --quant, or a newer GPU"
+    elif quant is not None or dtype == torch.bfloat16:
+        needs, fix = "bfloat16", ("quantized models compute in bfloat16: use --fp16 without --quant, or a newer GPU"
+                                  if quant is not None else "use --fp16")
+    else:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        raise UsageError(f"{torch.cuda.get_device_name(device)} ({device}) has compute capability {major}.{minor}; "
+                         f"{needs} needs 8.0 or later: {fix}")
 
 
 def empty_quantized(linear: nn.Linear, bits: int, group_size: int) -> QuantizedLinear:
