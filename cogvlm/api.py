@@ -17,7 +17,7 @@ from .model import CogVLMForCausalLM, KVCache
 from .options import TP_TIMEOUT, LoadOptions
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
-from .quantize import can_prepack, prepack_model
+from .quantize import QuantConfig, can_prepack, check_cuda_capability, prepack_model
 from .sharding import check_split
 from .tp import load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
@@ -29,7 +29,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quantized: bool) -> None:
+def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quant: QuantConfig | None) -> None:
     """The GPUs a CUDA load will use are there and can run `dtype`: checked before anything is
     planned, loaded or started, so each problem is one line (not `Invalid device id` from the
     memory plan, or a raw CUDA error from the first bf16 kernel). Ranks use cuda:0..N-1."""
@@ -40,13 +40,7 @@ def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quantized: 
     if world == 1 and (device.index or 0) >= count:
         raise UsageError(f"there is no {device}: {count} GPUs are visible (cuda:0 to cuda:{count - 1})")
     for index in range(world) if world > 1 else [device.index or 0]:
-        capability = torch.cuda.get_device_capability(index)
-        if (dtype == torch.bfloat16 or quantized) and capability < (8, 0):
-            name = torch.cuda.get_device_properties(index).name
-            what = "quantized models (they run in bfloat16) need" if quantized else "bfloat16 needs"
-            fix = "" if quantized else "; use --fp16 (dtype=torch.float16) on this GPU"
-            raise UsageError(f"cuda:{index} ({name}) has compute capability {capability[0]}.{capability[1]}; "
-                             f"{what} 8.0 or newer (Ampere){fix}")
+        check_cuda_capability(torch.device("cuda", index), dtype, quant)
 
 
 def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMConfig) -> Tokenizer:
@@ -143,7 +137,7 @@ class CogVLM:
             prepack = not options.compile and can_prepack(device, dtype)
         check_split(config, tp)  # the load's one check: the plan and every rank's share trust it
         if device.type == "cuda":
-            check_gpus(device, tp, dtype, bool(quantized))
+            check_gpus(device, tp, dtype, quantized)
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
             model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config, options.tp_timeout)

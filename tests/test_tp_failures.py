@@ -259,9 +259,11 @@ def test_bf16_and_quantized_on_sm70_are_one_line(tiny_checkpoint, fake_gpus, cap
     fake_gpus(2, (7, 0), "Tesla V100-SXM2-32GB")
     base = ["chat", "--model", str(tiny_checkpoint), "--device", "cuda", "--query", "hi"]
     err = one_line_error(capsys, [*base, "--tp", "2"])  # bf16, the CUDA default
-    assert err == ("cogvlm chat: error: cuda:0 (Tesla V100-SXM2-32GB) has compute capability 7.0; bfloat16 needs "
-                   "8.0 or newer (Ampere); use --fp16 (dtype=torch.float16) on this GPU\n")
+    assert err == ("cogvlm chat: error: Tesla V100-SXM2-32GB (cuda:0) has compute capability 7.0; bfloat16 needs "
+                   "8.0 or later: use --fp16\n")
+    err = one_line_error(capsys, [*base, "--quant", "8"])
+    assert "bfloat16 needs 8.0 or later: quantized models compute in bfloat16" in err
     err = one_line_error(capsys, [*base, "--quant", "4"])
-    assert "quantized models (they run in bfloat16) need 8.0 or newer" in err
+    assert "int4 (tinygemm) needs 8.0 or later" in err
     with pytest.raises(AssertionError, match="got past the GPU checks"):  # fp16 runs there
         main([*base, "--fp16", "--tp", "2"])
