@@ -57,6 +57,11 @@ class TensorParallelError(CogVLMError, RuntimeError):
     """The ranks could not start, or one of them stopped: the message says which and why."""
 
 
+class KernelBuildError(CogVLMError, RuntimeError):
+    """Our CPU kernels could not be built (another process has held the build for too long):
+    logged, and PyTorch's kernels are used instead."""
+
+
 class TrainingError(CogVLMError, ValueError):
     """A fine-tuning request the user can fix (flags, data): the CLI prints it as one line."""
 

@@ -10,18 +10,54 @@ it cannot run (another CPU, no compiler), int4 layers keep PyTorch's kernel.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
 import platform
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+
+from .errors import KernelBuildError
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.cpp"
+NAME = "cogvlm_cpu_kernels"
+BUILD_WAIT = 600.0  # seconds to wait for another process's build (a first build takes ~15 s)
+
+
+@contextmanager
+def build_lock(folder: Path, wait: float = BUILD_WAIT) -> Iterator[None]:
+    """Hold this build folder while PyTorch's builder runs in it. PyTorch's own lock is a file
+    that a killed build leaves behind, and every later build then waits for it forever; ours is
+    an flock, which the kernel releases when its holder dies. So while we hold ours no live
+    cogvlm process is building, and a PyTorch lock file found then is stale: it is removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "cogvlm.lock", "w") as lock:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KernelBuildError(f"another process has been building cogvlm's CPU kernels in {folder} for over "
+                                    f"{wait:.0f} s") from None
+                time.sleep(0.2)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -51,12 +87,13 @@ def cpu_kernels() -> CpuKernels | None:
     if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None  # the kernels are AVX-512 code: not worth a build that could not run
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         log.info("loading cogvlm's CPU kernels (compiled for this machine the first time, ~15 s)")
-        load(name="cogvlm_cpu_kernels", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as e:  # no compiler, no ninja, not x86: the aten kernels still work
+        with build_lock(Path(_get_build_directory(NAME, verbose=False))):
+            load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                 is_python_module=False)
+    except Exception as e:  # no compiler, no ninja, a build that never ends: the aten kernels still work
         log.warning("cogvlm's CPU kernels could not be built (%s); int4 uses PyTorch's kernel", str(e).splitlines()[0])
         return None
     avx512_bf16, amx = torch.ops.cogvlm.cpu_kernels()
