@@ -15,7 +15,6 @@ import base64
 import binascii
 import contextlib
 import hmac
-import io
 import json
 import math
 import re
@@ -29,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .api import CogVLM
 from .config import TEMPLATES
 from .errors import CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TensorParallelError, TokenizerError
 from .generate import SamplingParams
-from .image import load_image
+from .image import load_image, open_image
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
 
@@ -324,12 +323,12 @@ def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
     """Bytes the decoded image and its RGB copy take, from the header *before* decoding: a small
     file can hold a huge bitmap. 0 for data that is not an image (`_decode` says why)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             width, height = img.size
             bands = len(img.getbands())
     except Image.DecompressionBombError as e:
         raise _too_big(str(e).split(" could")[0], where, "--max-image-pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Exception:  # not an image we read, or a header a decoder chokes on: `_decode` says which
         return 0
     if width * height > max_pixels:
         raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")

@@ -141,7 +141,7 @@ def test_tar_and_parquet_shards_are_captioned_once_with_errors_recorded(full_run
     assert len(set(want.values())) > 20, "the captions should differ from image to image"
     tables = check_outputs(out, data[1], want)
     errors = {r["id"]: r["error"] for rows in tables.values() for r in rows if r["error"]}
-    assert errors["c0"] == "tars/00000.tar sample c0 is not an image file PIL can read (PNG, JPEG, WebP, ...)"
+    assert errors["c0"] == "tars/00000.tar sample c0 is not an image file in a format we read (PNG, JPEG, WebP, BMP, GIF, TIFF)"
     assert errors["t1"].startswith("tars/00001.tar sample t1 is corrupt or truncated")
     assert errors["n2"] == "sample n2 of tars/00002.tar has no image (members: .json)"
     assert errors["1"].startswith("image file not found:") and "missing.png" in errors["1"]

@@ -61,3 +61,41 @@ def test_bad_images_give_clear_errors(tmp_path):
         load_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(ImageError, match="shape"):
         load_image(np.zeros((4, 4, 7), dtype=np.uint8))
+
+
+def encoded(fmt: str, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (8, 8), 200 if mode != "RGB" else (200, 10, 10)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["QOI", "IM", "DDS", "ICNS", "EPS", "TGA", "PCX", "PPM", "SGI"])
+def test_formats_we_do_not_document_are_refused_before_any_decoder_runs(fmt, tmp_path):
+    """Pillow opens these valid files; their decoders raise anything on crafted ones, and EPS
+    runs Ghostscript: only PNG, JPEG, WebP, BMP, GIF and TIFF are decoded."""
+    data = encoded(fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # a real file of that format
+    (tmp_path / "x").write_bytes(data)
+    for source in (data, tmp_path / "x"):
+        with pytest.raises(ImageError, match=r"is not an image file in a format we read \(PNG, JPEG, WebP"):
+            load_image(source)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_the_documented_formats_decode(fmt):
+    img = load_image(encoded(fmt))
+    assert img.size == (8, 8) and img.mode == "RGB"
+
+
+def test_a_png_with_a_short_idat_is_an_image_error_not_a_decoder_exception():
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "PNG")
+    data = buf.getvalue()
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    short = data[at + 4:at + 4 + length // 2]  # half the compressed pixels, in a chunk with a valid CRC
+    chunk = len(short).to_bytes(4, "big") + b"IDAT" + short + zlib.crc32(b"IDAT" + short).to_bytes(4, "big")
+    with pytest.raises(ImageError, match="the given bytes is corrupt or truncated"):
+        load_image(data[:at - 4] + chunk + data[at + 8 + length:])
