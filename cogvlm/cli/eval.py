@@ -28,12 +28,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("give either a JSONL file or --task, not both")
     if not args.annotations:
         raise UsageError(f"--task {args.task} needs --annotations FILE(S) (docs/eval.md says which)")
-    sampling, options = sampling_flags(args), load_options(args)
+    if args.predictions is not None:
+        return _score_predictions(args)
     from ..eval.report import table
     from ..eval.runner import prepare, run_job
 
+    sampling, options = sampling_flags(args), load_options(args)
     job = prepare(args.task, args.annotations, args.images, args.split, args.limit, args.model, args.prompt,
-                  args.template)  # every file or prompt mistake before the (slow) model load
+                  args.template, args.scorer)  # every file, prompt or scorer mistake before the (slow) model load
     # under torchrun each process answers its share of the items with a model of its own, unless
     # --tp N splits one model over the processes (then rank 0 answers every item)
     rank, size, options = share_items(options)
@@ -53,12 +55,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_predictions(args: argparse.Namespace) -> int:
+    """--predictions: score existing answers; no model is loaded and no image is decoded."""
+    from ..eval.report import table
+    from ..eval.runner import prepare, score_file
+
+    if args.prompt:
+        raise UsageError("--prompt cannot apply to --predictions (the answers exist already)")
+    # --images only for Visual7W, whose boxes are scaled by each image's size (read from its header)
+    job = prepare(args.task, args.annotations, args.images, args.split, args.limit, scorer=args.scorer,
+                  answering=False)
+    print(table(score_file(job, args.predictions, args.out)))
+    return 0
+
+
 def _eval_jsonl(args: argparse.Namespace) -> int:
     from ..eval.jsonl import evaluate, format_table, write_json
 
     if args.data is None:
         raise UsageError("give a JSONL file, or --task NAME --annotations FILE(S) (see cogvlm eval --help)")
-    task_only = [f"--{k}" for k in ("annotations", "images", "split", "out", "prompt") if getattr(args, k)]
+    task_only = [f"--{k}" for k in ("annotations", "images", "split", "out", "prompt", "scorer", "predictions")
+                 if getattr(args, k)]
     if task_only:
         raise UsageError(f"{', '.join(task_only)} need --task NAME (a JSONL file needs none of them)")
     vlm = load_model(load_options(args), sampling_flags(args))
@@ -90,6 +107,12 @@ def add_eval_verb(verbs: Any) -> None:
                         "a rerun with the same DIR resumes")
     p.add_argument("--prompt", help="query instead of the documented one, with the task's {fields}, "
                                     "e.g. '{question} Answer in one word.'")
+    p.add_argument("--scorer", metavar="NAME",
+                   help="scoring code to follow instead of the task's default (its publisher's or server's); "
+                        "docs/eval.md lists each task's scorers, e.g. vqa-2016, vqa-2021, evalai-vqa, lenient")
+    p.add_argument("--predictions", type=Path, metavar="ANSWERS.jsonl",
+                   help="score these existing answers ({\"question_id\", \"answer\"} per line; captions "
+                        "{\"image_id\", \"caption\"}) instead of generating: no model, no images")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="answers generated together (default 16)")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                    help="seconds between progress lines when stderr is not a terminal (default 30)")

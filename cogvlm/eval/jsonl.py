@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..data.records import read_records
 from ..grounding import iou, parse_boxes
-from .metrics import normalize_answer, vqa_accuracy as official_vqa_accuracy
+from .metrics import normalize_answer, vqa_2016_accuracy
 
 
 def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
@@ -25,7 +25,7 @@ def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
     synthetic sets) normalized exact match, since leave-one-out needs more than one."""
     if len(annotator_answers) == 1:
         return float(normalize_answer(prediction) == normalize_answer(annotator_answers[0]))
-    return official_vqa_accuracy(prediction, annotator_answers)
+    return vqa_2016_accuracy(prediction, annotator_answers)
 
 
 def object_set(caption: str) -> frozenset[str]:

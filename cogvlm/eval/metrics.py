@@ -1,21 +1,35 @@
-"""The benchmarks' official metrics, written to match the publishers' evaluation code line by line.
+"""The benchmarks' official scoring rules, each written from its publisher's evaluation code (the
+rules and tables are facts taken from that code; the code here is ours). docs/eval.md names each
+source with its repository and commit; tests/test_eval_metrics.py checks each rule's corners.
 
-- VQAv2 / OK-VQA (GT-Vision-Lab `vqaEval.py`): the prediction is always normalized (punctuation,
-  then digits/articles/contractions); the ten ground-truth answers only get the punctuation pass,
-  and only when they disagree. Score: min(#other annotators who gave it / 3, 1), averaged over the
-  ten leave-one-out subsets.
-- TextVQA (`m4c_evaluator.TextVQAAccuracyEvaluator`) and VizWiz (EvalAI's VQA answer processor):
-  both the prediction and every ground truth go through EvalAI's processor (lower-case, drop ','
-  and '?', split "'s", then the same punctuation and digit/article passes), same leave-one-out rule.
-- Captioning: CIDEr-D and BLEU-4 from `pycocoevalcap` on text tokenized by `ptb_tokenize`, a
-  Java-free stand-in for the Stanford PTBTokenizer the COCO toolkit runs (docs/eval.md measures the
-  difference). METEOR and SPICE need Java and are not computed.
+- `vqa_2016_accuracy`: GT-Vision-Lab/VQA `vqaEval.py` at 458a8b2 (2016): the prediction is always
+  normalized (punctuation, then digits/articles/contractions); the ten ground-truth answers are
+  compared as stored, except for the punctuation pass when they disagree.
+- `vqa_2021_accuracy`: the same repository at a013f00 (2021, "Fixed processing answers bug"): the
+  ground truths are stripped; when they disagree, both sides get both passes; when they are
+  unanimous, neither side is normalized at all.
+- `evalai_challenge_accuracy`: Cloud-CV/VQA-Challenge (the code EvalAI runs for VQAv2 test-dev):
+  the 2016 flow with a regex punctuation pass that strips leading and trailing punctuation.
+- `m4c_accuracy`: TextVQA's `m4c_evaluator` (EvalAI's answer processor on both sides).
+- `vizwiz_accuracy`: the VizWiz-VQA API: only the prediction is normalized, with a contraction table
+  in curly apostrophes; the ground truths are compared as stored.
+- `exact_match` / `lenient_exact`: GQA's `eval.py` compares raw strings; the lenient variant
+  normalizes both sides (never a default).
+- Every ten-answer rule ends in the same leave-one-out average of min(#others agreeing / 3, 1).
+- Captioning: CIDEr-D and BLEU from `pycocoevalcap` on text tokenized by pycocoevalcap's own Java
+  PTBTokenizer when Java is on PATH, else by `ptb_tokenize`, a Java-free stand-in (docs/eval.md
+  lists where the two agree and where they do not).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from statistics import harmonic_mean
 from typing import Iterable, Mapping, Sequence
 
@@ -49,14 +63,34 @@ CONTRACTIONS = {
     "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
     "youve": "you've",
 }
+
+
+def _curly(text: str) -> str:
+    return text.replace("'", "\u2019")
+
+
+# The VizWiz API's table is the same one typed with curly apostrophes (U+2019), except these
+# entries, which kept the straight one in the key or in the value.
+_VIZWIZ_STRAIGHT_KEYS = {"couldn'tve", "hadn'tve"}
+_VIZWIZ_STRAIGHT_VALUES = {"aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove"}
+VIZWIZ_CONTRACTIONS = {(k if k in _VIZWIZ_STRAIGHT_KEYS else _curly(k)): (v if k in _VIZWIZ_STRAIGHT_VALUES else _curly(v))
+                       for k, v in CONTRACTIONS.items()}
 NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, as in the official code
 _COMMA_NUM = re.compile(r"(\d)(\,)(\d)")  # vqaEval.py
-_COMMA_NUM_EVALAI = re.compile(r"(?<=\d)(\,)+(?=\d)")  # EvalAI's answer processor
+_COMMA_NUM_EVALAI = re.compile(r"(?<=\d)(\,)+(?=\d)")  # EvalAI's answer processor and the challenge code
 _PERIOD_COUNT = int(re.UNICODE)  # the official code passes re.UNICODE (32) as sub()'s count argument
+
+# Cloud-CV/VQA-Challenge's regex punctuation pass; P is its class of punctuation characters
+_P = r"\\;/\"`\[\](){}<>@=+_\-,?!"
+_CH_BEGIN = re.compile(r"\A([ " + _P + r"]+)(?=[a-zA-Z0-9 ])")  # leading run, when text follows
+_CH_END = re.compile(r"(?<=[a-zA-Z0-9 ])([ " + _P + r"]+)\Z")  # trailing run, after text
+_CH_NEXT_TO_PUNCT = re.compile(r"(?<=[ " + _P + r"])([" + _P + r"])|([" + _P + r"])(?=[ " + _P + r"])")
+_CH_SPACES = re.compile(r"([ ]+)")
+_CH_BETWEEN_LETTERS = re.compile(r"(?<=[a-zA-Z])([" + _P + r"])(?=[a-zA-Z])")
 
 
 def process_punctuation(text: str, comma_num: re.Pattern = _COMMA_NUM) -> str:
@@ -70,46 +104,99 @@ def process_punctuation(text: str, comma_num: re.Pattern = _COMMA_NUM) -> str:
     return _PERIOD.sub("", out, _PERIOD_COUNT)
 
 
-def process_digit_article(text: str) -> str:
+def challenge_punctuation(text: str) -> str:
+    """The VQA-Challenge processPunctuation: strip leading/trailing punctuation runs, drop commas
+    inside numbers, turn punctuation next to a space or punctuation into a space, squeeze spaces,
+    split letter-punctuation-letter, then the periods. (Its second pass over letter-punctuation-
+    letter, with "", can match nothing after the first and is not repeated here.)"""
+    out = _CH_BEGIN.sub("", text)
+    out = _CH_END.sub("", out)
+    out = _COMMA_NUM_EVALAI.sub("", out)
+    out = _CH_NEXT_TO_PUNCT.sub(" ", out)
+    out = _CH_SPACES.sub(" ", out)
+    out = _CH_BETWEEN_LETTERS.sub(" ", out)
+    return _PERIOD.sub("", out, _PERIOD_COUNT)
+
+
+def process_digit_article(text: str, contractions: Mapping[str, str] = CONTRACTIONS) -> str:
     """vqaEval.processDigitArticle: lower-case, number words to digits, drop articles, contractions."""
     words = [NUMBERS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(contractions.get(w, w) for w in words if w not in ARTICLES)
+
+
+def _clean(text: str) -> str:
+    """What every official evaluator does first to the prediction: tabs and newlines to spaces, strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer: str) -> str:
-    """The official normalization of a predicted answer (white space, punctuation, digits, articles)."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """vqaEval.py's normalization of a predicted answer (white space, punctuation, digits, articles)."""
+    return process_digit_article(process_punctuation(_clean(answer)))
 
 
 def evalai_normalize(answer: str) -> str:
-    """EvalAI's VQA answer processor (used by TextVQA's and VizWiz's evaluations)."""
+    """EvalAI's VQA answer processor (m4c_evaluator.EvalAIAnswerProcessor, used by TextVQA)."""
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text, _COMMA_NUM_EVALAI))
+    return process_digit_article(process_punctuation(_clean(text), _COMMA_NUM_EVALAI))
 
 
 def _leave_one_out(pred: str, gts: Sequence[str]) -> float:
+    """The mean over the ten leave-one-annotator-out subsets of min(#matching / 3, 1). Every
+    official version drops one answer by position (VQA: each answer dict has its own answer_id)."""
     scores = [min(1.0, sum(g == pred for g in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))]
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2's rule exactly as vqaEval.py computes it (ten annotators, leave-one-out)."""
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+def vqa_2016_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """GT-Vision-Lab vqaEval.py at 458a8b2: the ground truths are used as stored (not stripped),
+    with only the punctuation pass, and only when they disagree."""
+    gts = list(answers)
     if len(set(gts)) > 1:
         gts = [process_punctuation(a) for a in gts]
     return _leave_one_out(normalize_answer(prediction), gts)
 
 
-def evalai_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """TextVQA's and VizWiz's rule: everything through EvalAI's processor, then leave-one-out."""
+def vqa_2021_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """GT-Vision-Lab vqaEval.py at a013f00: ground truths cleaned like the prediction; if they
+    disagree both sides get punctuation + digits/articles, if unanimous neither side does (so
+    'Yes' no longer matches ten 'yes', and 't-shirt' now matches ten 't-shirt')."""
+    pred, gts = _clean(prediction), [_clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    return _leave_one_out(pred, gts)
+
+
+def evalai_challenge_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Cloud-CV/VQA-Challenge vqaEval.py (EvalAI's VQAv2 server): the 2016 flow with the regex
+    punctuation pass, so a ground truth 'yes!' among disagreeing answers becomes 'yes'."""
+    gts = list(answers)
+    if len(set(gts)) > 1:
+        gts = [challenge_punctuation(a) for a in gts]
+    return _leave_one_out(process_digit_article(challenge_punctuation(_clean(prediction))), gts)
+
+
+def m4c_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA's m4c_evaluator.TextVQAAccuracyEvaluator: everything through EvalAI's processor."""
     return _leave_one_out(evalai_normalize(prediction), [evalai_normalize(a) for a in answers])
 
 
+def vizwiz_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The VizWiz-VQA API (vqaEval.py of the VizWiz Python API): the prediction gets vqaEval's
+    passes with the curly-apostrophe contraction table ('dont' -> 'don\u2019t'); the ground truths
+    are compared exactly as stored (no case folding, no stripping)."""
+    pred = process_digit_article(process_punctuation(_clean(prediction)), VIZWIZ_CONTRACTIONS)
+    return _leave_one_out(pred, list(answers))
+
+
 def exact_match(prediction: str, answer: str) -> float:
-    """GQA / TDIUC: the answer string, compared after the VQA normalization of both sides (the
-    benchmarks score classifier labels; a generated answer may differ in case or an article)."""
+    """GQA's eval.py: `predicted == gold`, the raw strings."""
+    return float(prediction == answer)
+
+
+def lenient_exact(prediction: str, answer: str) -> float:
+    """Not an official rule: both sides through vqaEval's normalization (case, punctuation,
+    number words, articles). Kept as `--scorer lenient`, always labelled so in the report."""
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
@@ -136,13 +223,16 @@ def pope_answer(text: str) -> str:
 
 
 def pope_metrics(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
-    """(predicted yes/no, label) -> accuracy, precision, recall, F1 and yes-ratio, 'yes' positive."""
+    """(predicted yes/no, label) -> accuracy, precision, recall, F1 and yes-ratio, 'yes' positive.
+    A label is negative when it reads 'no' (POPE's evaluate.py), in any case: VLMEvalKit's TSV
+    writes 'Yes'/'No'."""
     tp = fp = tn = fn = 0
     for pred, label in pairs:
+        positive = label.strip().lower() != "no"
         if pred == "yes":
-            tp, fp = tp + (label == "yes"), fp + (label != "yes")
+            tp, fp = tp + positive, fp + (not positive)
         else:
-            tn, fn = tn + (label != "yes"), fn + (label == "yes")
+            tn, fn = tn + (not positive), fn + positive
     total = tp + fp + tn + fn
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -176,42 +266,103 @@ def pixel_iou(a: PixelBox, b: PixelBox) -> float:
 
 # ---- captions -----------------------------------------------------------------------------------
 
-PTB_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
-                   "...", ";"}  # pycocoevalcap's list (lower-cased, as -lowerCase makes the brackets)
-# what the Java tokenizer turns into the bracket and quote tokens of that list
-_PTB_DROPPED = PTB_PUNCTUATION | set('"()[]{}')
-_PTB_TOKEN = re.compile(r"""
-    \d+(?:[.,:]\d+)+           # 1,000 and 3.5 and 12:30 stay whole
-  | (?:mr|mrs|ms|dr|st|jr|sr|mt|vs|etc)\.(?=\s|$)   # titles keep their period
-  | o'clock | 'n'                   # PTB's special words
-  | (?:[a-z]\.){2,}            # u.s. / a.m. abbreviations keep their periods
-  | [a-z0-9]+(?:[-&/][a-z0-9]+)*(?=n't)   # the stem before n't
+# pycocoevalcap's PTBTokenizer drops these tokens after Stanford CoreNLP 3.4.1's PTBTokenizer ran
+# with -lowerCase. The bracket entries are upper case, so the lower-cased -lrb- -rrb- -lcb- -rcb-
+# the jar writes are never dropped: they stay in the text CIDEr and BLEU see.
+PTB_PUNCTUATION = ("''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                   "...", ";")
+PTB_JAR = "stanford-corenlp-3.4.1.jar"
+
+# What the jar rewrites before tokenizing, as far as captions meet it: brackets to their PTB names,
+# dashes to "--", other currencies to "$" or "#", vulgar fractions to digits, quotes to `` and ''.
+_PTB_REWRITE = str.maketrans({
+    "(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- ",
+    "\u2013": " -- ", "\u2014": " -- ", "\u20ac": " $ ", "\u00a3": " # ", "\u00a5": " $ ",
+    "\u00bd": " 1/2 ", "\u00bc": " 1/4 ", "\u00be": " 3/4 ", '"': " `` ", "\u201c": " `` ", "\u201d": " '' ",
+    "\u2018": " ` ", "\u2019": "'"})
+_W = r"[^\W_]"  # a letter or digit of any script: accented words stay whole, as in the jar
+_PTB_TOKEN = re.compile(rf"""
+    -(?:lrb|rrb|lsb|rsb|lcb|rcb)-            # bracket names (made above)
+  | (?:(?<=\s)|^)[-+]\d+(?:[.,:]\d+)*         # a signed number at a word start: -5, +3, -3.5
+  | \d+(?:[.,:/]\d+)+                         # 1,000  3.5  12:30  3/4 stay whole
+  | (?:mr|mrs|ms|dr|st|jr|sr|mt|vs|etc|jan|feb|mar|apr|aug|sept|sep|oct|nov|dec|no|inc|ltd|co|ft|lb|oz)\.(?=\s|$)
+  | {_W}+@{_W}+(?:\.{_W}+)+ | @{_W}+          # e-mail addresses and @handles stay whole
+  | (?:www\.)?{_W}+(?:\.{_W}{{2,}})*\.(?:com|org|net|edu|gov)\b   # host names
+  | o'clock | 'n'                             # PTB's special words
+  | (?:{_W}\.){{2,}}                          # u.s.  p.m.  e.g.  d.c. keep their periods
+  | {_W}+(?:[-&/]{_W}+)*(?=n't)               # the stem before n't
   | n't | '(?:s|re|ve|ll|m|d)\b
-  | [a-z0-9]+(?:[-&/][a-z0-9]+)*          # words, with inner hyphens, slashes, ampersands
-  | \.\.\.|--|[^\sa-z0-9]
+  | {_W}+(?:[-&/]{_W}+)*                      # words, with inner hyphens, slashes, ampersands
+  | \.\.\.|--|``|''|[!?]+|[^\s\w]|_
 """, re.VERBOSE)
-
-
 _PTB_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b")
+_PTB_DROPPED = {t.lower() for t in PTB_PUNCTUATION} - {"-lrb-", "-rrb-", "-lcb-", "-rcb-"}
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
 def ptb_tokenize(text: str) -> str:
-    """Lower-cased PTB-style tokens without punctuation, joined by spaces: what pycocoevalcap's
-    PTBTokenizer (Stanford CoreNLP 3.4.1, -preserveLines -lowerCase) returns, without Java."""
-    text = _PTB_SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text.replace("\n", " ").lower())
-    tokens = _PTB_TOKEN.findall(text)
-    return " ".join(t for t in tokens if t not in _PTB_DROPPED)
+    """pycocoevalcap's tokenization (CoreNLP 3.4.1 PTBTokenizer, -preserveLines -lowerCase, then
+    its punctuation filter) without Java. docs/eval.md lists the cases it is checked to match the
+    jar on (accents, dashes, brackets, repeated punctuation, signs, abbreviations) and the known
+    differences (emoticons, URLs outside .com/.org/.net/.edu/.gov, rare abbreviations)."""
+    text = text.translate(_LINE_BREAKS).lower().translate(_PTB_REWRITE)
+    text = _PTB_SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text)
+    return " ".join(t for t in _PTB_TOKEN.findall(text) if t not in _PTB_DROPPED)
 
 
-def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """Corpus CIDEr-D and BLEU-1..4 (pycocoevalcap's scorers) on ptb_tokenize'd text."""
+def ptb_jar() -> Path | None:
+    """pycocoevalcap's CoreNLP jar when it and a `java` are available, else None."""
+    if shutil.which("java") is None:
+        return None
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
+        return None
+    jar = Path(ptbtokenizer.__file__).parent / PTB_JAR
+    return jar if jar.is_file() else None
+
+
+def java_ptb_tokenize(texts: Sequence[str], jar: Path) -> list[str]:
+    """pycocoevalcap's PTBTokenizer.tokenize, run on one file for all texts: the same jar, class
+    and flags, one caption per line, then its punctuation filter (case-sensitive, as there). We
+    also turn \\r and Unicode line breaks into spaces (pycocoevalcap replaces only \\n, and the
+    jar would split a caption on the others) and set the JVM's charset to UTF-8."""
+    fd, name = tempfile.mkstemp(suffix=".txt", text=False)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write("\n".join(t.translate(_LINE_BREAKS) for t in texts).encode("utf-8"))
+        run = subprocess.run(["java", "-Dfile.encoding=UTF-8", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                              "-preserveLines", "-lowerCase", name], capture_output=True, check=False)
+    finally:
+        os.unlink(name)
+    lines = run.stdout.decode("utf-8").split("\n")
+    if run.returncode != 0 or len(lines) < len(texts):
+        raise RuntimeError(f"the Java PTBTokenizer failed (exit {run.returncode}): "
+                           f"{run.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATION) for line in lines[:len(texts)]]
+
+
+def tokenizer_name(java: bool) -> str:
+    return f"pycocoevalcap's Java PTBTokenizer ({PTB_JAR})" if java else "ptb_tokenize (Java-free stand-in)"
+
+
+def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                   jar: Path | None = None) -> dict[str, float]:
+    """Corpus CIDEr-D and BLEU-1..4 (pycocoevalcap's scorers) on tokenized text: by the jar when
+    one is given (`ptb_jar()`), else by `ptb_tokenize`."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
     except ImportError:
         raise ImportError("caption metrics need pycocoevalcap: pip install 'cogvlm[eval]'") from None
-    res = {k: [ptb_tokenize(predictions[k])] for k in references}
-    gts = {k: [ptb_tokenize(r) for r in refs] for k, refs in references.items()}
+    keys = list(references)
+    texts = [predictions[k] for k in keys] + [r for k in keys for r in references[k]]
+    tokens = java_ptb_tokenize(texts, jar) if jar is not None else [ptb_tokenize(t) for t in texts]
+    res = {k: [tokens[i]] for i, k in enumerate(keys)}
+    gts, at = {}, len(keys)
+    for k in keys:
+        gts[k] = tokens[at:at + len(references[k])]
+        at += len(references[k])
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {"cider": float(cider), **{f"bleu{i + 1}": float(b) for i, b in enumerate(bleu)}}

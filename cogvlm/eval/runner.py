@@ -26,8 +26,10 @@ from ..jobs import Journal, read_journal, torchrun_group
 from ..progress import Progress
 from .formats import Benchmark, Item, check_images
 from .formats.vlmevalkit import read_tsv
+from .predictions import PredictionCheck, read_predictions_file
 from .prompts import Prompt, prompt_for
 from .report import build_report, write_report
+from .scorers import Scorer, scorer_for
 from .tasks import TASKS, Task
 
 if TYPE_CHECKING:
@@ -125,22 +127,59 @@ class Job:
     split: str
     items: list[Item]
     prompt: Prompt
+    scorer: Scorer
+    notes: list[str]  # what reading the files found that the report must say
 
 
 def prepare(task_name: str, annotations: Sequence[Path], images: Path | None = None, split: str | None = None,
             limit: int | None = None, model: str = "", query: str | None = None,
-            template: str | None = None) -> Job:
-    """Read the files, pick the prompt and check both (images exist, the prompt's fields are the
-    task's): every user mistake is found here, before the model loads."""
+            template: str | None = None, scorer: str | None = None, answering: bool = True) -> Job:
+    """Read the files, pick the prompt and the scorer and check them (images exist, the prompt's
+    fields are the task's, the scorer is one of the task's): every user mistake is found here,
+    before the model loads. `answering=False` (existing answers are scored) skips the images."""
     task = TASKS[task_name]
+    chosen = scorer_for(task.name, task.scorers, scorer)
     bench = read_benchmark(task, annotations, images, split)
     items = bench.items[:limit]
     if not items:
         raise UsageError(f"no {task.title} items in split {bench.split!r}; is --split right?")
-    check_images(items)
     prompt = prompt_for(task.prompt, model, query, template)
-    build_query(prompt, items[0])  # every item of a task has the same fields
-    return Job(task, bench.split, items, prompt)
+    if answering:
+        check_images(items)
+        build_query(prompt, items[0])  # every item of a task has the same fields
+    return Job(task, bench.split, items, prompt, chosen, bench.notes)
+
+
+def score_job(job: Job, preds: dict[str, str], settings: dict[str, Any], model: str = "",
+              check: PredictionCheck | None = None, predictions_file: Path | None = None) -> dict[str, Any]:
+    """The report of `preds` on the job's items with the job's scorer. Items without an answer are
+    counted (in `check`) and scored as an empty answer."""
+    check = check or PredictionCheck(missing=[it.key for it in job.items if it.id not in preds])
+    complete = {it.id: preds.get(it.id, "") for it in job.items}
+    notes = list(job.notes)
+    metrics = job.scorer.score(job.items, complete, notes)
+    return build_report(job.task, job.split, model, metrics, len(job.items), settings, scorer=job.scorer,
+                        notes=notes + check.lines(), check=check.summary(),
+                        predictions_file=None if predictions_file is None else str(predictions_file))
+
+
+def score_file(job: Job, predictions_file: Path, out: Path | None = None) -> dict[str, Any]:
+    """Score answers that already exist (any model's), without a model or images; writes
+    report.json/.md to `out` when given."""
+    preds, check = read_predictions_file(predictions_file, job.items)
+    report = score_job(job, preds, {"task": job.task.name, "split": job.split, "scorer": job.scorer.name},
+                       f"answers from {Path(predictions_file).name}", check, predictions_file)
+    if out is not None:
+        _make_out(Path(out))
+        write_report(report, Path(out))
+    return report
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
 
 
 def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16,
@@ -152,10 +191,7 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
     ranks all serve rank 0's calls instead."""
     task, items, prompt = job.task, job.items, job.prompt
     out = Path(out or Path("eval-results") / f"{task.name}-{job.split}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
+    _make_out(out)
     rank, size = torchrun_group() if data_parallel else (0, 1)
     settings = {"task": task.name, "split": job.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
@@ -182,8 +218,8 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
         path = out / "submission.json"
         write_text(path, json.dumps(task.submission(items, preds), ensure_ascii=False) + "\n")
         return {"task": task.name, "split": job.split, "n": len(items), "submission": str(path)}
-    report = build_report(task, job.split, model, task.score(items, preds), len(items),
-                          {**settings, "prompt_source": prompt.source, "batch_size": batch_size})
+    report = score_job(job, preds, {**settings, "prompt_source": prompt.source, "batch_size": batch_size,
+                                    "scorer": job.scorer.name}, model)
     write_report(report, out)
     return report
 
@@ -192,7 +228,7 @@ def run_task(vlm: CogVLM, task_name: str, annotations: Sequence[Path], images: P
              split: str | None = None, limit: int | None = None, out: Path | None = None,
              query: str | None = None, template: str | None = None, batch_size: int = 16,
              sampling: dict[str, Any] | None = None, model: str = "", progress_every: float = 30.0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, scorer: str | None = None) -> dict[str, Any]:
     """`prepare` then `run_job`: one call from the Python API."""
-    job = prepare(task_name, annotations, images, split, limit, model, query, template)
+    job = prepare(task_name, annotations, images, split, limit, model, query, template, scorer)
     return run_job(vlm, job, out, batch_size, sampling, model, progress_every, progress)

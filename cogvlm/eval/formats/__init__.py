@@ -23,11 +23,17 @@ class Item:
     answers: list[str] | None  # None: hidden test answers; [] when the answer is a box in meta
     meta: dict[str, Any] = field(default_factory=dict)  # what the metric or submission needs
 
+    @property
+    def key(self) -> str:
+        """The item's id as its publisher's files name it (what `--predictions` rows give)."""
+        return str(self.meta.get("key", self.id))
+
 
 @dataclass
 class Benchmark:
     split: str
     items: list[Item]
+    notes: list[str] = field(default_factory=list)  # what the report must say about the reading
 
 
 def load_json(path: Path) -> Any:

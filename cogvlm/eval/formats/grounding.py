@@ -58,7 +58,8 @@ def read_refcoco(paths: Sequence[Path], images: Path | None, split: str | None) 
         image = find_image(images, name, f"train2014/{name}")
         for sent in ref["sentences"]:
             items.append(Item(f"{ref['ref_id']}/{sent['sent_id']}", image, {"expression": sent["sent"]}, [],
-                              {"box": xywh_to_corners(*boxes[ref["ann_id"]]), "size": (pic["width"], pic["height"])}))
+                              {"box": xywh_to_corners(*boxes[ref["ann_id"]]), "size": (pic["width"], pic["height"]),
+                               "key": str(sent["sent_id"])}))
     return Benchmark(split, items)
 
 
@@ -78,12 +79,13 @@ def read_visual7w(paths: Sequence[Path], images: Path | None, split: str | None)
         if im["split"] != split:
             continue
         image = find_image(images, im["filename"], f"images/{im['filename']}")
-        size = Image.open(image).size if image.is_file() else (1, 1)
+        size = Image.open(image).size if image.is_file() else None  # the boxes need it; see score_pointing
         for qa in im["qa_pairs"]:
             ids = [qa["answer"], *qa["multiple_choices"]]
             random.Random(qa["qa_id"]).shuffle(ids)
             corners = [xywh_to_corners(boxes[i]["x"], boxes[i]["y"], boxes[i]["width"], boxes[i]["height"]) for i in ids]
-            listed = " ".join(format_boxes([from_pixels(*c, *size)]) for c in corners)
+            # without the image (scoring existing answers) there is no prompt to fill
+            listed = " ".join(format_boxes([from_pixels(*c, *size)]) for c in corners) if size else ""
             items.append(Item(str(qa["qa_id"]), image, {"question": qa["question"], "candidates": listed}, [],
                               {"candidates": corners, "answer": ids.index(qa["answer"]), "size": size}))
     return Benchmark(split, items)

@@ -76,14 +76,23 @@ def read_vizwiz(paths: Sequence[Path], images: Path | None, split: str | None) -
 
 
 def read_gqa(paths: Sequence[Path], images: Path | None, split: str | None) -> Benchmark:
-    """GQA's {split}_balanced_questions.json: {question_id: {imageId, question, answer, ...}};
-    the submission questions file has no answers."""
+    """GQA's {split}_balanced_questions.json or {split}_all_questions.json: {question_id: {imageId,
+    question, answer, isBalanced, ...}}. GQA's eval.py scores only isBalanced questions, so an
+    all-questions file with answers is asked and scored on those; the submission questions file
+    has no answers, and every question of it goes to the server."""
     path = one_file(paths, "GQA *_questions.json")
     data = load_json(path)
     if not isinstance(data, dict) or (data and "imageId" not in next(iter(data.values()))):
         raise UsageError(f"{path} is not a GQA questions file ({{id: {{imageId, question, answer}}}})")
     kind = split or path.name.split("_")[0]
+    notes = []
+    if any("answer" in q for q in data.values()):
+        balanced = {qid: q for qid, q in data.items() if q.get("isBalanced", True)}
+        if len(balanced) < len(data):
+            notes.append(f"{len(data) - len(balanced)} of {len(data)} questions are not isBalanced: "
+                         "not asked, not scored (GQA's eval.py scores isBalanced questions only)")
+        data = balanced
     items = [Item(qid, find_image(images, f"{q['imageId']}.jpg", f"images/{q['imageId']}.jpg"),
                   {"question": q["question"]}, [q["answer"]] if "answer" in q else None, {"types": q.get("types")})
              for qid, q in data.items()]
-    return Benchmark(kind, items)
+    return Benchmark(kind, items, notes)
