@@ -10,7 +10,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -61,7 +61,9 @@ def _decode(data: bytes, name: str) -> Image.Image:
     try:
         with open_image(data) as img:
             img.load()  # decode fully now, so truncated files fail here and not later
-            return img.convert("RGB")
+            # upright as a viewer shows it (and as the web demo's upload gives it): boxes refer to
+            # the same picture on every surface
+            return ImageOps.exif_transpose(img).convert("RGB")
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image file in a format we read (PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
     except Exception as e:  # a decoder fed crafted bytes raises anything (SyntaxError, IndexError, ...)

@@ -99,3 +99,20 @@ def test_a_png_with_a_short_idat_is_an_image_error_not_a_decoder_exception():
     chunk = len(short).to_bytes(4, "big") + b"IDAT" + short + zlib.crc32(b"IDAT" + short).to_bytes(4, "big")
     with pytest.raises(ImageError, match="the given bytes is corrupt or truncated"):
         load_image(data[:at - 4] + chunk + data[at + 8 + length:])
+
+
+def test_exif_orientation_is_applied_as_the_web_demo_does(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to
+    view): every surface reads it upright, as Gradio's upload does, so boxes agree."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 10, 20))  # the stored picture's left edge is red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    img = load_image(tmp_path / "phone.jpg")
+    assert img.size == (20, 40)  # upright: rotated a quarter turn
+    top = np.asarray(img)[:5].mean(axis=(0, 1))  # the left edge is now the top
+    assert top[0] > 200 and top[1] < 60 and top[2] < 60
+    from PIL import ImageOps
+
+    assert np.array_equal(np.asarray(img), np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg"))))
