@@ -194,3 +194,30 @@ def test_the_mask_is_padded_when_its_rows_do_not_align():
     n = 2047
     assert attention_bytes(REAL, torch.bfloat16, 1, n) == n * n + 2 * n * n + 2 * n * 2048
     assert attention_bytes(REAL, torch.bfloat16, 3, 2048) == 3 * attention_bytes(REAL, torch.bfloat16, 1, 2048)
+
+
+def test_serve_sets_expandable_segments_unless_the_user_chose():
+    """`cogvlm serve` lets the allocator grow segments (the plan's allocator slack shrinks with it),
+    before CUDA starts; a user's own PYTORCH_CUDA_ALLOC_CONF (or PyTorch 2.9's PYTORCH_ALLOC_CONF)
+    is kept as it is."""
+    from cogvlm.cli.serve import use_expandable_segments
+
+    env: dict[str, str] = {}
+    assert use_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert not use_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+    assert not use_expandable_segments(env) and env == {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+
+
+def test_serve_sets_it_before_anything_loads(monkeypatch):
+    """cmd_serve's first act: even a serve that fails at once (no FastAPI here, or a bad flag)
+    has set it, so it is in place before any load could start CUDA."""
+    import os
+
+    from cogvlm.cli import main
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    main(["serve", "--api-key", " "])  # refused before the load: an empty key
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
