@@ -3,6 +3,7 @@ written out by hand from the spec's shapes and our packed formats."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cogvlm.config import REGISTRY
@@ -221,3 +222,31 @@ def test_serve_sets_it_before_anything_loads(monkeypatch):
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     main(["serve", "--api-key", " "])  # refused before the load: an empty key
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu.py --dry-run: every pass of the GPU script (build, quantize, decode eager and
+    traced, both prefills, scaling, correctness, the JSON and Markdown) on tiny CPU models, so a
+    GPU run does not fail on a typo; without CUDA and without --dry-run it says so in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (md,), (js,) = tmp_path.glob("*.md"), tmp_path.glob("*.json")
+    result = json.loads(js.read_text())
+    whats = {(r["format"], r["what"]) for r in result["results"]}
+    assert {("int4", "decode batch 32, compiled"), ("bf16", "decode batch 1, eager"),
+            ("int8", "prefill 1 image, 28 px"), ("bf16", "CogVLM2 prefill 1 image, 56 px")} <= whats
+    assert result["correctness"]["int4 compiled tokens == eager"] is True
+    assert result["correctness"]["int4 logits relative L2 to bf16"] < 0.75
+    assert "compiled greedy tokens == eager" in md.read_text() and "skipped: CogVLM bf16" in md.read_text()
+    if not torch.cuda.is_available():
+        bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert (bare.returncode, bare.stdout) == (1, "")
+        assert bare.stderr == "benchmarks/gpu.py: no CUDA GPU here; --dry-run runs it on CPU with tiny sizes\n"
