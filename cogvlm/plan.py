@@ -6,8 +6,11 @@ cuts each tensor across ranks (as `ParallelCogVLM` does); quantized ones from th
 layout (`weight_bytes`: packed weights, scales, padding); the KV cache exactly from its shape;
 activations are an estimate: the largest
 set of tensors alive at once in the prefill of one image prompt (a ViT layer at the model's image
-size, or a decoder layer over `max_length` tokens), plus `RUNTIME_OVERHEAD` per device for the
-CUDA context, NCCL buffers and allocator slack. `cogvlm plan` prints it; loads on CUDA run
+size, or a decoder layer over `max_length` tokens); the prefill's attention mask is counted as the
+model and SDPA materialize it (`attention_bytes`: quadratic in the length, the term that grows
+fastest); `runtime_overhead` itemizes the CUDA context, cuBLAS workspaces, NCCL buffers (tensor
+parallel only) and allocator slack. A card is planned by what it offers CUDA, not its nominal
+size (`usable_memory`: a "24 GB" card has 23.7 GiB). `cogvlm plan` prints it; loads on CUDA run
 `check_fits` first, so a model that cannot fit fails with this advice instead of out of memory.
 
 `plan`, `rank_weight_bytes` and `weight_bytes` check the split (`check_split`), then hand over to
@@ -33,7 +36,25 @@ from .sharding import check_split, rank_shape
 from .tp import ParallelCogVLM
 
 GiB = 2**30
-RUNTIME_OVERHEAD = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator slack, per device
+MiB = 2**20
+
+# What a device spends outside the model's tensors. Estimates from the sources named, not
+# measured by us (no GPU run yet); benchmarks/gpu.py records the real peak beside them.
+# The CUDA context with lazy module loading (PyTorch's default since CUDA 11.7): nvidia-smi shows
+# 300-500 MiB used after torch.cuda.init() on A100/H100-class cards, before any tensor.
+CUDA_CONTEXT = 512 * MiB
+# PyTorch's cuBLAS workspace per handle, CUBLAS_WORKSPACE_CONFIG's default: 32 MiB on Hopper (sm90),
+# 8 MiB + 128 KiB elsewhere (aten/src/ATen/cuda/CublasHandlePool.cpp); cuBLASLt takes a second
+# workspace of the same size. Hopper's figure, twice.
+CUBLAS_WORKSPACE = 2 * 32 * MiB
+# NCCL's buffers, only with tensor parallelism: NCCL_BUFFSIZE (4 MiB) for the Simple protocol plus
+# about 5 MiB for LL and LL128, for sending and receiving, per channel and peer; NVLink opens
+# 16-32 channels (NCCL docs, "Environment variables"): 2 x 9 MiB x 32 = 576 MiB, about 0.5 GiB.
+NCCL_BUFFERS = 512 * MiB
+# The caching allocator keeps freed blocks for reuse and splits segments of 2 MiB (small) or the
+# request rounded up (large); prefill activations of shapes that never recur stay cached but unusable
+# (fragmentation). A quarter GiB; `cogvlm serve` sets expandable_segments, which returns most of it.
+ALLOCATOR_SLACK = 256 * MiB
 
 
 @lru_cache(maxsize=16)
@@ -119,23 +140,66 @@ def kv_cache_bytes(config: CogVLMConfig, batch: int, length: int, dtype: torch.d
     return total
 
 
+def runtime_overhead(tp: int) -> dict[str, int]:
+    """What each device spends besides tensors, by item (see the constants' sources); NCCL only
+    when the model is split, since one device never starts a communicator."""
+    items = {"CUDA context": CUDA_CONTEXT, "cuBLAS workspaces": CUBLAS_WORKSPACE}
+    if tp > 1:
+        items["NCCL buffers"] = NCCL_BUFFERS
+    items["allocator slack"] = ALLOCATOR_SLACK
+    return items
+
+
+# SDPA's memory-efficient kernel (the one CUDA picks when a mask is passed) needs the bias rows
+# aligned to 8 elements; a bias whose last dimension is not a multiple is copied into a padded one.
+MEM_EFF_ALIGNMENT = 8
+
+
+def attention_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
+                    max_length: int = 2048) -> int:
+    """The prefill's attention mask at its peak, as the code allocates it: quadratic in the length,
+    so at CogVLM2's 8K it is most of the activations. Over `max_length` = N = T tokens:
+
+    - `CogVLMForCausalLM._mask`: a boolean (B, 1, N, T), alive through every layer;
+    - `grouped` under GQA: that mask copied once per group of G query heads, (B, 1, G*N, T) bool,
+      because the group is folded into the query axis (G = 4 for CogVLM2; none for CogVLM);
+    - `sdpa` -> F.scaled_dot_product_attention turns a boolean mask into an additive bias in the
+      query's dtype (`convert_boolean_attn_mask`: where(mask.logical_not(), -inf, 0)), so a second
+      copy in bf16 (2 bytes an element) plus, while it is built, the inverted boolean (1 byte);
+      the memory-efficient kernel then pads a bias whose rows are not aligned (a copy again).
+
+    Heads are not multiplied in: the bias broadcasts over them by strides. A tensor-parallel rank
+    holds the same mask (its heads are fewer, the group size G is not), so `world` does not
+    divide it."""
+    n = max_length
+    groups = config.num_heads // config.num_key_value_heads
+    causal = batch * n * n
+    elements = batch * groups * n * n  # the mask SDPA receives
+    copied = elements if groups > 1 else 0
+    bias = elements * dtype.itemsize
+    padded = (batch * groups * n * -(-n // MEM_EFF_ALIGNMENT) * MEM_EFF_ALIGNMENT * dtype.itemsize
+              if n % MEM_EFF_ALIGNMENT else 0)
+    return causal + copied + bias + max(elements, padded)  # the inverted mask is freed before padding
+
+
 def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                      batch: int = 1, max_length: int = 2048) -> int:
-    """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each."""
+    """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each,
+    besides the attention mask (`attention_bytes`, counted on top: a conservative sum, since the
+    decoder layer's tensors are the largest whenever the mask matters)."""
     size = torch.finfo(dtype).bits // 8
     v = config.vision
     s = v.num_positions  # ViT tokens: patches + CLS
     vit = batch * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
     t, h = max_length, config.hidden_size
     lm = batch * t * (4 * h + (10 * h + 3 * config.intermediate_size) // world) * size
-    mask = batch * t * t  # boolean causal mask over the prompt
     logits = batch * config.vocab_size * 4 * 2  # fp32 logits, gathered from the ranks' parts
     cross = 0
     if config.cross_vision is not None:  # CogAgent's high-resolution tower, whole on every rank
         c = config.cross_vision
         tokens = c.num_patches + 1
         cross = batch * tokens * (6 * c.hidden_size + 3 * c.intermediate_size) * size
-    return max(vit, lm + mask, cross) + batch * config.image_tokens * h * size + logits
+    return max(vit, lm, cross) + batch * config.image_tokens * h * size + logits
 
 
 @dataclass(frozen=True)
@@ -145,10 +209,15 @@ class Plan:
     weights: int
     kv_cache: int
     activations: int
+    attention: int
+
+    @property
+    def runtime(self) -> int:
+        return sum(runtime_overhead(self.tp).values())
 
     @property
     def per_device(self) -> int:
-        return self.weights + self.kv_cache + self.activations + RUNTIME_OVERHEAD
+        return self.weights + self.kv_cache + self.activations + self.attention + self.runtime
 
     def fits(self, memory: int) -> bool:
         return self.per_device <= memory
@@ -167,7 +236,8 @@ def _plan(config: CogVLMConfig, tp: int, quant: int | None, dtype: torch.dtype, 
     """`plan` for a split already checked."""
     return Plan(tp, quant, _rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
                 kv_cache_bytes(config, batch, max_length, dtype, tp),
-                activation_bytes(config, tp, dtype, batch, max_length))
+                activation_bytes(config, tp, dtype, batch, max_length),
+                attention_bytes(config, dtype, batch, max_length))
 
 
 def smallest_fit(config: CogVLMConfig, memory: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
@@ -184,13 +254,49 @@ def smallest_fit(config: CogVLMConfig, memory: int, dtype: torch.dtype = torch.b
             next((p for p in quantized if p.fits(memory)), None))
 
 
-def parse_memory(text: str) -> int:
-    """'24GB', '80 GiB', '24576MB' → bytes. GB means GiB here, as GPU makers count (a 24 GB card
-    holds 24 GiB)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([GM])i?B?\s*", text, re.IGNORECASE)
+# What a card sold as N GB offers CUDA: torch.cuda.get_device_properties(i).total_memory (which
+# torch prints in MiB as "total_memory=...MB"), lower than N GiB because the driver keeps some for
+# itself. Figures from public reports of that print (not measured by us), the smallest seen for
+# the common card of each size without ECC taking a share: data-center cards with ECC on (T4,
+# A10, A40, L40S) offer about 6% less; plan those with the exact figure (`--gpu-memory 22.5GiB`),
+# or run `cogvlm plan` on the machine itself, which reads the card.
+CARDS: dict[int, tuple[int, str]] = {
+    12: (11931 * MiB, "an RTX 3060 12GB reports 11,931-12,044 MiB"),
+    16: (16130 * MiB, "a V100 16GB reports 16,130-16,160 MiB"),
+    24: (24259 * MiB, "an RTX 3090 reports 24,259-24,268 MiB, a 4090 24,563 MiB"),
+    40: (40536 * MiB, "an A100-SXM4-40GB reports 40,536 MiB"),
+    48: (48676 * MiB, "an RTX A6000 reports 48,676 MiB"),
+    80: (81082 * MiB, "an H100 80GB HBM3 reports 81,082-81,090 MiB"),
+}
+# For a nominal size the table lacks: the table's lowest ratio of usable to nominal (the 12 GB card's)
+UNLISTED_SHARE = min(usable / (gib * GiB) for gib, (usable, _) in CARDS.items())
+
+
+def usable_memory(text: str) -> tuple[int, str]:
+    """What a card offers CUDA, in bytes, and where the figure comes from (`describe` prints it).
+    '24GB' is a nominal size, as the card is sold: planned at what such a card reports (`CARDS`;
+    sizes not listed at the table's lowest share). '23.7GiB' and '24259MiB' (or 'MB', as torch
+    prints it) are exact figures, taken as written."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([GM])(i?)B?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB or 80GiB")
-    return int(float(m.group(1)) * (GiB if m.group(2).upper() == "G" else 2**20))
+        raise ValueError(f"cannot read memory size {text!r}; write it like 24GB (a card's nominal size) "
+                         f"or 23.7GiB (exact)")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    if unit == "M":
+        return int(value * MiB), f"{value:g} MiB as given"
+    if binary:
+        return int(value * GiB), f"{value:g} GiB as given"
+    if value.is_integer() and int(value) in CARDS:
+        usable, source = CARDS[int(value)]
+        return usable, f"a nominal {value:g} GB card offers CUDA {gb(usable)}: {source}; ECC-on cards less"
+    usable = int(value * GiB * UNLISTED_SHARE)
+    return usable, (f"a nominal {value:g} GB card, not in the table: planned at {UNLISTED_SHARE:.1%} of {value:g} "
+                    f"GiB; give the exact figure as GiB")
+
+
+def parse_memory(text: str) -> int:
+    """`usable_memory`'s bytes alone."""
+    return usable_memory(text)[0]
 
 
 def gb(n: int) -> str:
@@ -198,17 +304,25 @@ def gb(n: int) -> str:
 
 
 def describe(config: CogVLMConfig, p: Plan, memory: int | None, dtype: torch.dtype, batch: int,
-             max_length: int) -> str:
-    """The plan as the command prints it, with advice when it does not fit."""
+             max_length: int, memory_source: str | None = None) -> str:
+    """The plan as the command prints it, with advice when it does not fit; `memory_source` says
+    where the card's figure came from (`usable_memory`, or the card itself)."""
+    groups = config.num_heads // config.num_key_value_heads
+    masks = f"{groups} query groups x " if groups > 1 else ""
     what = f"--tp {p.tp}" + (f" --quant {p.quant}" if p.quant else "") + f", {str(dtype).removeprefix('torch.')}"
     lines = [f"per device ({what}, batch {batch}, max length {max_length}):",
              f"  weights      {p.weights:>16,} bytes  {gb(p.weights)}",
              f"  KV cache     {p.kv_cache:>16,} bytes  {gb(p.kv_cache)}",
              f"  activations  {p.activations:>16,} bytes  {gb(p.activations)}  (estimate: prefill with one image)",
-             f"  runtime      {RUNTIME_OVERHEAD:>16,} bytes  {gb(RUNTIME_OVERHEAD)}  (CUDA context, NCCL, allocator)",
+             f"  attention    {p.attention:>16,} bytes  {gb(p.attention)}  (the prefill's mask and SDPA's "
+             f"{str(dtype).removeprefix('torch.')} bias, {masks}{max_length}x{max_length} per row)",
+             f"  runtime      {p.runtime:>16,} bytes  {gb(p.runtime)}  (estimate: "
+             + ", ".join(f"{name} {n // MiB} MiB" for name, n in runtime_overhead(p.tp).items()) + ")",
              f"  total        {p.per_device:>16,} bytes  {gb(p.per_device)}"]
     if memory is None:
         return "\n".join(lines)
+    if memory_source:
+        lines.append(f"card: {gb(memory)} ({memory_source})")
     if p.fits(memory):
         lines.append(f"fits in {gb(memory)} per device ({gb(memory - p.per_device)} to spare)")
         return "\n".join(lines)

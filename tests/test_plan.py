@@ -3,6 +3,7 @@ written out by hand from the spec's shapes and our packed formats."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cogvlm.config import REGISTRY
@@ -102,3 +103,150 @@ def test_plan_takes_the_same_quantization_flags_as_every_verb(capsys):
     want = weight_bytes(REAL, torch.bfloat16, 4, 32, 8)["total"]
     assert want < weight_bytes(REAL, torch.bfloat16, 4, 32)["total"]  # the ViT in int8 is counted
     assert f"{want / 2**30:.2f}" in out, out
+
+
+MiB, GiB = 2**20, 2**30
+
+
+def test_a_nominal_card_is_planned_at_what_it_offers_cuda():
+    """'24GB' is the size a card is sold as; CUDA sees 24,259 MiB of a 3090 (23.69 GiB). GiB and
+    MiB are exact; a nominal size the table lacks gets the table's lowest share (the 12 GB card's)."""
+    from cogvlm.plan import usable_memory
+
+    assert usable_memory("24GB")[0] == 24259 * MiB and "23.69 GiB" in usable_memory("24GB")[1]
+    assert usable_memory("80GB")[0] == 81082 * MiB  # 79.18 GiB, as an H100 80GB reports
+    assert usable_memory("40GB")[0] == 40536 * MiB and usable_memory("48 gb")[0] == 48676 * MiB
+    assert usable_memory("16GB")[0] == 16130 * MiB and usable_memory("12GB")[0] == 11931 * MiB
+    assert usable_memory("23.5GiB") == (int(23.5 * GiB), "23.5 GiB as given")
+    assert usable_memory("24259MB")[0] == usable_memory("24259MiB")[0] == 24259 * MiB  # torch prints MiB as MB
+    assert usable_memory("32GB")[0] == int(32 * GiB * 11931 / 12288)
+
+
+def test_cogvlm_17b_int8_on_a_24gb_card_by_hand(capsys):
+    """`cogvlm plan cogvlm-chat-v1.1 --quant 8 --gpu-memory 24GB`, every line written out from the
+    config (docs/spec/cogvlm.md section 2: Vicuna-7B, EVA2-CLIP-E at 490 px, 2048 tokens)."""
+    from cogvlm.cli import main
+
+    n = 2048
+    weights = expected(8, None)["total"]  # int8 decoder and head, bf16 ViT, counted above
+    kv = 2 * L * n * H * 2 + n  # K and V of 32 layers in bf16, and the slot mask
+    s = PATCHES + 1  # ViT tokens: 35 x 35 patches + CLS
+    vit = s * (2 * VH + 7 * VH + 2 * VI) * 2
+    decoder = n * (4 * H + 10 * H + 3 * I) * 2  # the larger: 370 MB against the ViT layer's 115 MB
+    image = (PATCHES + 2) * H * 2  # boi + 1225 patch vectors + eoi, written into the sequence
+    logits = V * 4 * 2
+    activations = max(vit, decoder) + image + logits
+    # one group (32 query heads, 32 KV heads): the boolean causal mask (1 byte), SDPA's bf16 bias
+    # (2 bytes) and, while the bias is built, the inverted mask (1 byte); 2048 is 8-aligned, no pad
+    attention = n * n * (1 + 2 + 1)
+    runtime = (512 + 64 + 256) * MiB  # CUDA context, cuBLAS + cuBLASLt workspaces, allocator; no NCCL
+    total = weights + kv + activations + attention + runtime
+    card = 24259 * MiB  # what an RTX 3090 offers CUDA
+    assert (weights, kv, attention, total) == (22_201_791_488, 1_073_743_872, 16_777_216, 24_545_182_720)
+    assert main(["plan", "cogvlm-chat-v1.1", "--quant", "8", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    for name, value in (("weights", weights), ("KV cache", kv), ("activations", activations),
+                        ("attention", attention), ("runtime", runtime), ("total", total)):
+        assert f"{name:<12} {value:>16,} bytes" in out, (name, out)
+    assert "CUDA context 512 MiB, cuBLAS workspaces 64 MiB, allocator slack 256 MiB)" in out
+    assert f"fits in 23.69 GiB per device ({(card - total) / GiB:.2f} GiB to spare)" in out  # 0.83 GiB
+    assert "RTX 3090 reports 24,259" in out  # says which figure it planned against
+
+
+def test_cogvlm2_tp2_at_8k_by_hand(capsys):
+    """`cogvlm plan cogvlm2-llama3-chat-19B --tp 2 --max-length 8192`, from docs/spec/cogvlm2.md
+    section 2 (Llama-3-8B: 32 query heads, 8 KV heads, so G = 4 query heads per KV head; 1344 px
+    images). At 8K the attention mask is the largest activation: 1.06 GiB per rank, the same on
+    both, since each rank keeps G = 4 (16 query heads over 4 KV heads)."""
+    from cogvlm.cli import main
+    from cogvlm.config import REGISTRY
+    from cogvlm.plan import plan
+
+    n, g, h2, i2, v2 = 8192, 32 // 8, 4096, 14336, 128256
+    weights = 19_717_991_168  # one rank's split, counted by hand in tests/test_tp.py
+    kv = 2 * 32 * n * (8 // 2) * 128 * 2 + n  # 4 of the 8 KV heads per rank, width 128, bf16
+    patches = (1344 // 14) ** 2  # 96 x 96 ViT patches; a 2x2 merge leaves 48 x 48 = 2304 image tokens
+    vit = (patches + 1) * (2 * VH + (7 * VH + 2 * VI) // 2) * 2
+    decoder = n * (4 * h2 + (10 * h2 + 3 * i2) // 2) * 2
+    activations = max(vit, decoder) + (48 * 48 + 2) * h2 * 2 + v2 * 4 * 2
+    causal = n * n  # _mask: boolean (1, 1, N, N)
+    copied = g * n * n  # grouped(): the mask repeated for the 4 query heads of a group, (1, 1, 4N, N) bool
+    bias = 2 * g * n * n  # SDPA's additive bf16 bias of that mask
+    inverted = g * n * n  # mask.logical_not(), alive while the bias is built
+    attention = causal + copied + bias + inverted  # 17 N^2 = 1,140,850,688 (1.06 GiB)
+    runtime = (512 + 64 + 512 + 256) * MiB  # now with NCCL's buffers
+    total = weights + kv + activations + attention + runtime
+    p = plan(REGISTRY["cogvlm2-llama3-chat-19B"].config, tp=2, max_length=n)
+    assert (p.kv_cache, p.activations, p.attention, p.runtime, p.per_device) == (
+        kv, activations, attention, runtime, total)
+    assert attention == 1_140_850_688 and total == 23_781_225_216  # 22.15 GiB
+    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2", "--max-length", "8192", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert f"attention    {attention:>16,} bytes" in out and "4 query groups x 8192x8192 per row" in out
+    assert "NCCL buffers 512 MiB" in out
+    assert f"fits in 23.69 GiB per device ({(24259 * MiB - total) / GiB:.2f} GiB to spare)" in out  # 1.54
+
+
+def test_the_mask_is_padded_when_its_rows_do_not_align():
+    """SDPA's memory-efficient kernel copies a bias whose rows are not a multiple of 8 into an
+    aligned one; that copy replaces the inverted mask at the peak (bf16: 2 bytes each)."""
+    from cogvlm.plan import attention_bytes
+
+    n = 2047
+    assert attention_bytes(REAL, torch.bfloat16, 1, n) == n * n + 2 * n * n + 2 * n * 2048
+    assert attention_bytes(REAL, torch.bfloat16, 3, 2048) == 3 * attention_bytes(REAL, torch.bfloat16, 1, 2048)
+
+
+def test_serve_sets_expandable_segments_unless_the_user_chose():
+    """`cogvlm serve` lets the allocator grow segments (the plan's allocator slack shrinks with it),
+    before CUDA starts; a user's own PYTORCH_CUDA_ALLOC_CONF (or PyTorch 2.9's PYTORCH_ALLOC_CONF)
+    is kept as it is."""
+    from cogvlm.cli.serve import use_expandable_segments
+
+    env: dict[str, str] = {}
+    assert use_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert not use_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+    assert not use_expandable_segments(env) and env == {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+
+
+def test_serve_sets_it_before_anything_loads(monkeypatch):
+    """cmd_serve's first act: even a serve that fails at once (no FastAPI here, or a bad flag)
+    has set it, so it is in place before any load could start CUDA."""
+    import os
+
+    from cogvlm.cli import main
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    main(["serve", "--api-key", " "])  # refused before the load: an empty key
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu.py --dry-run: every pass of the GPU script (build, quantize, decode eager and
+    traced, both prefills, scaling, correctness, the JSON and Markdown) on tiny CPU models, so a
+    GPU run does not fail on a typo; without CUDA and without --dry-run it says so in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (md,), (js,) = tmp_path.glob("*.md"), tmp_path.glob("*.json")
+    result = json.loads(js.read_text())
+    whats = {(r["format"], r["what"]) for r in result["results"]}
+    assert {("int4", "decode batch 32, compiled"), ("bf16", "decode batch 1, eager"),
+            ("int8", "prefill 1 image, 28 px"), ("bf16", "CogVLM2 prefill 1 image, 56 px")} <= whats
+    assert result["correctness"]["int4 compiled tokens == eager"] is True
+    assert result["correctness"]["int4 logits relative L2 to bf16"] < 0.75
+    assert "compiled greedy tokens == eager" in md.read_text() and "skipped: CogVLM bf16" in md.read_text()
+    if not torch.cuda.is_available():
+        bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert (bare.returncode, bare.stdout) == (1, "")
+        assert bare.stderr == "benchmarks/gpu.py: no CUDA GPU here; --dry-run runs it on CPU with tiny sizes\n"

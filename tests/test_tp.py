@@ -365,7 +365,7 @@ def test_plan_command_says_what_fits(capsys):
 
     assert main(["plan", "cogvlm-chat-v1.1", "--tp", "2", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
-    assert "17,786,505,984 bytes" in out and "fits in 24.00 GiB" in out
+    assert "17,786,505,984 bytes" in out and "fits in 23.69 GiB" in out  # a 24 GB card offers CUDA 23.69 GiB
     assert main(["plan", "cogvlm-chat-v1.1", "--gpu-memory", "24GB"]) == 1
     assert "does NOT fit" in (out := capsys.readouterr().out) and "--tp 2 (2 GPUs" in out
     assert main(["plan", "cogvlm-chat-v1.1", "--tp", "3"]) == 2

@@ -17,7 +17,8 @@ from PIL import Image
 from cogvlm import CogVLM
 from cogvlm.cli import main
 from cogvlm.grounding import PALETTE, drawable
-from cogvlm.cli.web import EXAMPLES, load_examples
+from cogvlm.cli.web import CLOSED, EXAMPLES, SessionPool, load_examples
+from cogvlm.errors import UsageError
 from tests.processes import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,30 @@ def test_without_gradio_the_message_says_what_to_install(tiny_checkpoint):
     assert run.stderr == "cogvlm web: error: the web demo needs Gradio: pip install 'cogvlm[web]'\n"
 
 
+def test_the_session_pool_drops_the_least_recently_used():
+    """Three places: a fourth conversation drops the one used longest ago, where using means
+    asking (get), not only opening; a closed or dropped id answers None (its tab starts over)."""
+    pool: SessionPool[str] = SessionPool(3)
+    a, b, c = pool.open("a"), pool.open("b"), pool.open("c")
+    assert pool.get(a) == "a"  # a is now the most recent: b is the oldest
+    d = pool.open("d")
+    assert pool.get(b) is None and len(pool) == 3
+    assert [pool.get(k) for k in (a, c, d)] == ["a", "c", "d"]  # order now: a, c, d
+    pool.close(a)  # Clear or a new image: that tab's cache goes at once
+    e = pool.open("e")
+    assert len(pool) == 3 and pool.get(c) == "c"  # a freed the place: nothing else dropped
+    pool.open("f")
+    assert pool.get(d) is None and [pool.get(k) for k in (c, e)] == ["c", "e"]
+    assert len({a, b, c, d, e}) == 5  # ids are never reused: a dropped tab cannot read another's session
+    with pytest.raises(UsageError, match="--max-sessions must be >= 1"):
+        SessionPool(0)
+
+
+def test_max_sessions_below_one_fails_before_the_load(capsys):
+    assert main(["web", "--max-sessions", "0"]) == 2
+    assert capsys.readouterr().err == "cogvlm web: error: --max-sessions must be >= 1, not 0\n"
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Path:
     """Debian's Chromium, installed on the spot where we are root. Elsewhere a missing browser
@@ -68,7 +93,7 @@ def chromium() -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
-    """`cogvlm web` on a free loopback port, greedy; yields its URL."""
+    """`cogvlm web` on a free loopback port, greedy, one conversation kept; yields its URL."""
     pytest.importorskip("gradio", reason="pip install 'cogvlm[web]'")
     port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
@@ -82,7 +107,7 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
             return False
 
     with running(["web", "--model", str(tiny_checkpoint), "--port", str(port), "--top_k", "1",
-                  "--max_new_tokens", "8"], log, listening, timeout=90, env=env):
+                  "--max_new_tokens", "8", "--max-sessions", "1"], log, listening, timeout=90, env=env):
         yield f"http://127.0.0.1:{port}"
     output = log.read_text()
     assert f"cogvlm web: running on http://127.0.0.1:{port}" in output
@@ -133,6 +158,17 @@ def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
 
             page.get_by_role("button", name="Count the objects").click()  # another template: a new chat
             sync_api.expect(page.locator('#chat [data-testid="user"]')).to_have_text([count.prompt], timeout=30_000)
+            sync_api.expect(bot).to_have_text([expected_example], timeout=30_000)
+
+            other = browser.new_page()  # a second tab's conversation takes the one place
+            other.route("**/*", loopback_only)
+            other.goto(server)
+            other.locator("#query textarea").fill("Describe the image.")
+            other.locator("#send").click()
+            sync_api.expect(other.locator('#chat [data-testid="bot"]')).to_have_count(1, timeout=30_000)
+            query.fill(count.prompt)  # so the first tab's is gone: it is told, and starts over
+            page.locator("#send").click()
+            sync_api.expect(page.get_by_text(CLOSED)).to_be_visible(timeout=30_000)
             sync_api.expect(bot).to_have_text([expected_example], timeout=30_000)
             (ROOT / "test-artifacts").mkdir(exist_ok=True)
             page.screenshot(path=str(ROOT / "test-artifacts" / "web.png"), full_page=True)

@@ -4,7 +4,7 @@ the app): flags, their safe defaults, loading, and running uvicorn."""
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, MutableMapping
 
 from ..errors import UsageError
 from ..server import LOOPBACK, LOOPBACK_HOSTS, ServeOptions, create_app
@@ -71,7 +71,23 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                         args.template, hosts, docs)
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Let PyTorch's CUDA allocator grow segments in place instead of caching fixed ones: a server's
+    prefills come in every length, and fixed segments left by one length go unused by the next
+    (fragmentation: out of memory with gigabytes reserved but free). Read once, when CUDA first
+    allocates, so this runs before the load; the ranks that `--tp` starts inherit it. A setting
+    of the user's (either name: PYTORCH_ALLOC_CONF is PyTorch 2.9's) is left alone. True if set."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in environ or "PYTORCH_ALLOC_CONF" in environ:
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    use_expandable_segments()
     try:
         import fastapi  # noqa: F401  (create_app needs it: fail now, not after loading the model)
         import uvicorn

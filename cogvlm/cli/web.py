@@ -2,17 +2,22 @@
 pick the template and sampling settings, and see the turn's grounding boxes drawn on the image.
 
 Gradio is an optional extra (`pip install 'cogvlm[web]'`), imported only when the demo starts.
-Prompting and decoding stay in the API: each browser tab holds one `ChatSession`.
+Prompting and decoding stay in the API: each browser tab holds one `ChatSession`, and a
+`SessionPool` keeps at most `--max-sessions` of them, because each keeps a full-context KV cache
+(1-1.8 GiB on the published models) that a few idle tabs would otherwise pile up on the card.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Iterator, TypeVar
 
 from PIL import Image
 
@@ -30,6 +35,11 @@ EXAMPLES = Path(__file__).parent.parent / "web_examples"
 INTRO = ("# CogVLM\nUpload or paste an image (or none, for text-only chat) and ask about it. Boxes written "
          "as `[[x0,y0,x1,y1]]` (thousandths of the image size) in a question or an answer are drawn on "
          "the image below it. Changing the image or the template starts a new conversation.")
+CLOSED = "This conversation was closed to free memory (other tabs started newer ones); it starts over."
+# Three caches fit a 24 GB card beside every published model in int4 (`cogvlm plan --quant 4`,
+# which counts one cache, leaves room for 2.75 more of CogVLM2's 1 GiB at 8K, 2.8 of CogAgent's
+# 1.8 GiB, 6.5 of CogVLM's 1 GiB): the default suits the smallest card the demo is run on.
+DEFAULT_MAX_SESSIONS = 3
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,54 @@ def load_examples(folder: Path) -> list[Example]:
     return examples
 
 
-@dataclass
-class Conversation:
-    """One browser tab's chat and what it was started for (an image digest and a template)."""
+Session = TypeVar("Session")
 
-    session: ChatSession
+
+class SessionPool(Generic[Session]):
+    """The conversations that keep their KV cache: at most `capacity`, the least recently used
+    one dropped when a new one opens. Tabs hold only an id; the pool holds the only reference to
+    each session, so dropping it frees its cache. A tab whose id is gone is told so and starts
+    over. Locked: Gradio runs handlers on worker threads (Clear and uploads beside an answer)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise UsageError(f"--max-sessions must be >= 1, not {capacity}")
+        self.capacity = capacity
+        self._sessions: OrderedDict[int, Session] = OrderedDict()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def open(self, session: Session) -> int:
+        """Keep `session` as the most recently used; returns its id."""
+        with self._lock:
+            key = next(self._ids)
+            self._sessions[key] = session
+            while len(self._sessions) > self.capacity:
+                self._sessions.popitem(last=False)
+            return key
+
+    def get(self, key: int) -> Session | None:
+        """The session, now the most recently used; None once it was dropped."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None:
+                self._sessions.move_to_end(key)
+            return session
+
+    def close(self, key: int) -> None:
+        with self._lock:
+            self._sessions.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One browser tab's chat: its session's id in the pool and what it was started for (an
+    image digest and a template)."""
+
+    id: int
     key: tuple[str, str]
 
 
@@ -76,12 +129,14 @@ def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
 
 
-def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None) -> gr.Blocks:
+def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
+              pool: SessionPool[ChatSession] | None = None) -> gr.Blocks:
     """The demo's page; the model's sampling defaults (from the flags) set the starting values of
-    the controls."""
+    the controls; `pool` (default: `DEFAULT_MAX_SESSIONS` places) holds the tabs' conversations."""
     import gradio as gr
 
     start = vlm.defaults
+    pool = SessionPool(DEFAULT_MAX_SESSIONS) if pool is None else pool
 
     def respond(image: Image.Image | None, query: str, convo: Conversation | None, template: str,
                 temperature: float, top_p: float, top_k: float, max_new_tokens: float) -> Iterator[tuple]:
@@ -89,12 +144,17 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None)
         if not query and template != "base":
             raise gr.Error("Type a question first (an empty prompt means captioning, with the base template).")
         key = (_image_key(image), template)
-        if convo is None or convo.key != key:
+        session = pool.get(convo.id) if convo is not None else None
+        if convo is not None and convo.key == key and session is None:
+            gr.Warning(CLOSED)
+        if session is None or convo.key != key:
+            if convo is not None:
+                pool.close(convo.id)  # a new image or template: the old conversation's cache goes now
             try:
-                convo = Conversation(vlm.session(image, template), key)
+                session = vlm.session(image, template)
             except ImageRequiredError as e:  # CogAgent has no text-only chat
                 raise gr.Error(str(e)) from None
-        session = convo.session
+            convo = Conversation(pool.open(session), key)
         chat = _messages(session.history) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         settings = dict(temperature=temperature, top_p=top_p, top_k=int(top_k),
                         max_new_tokens=int(max_new_tokens) or None)
@@ -138,8 +198,14 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None)
         send.click(respond, inputs, outputs, concurrency_id="answer")
         query.submit(respond, inputs, outputs, concurrency_id="answer")
         shown.load_input_event.then(respond, inputs, outputs, concurrency_id="answer")  # one click answers
+
+        def forget(current: Conversation | None) -> tuple[list, None, None]:
+            if current is not None:
+                pool.close(current.id)
+            return [], None, None
+
         for event in (clear.click, image.upload):
-            event(lambda: ([], None, None), outputs=[chat, convo, boxes])
+            event(forget, inputs=[convo], outputs=[chat, convo, boxes])
     return app
 
 
@@ -150,7 +216,8 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise UsageError("the web demo needs Gradio: pip install 'cogvlm[web]'") from None
     examples = load_examples(args.examples)
     sampling, options = sampling_flags(args), load_options(args)
-    app = build_app(load_model(options, sampling), examples, args.template)
+    pool: SessionPool[ChatSession] = SessionPool(args.max_sessions)  # a bad count fails before the load
+    app = build_app(load_model(options, sampling), examples, args.template, pool)
     # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag
     _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                                                  show_error=True, quiet=True, prevent_thread_lock=True)
@@ -175,4 +242,8 @@ def add_web_verb(verbs: Any) -> None:
     p.add_argument("--examples", type=Path, default=EXAMPLES, metavar="DIR",
                    help="folder with examples.json and its images, shown as one-click examples "
                         "(default: the shipped ones)")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+                   help="conversations (browser tabs) that keep a KV cache, 1-1.8 GiB each on the published "
+                        f"models (default {DEFAULT_MAX_SESSIONS}); a new one frees the least recently used, "
+                        "whose tab is told and starts over")
     p.set_defaults(func=cmd_web)
