@@ -6,9 +6,9 @@ cuts each tensor across ranks (as `ParallelCogVLM` does); quantized ones from th
 layout (`weight_bytes`: packed weights, scales, padding); the KV cache exactly from its shape;
 activations are an estimate: the largest
 set of tensors alive at once in the prefill of one image prompt (a ViT layer at the model's image
-size, or a decoder layer over `max_length` tokens); the prefill's attention mask is counted as the
-model and SDPA materialize it (`attention_bytes`: quadratic in the length, the term that grows
-fastest); `runtime_overhead` itemizes the CUDA context, cuBLAS workspaces, NCCL buffers (tensor
+size, or a decoder layer over `max_length` tokens); a padded batch's attention mask is counted as
+the model and SDPA materialize it (`attention_bytes`: quadratic in the length, the term that grows
+fastest; one prompt needs none); `runtime_overhead` itemizes the CUDA context, cuBLAS workspaces, NCCL buffers (tensor
 parallel only) and allocator slack. A card is planned by what it offers CUDA, not its nominal
 size (`usable_memory`: a "24 GB" card has 23.7 GiB). `cogvlm plan` prints it; loads on CUDA run
 `check_fits` first, so a model that cannot fit fails with this advice instead of out of memory.
@@ -158,28 +158,28 @@ MEM_EFF_ALIGNMENT = 8
 def attention_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
                     max_length: int = 2048) -> int:
     """The prefill's attention mask at its peak, as the code allocates it: quadratic in the length,
-    so at CogVLM2's 8K it is most of the activations. Over `max_length` = N = T tokens:
+    so at CogVLM2's 8K it can be most of the activations. Over `max_length` = N = T tokens:
 
-    - `CogVLMForCausalLM._mask`: a boolean (B, 1, N, T), alive through every layer;
-    - `grouped` under GQA: that mask copied once per group of G query heads, (B, 1, G*N, T) bool,
-      because the group is folded into the query axis (G = 4 for CogVLM2; none for CogVLM);
-    - `sdpa` -> F.scaled_dot_product_attention turns a boolean mask into an additive bias in the
-      query's dtype (`convert_boolean_attn_mask`: where(mask.logical_not(), -inf, 0)), so a second
-      copy in bf16 (2 bytes an element) plus, while it is built, the inverted boolean (1 byte);
-      the memory-efficient kernel then pads a bias whose rows are not aligned (a copy again).
+    - one prompt (or prompts of one length): no mask at all. `CogVLMForCausalLM._mask` returns
+      None and `sdpa` passes `is_causal`, which FlashAttention / the memory-efficient kernel
+      apply without materializing anything; grouped-query attention goes through SDPA's
+      `enable_gqa`, so no head group copies anything either;
+    - a padded batch (B > 1 prompts of different lengths, the case a plan must cover): `_mask`'s
+      boolean (B, 1, N, T), alive through every layer; SDPA turns it into an additive bias in the
+      query's dtype (`convert_boolean_attn_mask`: where(mask.logical_not(), -inf, 0)), a second
+      copy at 2 bytes an element, plus the inverted boolean while it is built (1 byte); the
+      memory-efficient kernel then pads a bias whose rows are not 8-aligned (a copy again, which
+      replaces the inverted mask at the peak).
 
-    Heads are not multiplied in: the bias broadcasts over them by strides. A tensor-parallel rank
-    holds the same mask (its heads are fewer, the group size G is not), so `world` does not
-    divide it."""
+    Heads are not multiplied in: the mask broadcasts over them by strides. A tensor-parallel rank
+    holds the same mask, so `world` does not divide it."""
+    if batch == 1:
+        return 0
     n = max_length
-    groups = config.num_heads // config.num_key_value_heads
-    causal = batch * n * n
-    elements = batch * groups * n * n  # the mask SDPA receives
-    copied = elements if groups > 1 else 0
+    elements = batch * n * n
     bias = elements * dtype.itemsize
-    padded = (batch * groups * n * -(-n // MEM_EFF_ALIGNMENT) * MEM_EFF_ALIGNMENT * dtype.itemsize
-              if n % MEM_EFF_ALIGNMENT else 0)
-    return causal + copied + bias + max(elements, padded)  # the inverted mask is freed before padding
+    padded = batch * n * -(-n // MEM_EFF_ALIGNMENT) * MEM_EFF_ALIGNMENT * dtype.itemsize if n % MEM_EFF_ALIGNMENT else 0
+    return elements + bias + max(elements, padded)  # the inverted mask is freed before padding
 
 
 def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
@@ -307,15 +307,14 @@ def describe(config: CogVLMConfig, p: Plan, memory: int | None, dtype: torch.dty
              max_length: int, memory_source: str | None = None) -> str:
     """The plan as the command prints it, with advice when it does not fit; `memory_source` says
     where the card's figure came from (`usable_memory`, or the card itself)."""
-    groups = config.num_heads // config.num_key_value_heads
-    masks = f"{groups} query groups x " if groups > 1 else ""
     what = f"--tp {p.tp}" + (f" --quant {p.quant}" if p.quant else "") + f", {str(dtype).removeprefix('torch.')}"
     lines = [f"per device ({what}, batch {batch}, max length {max_length}):",
              f"  weights      {p.weights:>16,} bytes  {gb(p.weights)}",
              f"  KV cache     {p.kv_cache:>16,} bytes  {gb(p.kv_cache)}",
              f"  activations  {p.activations:>16,} bytes  {gb(p.activations)}  (estimate: prefill with one image)",
-             f"  attention    {p.attention:>16,} bytes  {gb(p.attention)}  (the prefill's mask and SDPA's "
-             f"{str(dtype).removeprefix('torch.')} bias, {masks}{max_length}x{max_length} per row)",
+             f"  attention    {p.attention:>16,} bytes  {gb(p.attention)}  "
+             + (f"(a padded batch's prefill mask and SDPA's {str(dtype).removeprefix('torch.')} bias, "
+                f"{max_length}x{max_length} per row)" if batch > 1 else "(none: one prompt prefills with is_causal)"),
              f"  runtime      {p.runtime:>16,} bytes  {gb(p.runtime)}  (estimate: "
              + ", ".join(f"{name} {n // MiB} MiB" for name, n in runtime_overhead(p.tp).items()) + ")",
              f"  total        {p.per_device:>16,} bytes  {gb(p.per_device)}"]

@@ -136,55 +136,56 @@ def test_cogvlm_17b_int8_on_a_24gb_card_by_hand(capsys):
     image = (PATCHES + 2) * H * 2  # boi + 1225 patch vectors + eoi, written into the sequence
     logits = V * 4 * 2
     activations = max(vit, decoder) + image + logits
-    # one group (32 query heads, 32 KV heads): the boolean causal mask (1 byte), SDPA's bf16 bias
-    # (2 bytes) and, while the bias is built, the inverted mask (1 byte); 2048 is 8-aligned, no pad
-    attention = n * n * (1 + 2 + 1)
+    attention = 0  # one prompt: _mask gives None, SDPA runs is_causal and materializes nothing
     runtime = (512 + 64 + 256) * MiB  # CUDA context, cuBLAS + cuBLASLt workspaces, allocator; no NCCL
     total = weights + kv + activations + attention + runtime
     card = 24259 * MiB  # what an RTX 3090 offers CUDA
-    assert (weights, kv, attention, total) == (22_201_791_488, 1_073_743_872, 16_777_216, 24_545_182_720)
+    assert (weights, kv, attention, total) == (22_201_791_488, 1_073_743_872, 0, 24_528_405_504)
     assert main(["plan", "cogvlm-chat-v1.1", "--quant", "8", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
     for name, value in (("weights", weights), ("KV cache", kv), ("activations", activations),
                         ("attention", attention), ("runtime", runtime), ("total", total)):
         assert f"{name:<12} {value:>16,} bytes" in out, (name, out)
     assert "CUDA context 512 MiB, cuBLAS workspaces 64 MiB, allocator slack 256 MiB)" in out
-    assert f"fits in 23.69 GiB per device ({(card - total) / GiB:.2f} GiB to spare)" in out  # 0.83 GiB
+    assert f"fits in 23.69 GiB per device ({(card - total) / GiB:.2f} GiB to spare)" in out  # 0.85 GiB
     assert "RTX 3090 reports 24,259" in out  # says which figure it planned against
 
 
 def test_cogvlm2_tp2_at_8k_by_hand(capsys):
-    """`cogvlm plan cogvlm2-llama3-chat-19B --tp 2 --max-length 8192`, from docs/spec/cogvlm2.md
-    section 2 (Llama-3-8B: 32 query heads, 8 KV heads, so G = 4 query heads per KV head; 1344 px
-    images). At 8K the attention mask is the largest activation: 1.06 GiB per rank, the same on
-    both, since each rank keeps G = 4 (16 query heads over 4 KV heads)."""
+    """`cogvlm plan cogvlm2-llama3-chat-19B --tp 2 --max-length 8192 [--batch 2]`, from
+    docs/spec/cogvlm2.md section 2 (Llama-3-8B: 32 query heads, 8 KV heads; 1344 px images). One
+    prompt prefills with is_causal and SDPA's own GQA: no mask. Two prompts of different lengths
+    need the padded mask, the same on both ranks: at 8K it is 2 x 4 N^2 = 0.5 GiB."""
     from cogvlm.cli import main
     from cogvlm.config import REGISTRY
     from cogvlm.plan import plan
 
-    n, g, h2, i2, v2 = 8192, 32 // 8, 4096, 14336, 128256
+    n, h2, i2, v2 = 8192, 4096, 14336, 128256
     weights = 19_717_991_168  # one rank's split, counted by hand in tests/test_tp.py
     kv = 2 * 32 * n * (8 // 2) * 128 * 2 + n  # 4 of the 8 KV heads per rank, width 128, bf16
     patches = (1344 // 14) ** 2  # 96 x 96 ViT patches; a 2x2 merge leaves 48 x 48 = 2304 image tokens
     vit = (patches + 1) * (2 * VH + (7 * VH + 2 * VI) // 2) * 2
     decoder = n * (4 * h2 + (10 * h2 + 3 * i2) // 2) * 2
     activations = max(vit, decoder) + (48 * 48 + 2) * h2 * 2 + v2 * 4 * 2
-    causal = n * n  # _mask: boolean (1, 1, N, N)
-    copied = g * n * n  # grouped(): the mask repeated for the 4 query heads of a group, (1, 1, 4N, N) bool
-    bias = 2 * g * n * n  # SDPA's additive bf16 bias of that mask
-    inverted = g * n * n  # mask.logical_not(), alive while the bias is built
-    attention = causal + copied + bias + inverted  # 17 N^2 = 1,140,850,688 (1.06 GiB)
     runtime = (512 + 64 + 512 + 256) * MiB  # now with NCCL's buffers
-    total = weights + kv + activations + attention + runtime
+    total = weights + kv + activations + runtime
     p = plan(REGISTRY["cogvlm2-llama3-chat-19B"].config, tp=2, max_length=n)
-    assert (p.kv_cache, p.activations, p.attention, p.runtime, p.per_device) == (
-        kv, activations, attention, runtime, total)
-    assert attention == 1_140_850_688 and total == 23_781_225_216  # 22.15 GiB
+    assert (p.kv_cache, p.activations, p.attention, p.runtime, p.per_device) == (kv, activations, 0, runtime, total)
+    assert total == 22_640_374_528  # 21.09 GiB
     assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2", "--max-length", "8192", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
-    assert f"attention    {attention:>16,} bytes" in out and "4 query groups x 8192x8192 per row" in out
+    assert "attention                   0 bytes" in out and "none: one prompt prefills with is_causal" in out
     assert "NCCL buffers 512 MiB" in out
-    assert f"fits in 23.69 GiB per device ({(24259 * MiB - total) / GiB:.2f} GiB to spare)" in out  # 1.54
+    assert f"fits in 23.69 GiB per device ({(24259 * MiB - total) / GiB:.2f} GiB to spare)" in out  # 2.60
+
+    causal = 2 * n * n  # _mask: boolean (2, 1, N, N); no copy per query group (enable_gqa)
+    bias = 2 * 2 * n * n  # SDPA's additive bf16 bias of that mask
+    inverted = 2 * n * n  # mask.logical_not(), alive while the bias is built
+    two = plan(REGISTRY["cogvlm2-llama3-chat-19B"].config, tp=2, batch=2, max_length=n)
+    assert two.attention == causal + bias + inverted == 536_870_912
+    assert main(["plan", "cogvlm2-llama3-chat-19B", "--tp", "2", "--max-length", "8192", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"attention    {two.attention:>16,} bytes" in out and "padded batch's prefill mask" in out
 
 
 def test_the_mask_is_padded_when_its_rows_do_not_align():
@@ -193,8 +194,9 @@ def test_the_mask_is_padded_when_its_rows_do_not_align():
     from cogvlm.plan import attention_bytes
 
     n = 2047
-    assert attention_bytes(REAL, torch.bfloat16, 1, n) == n * n + 2 * n * n + 2 * n * 2048
-    assert attention_bytes(REAL, torch.bfloat16, 3, 2048) == 3 * attention_bytes(REAL, torch.bfloat16, 1, 2048)
+    assert attention_bytes(REAL, torch.bfloat16, 2, n) == 2 * (n * n + 2 * n * n + 2 * n * 2048)
+    assert attention_bytes(REAL, torch.bfloat16, 6, 2048) == 3 * attention_bytes(REAL, torch.bfloat16, 2, 2048)
+    assert attention_bytes(REAL, torch.bfloat16, 1, 2047) == 0  # one prompt: is_causal, no mask
 
 
 def test_serve_sets_expandable_segments_unless_the_user_chose():
