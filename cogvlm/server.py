@@ -530,6 +530,9 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
                                      headers={"Cache-Control": "no-cache"})
         await _wait(request, job)
         if job.error is not None:
+            if job.busy:
+                raise APIError(f"the server has no memory for this request now: {job.error}", code="server_busy",
+                               kind="server_error", status=503)
             raise APIError(f"generation failed: {job.error}", kind="server_error", status=503 if job.stopped else 500)
         return {**head, "object": "chat.completion", "usage": usage(job),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.answer},

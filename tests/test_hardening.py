@@ -1,0 +1,115 @@
+"""Issue #37 (server and data): what an attacker or a careless user does to `cogvlm serve` must
+hurt only their own request. Each test reproduces one attack on a real server on loopback (a
+subprocess, as tests/test_server.py starts them) or on real files, and failed before the fix."""
+
+from __future__ import annotations
+
+import json
+import resource
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.processes import free_port, running
+from tests.test_caption import ENV, ROOT
+from tests.test_fuzz import rss
+from tests.test_server import assert_openai_error, post, user
+
+
+@contextmanager
+def serve(model: Path, log: Path, *flags: str, context: int = 2048,
+          env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """`python -m cogvlm serve` on a free loopback port; yields its URL and pid once /health answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with running(["serve", "--model", str(model), "--port", str(port), "--max_length", str(context),
+                  "--log-level", "warning", *flags], log, healthy, timeout=120, cwd=ROOT,
+                 env={**ENV, **(env or {})}) as proc:
+        yield url, proc.pid
+
+
+def vm_size(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+LONG = 2**20  # positions of the long-context copy of the talkative model
+
+
+@pytest.fixture(scope="module")
+def long_model(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The talkative tiny model with 2^20 positions: a KV cache row of its full length takes
+    1 GiB (1 kB a slot), so a large max_tokens is a large allocation."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("long") / "ckpt"
+    shutil.copytree(talkative, out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = LONG
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+# ---- 1, 13: KV cache memory -------------------------------------------------------------------
+
+def test_a_large_max_tokens_join_fails_the_newcomer_alone(long_model, tmp_path):
+    """Four requests decode; a fifth with max_tokens 400,000 (400 MB of cache alone) arrives,
+    whose join would grow the batch's cache to 5 rows of 400,000 slots (2 GB). The server's
+    address space is capped at 1.2 GiB above its size: before, the grown cache's allocation
+    failed inside the decode step and all five requests failed; now the newcomer alone gets a
+    503 `server_busy`, the four answer in full, and the same request alone is admitted."""
+    with serve(long_model, tmp_path / "server.log", context=LONG, env={"MALLOC_ARENA_MAX": "2"}) as (url, pid):
+        ask = {"messages": [user("tell a story")], "max_tokens": 600, "temperature": 0}
+        threads = [threading.Thread(target=post, args=(url, ask)) for _ in range(4)]  # warm: threads, arenas
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        resource.prlimit(pid, resource.RLIMIT_AS, (vm_size(pid) + 1200 * 2**20, resource.RLIM_INFINITY))
+        results: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: results.append(post(url, ask))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/metrics").json()["requests"]["running"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        big = post(url, {**ask, "max_tokens": 400_000})
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+        assert all(r.json()["usage"]["completion_tokens"] == 600 for r in results)
+        assert big.status_code == 503 and big.json()["error"]["code"] == "server_busy", big.text
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                          content=json.dumps({**ask, "max_tokens": 400_000, "stream": True})) as alone:
+            assert alone.status_code == 200
+            lines = (line for line in alone.iter_lines() if line.startswith("data: "))
+            next(lines)  # the role chunk
+            assert "content" in json.loads(next(lines)[6:])["choices"][0]["delta"]  # it decodes
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_it_is_allocated(long_model, tmp_path):
+    """A model with 2^20 positions and the server's default max_length: a question without
+    max_tokens asks for a 1 GiB cache row. Under a 600 MiB address-space margin, before, the
+    allocation failed for the request; on a machine without the cap the OOM killer ended the
+    server. Now it is a 400 `context_length_exceeded` naming max_tokens, and the server lives."""
+    with serve(long_model, tmp_path / "server.log", context=LONG, env={"MALLOC_ARENA_MAX": "2"}) as (url, pid):
+        assert post(url, {"messages": [user("hi")], "max_tokens": 4}).status_code == 200
+        resource.prlimit(pid, resource.RLIMIT_AS, (vm_size(pid) + 600 * 2**20, resource.RLIM_INFINITY))
+        error = assert_openai_error(post(url, {"messages": [user("hi")]}), 400)
+        assert error["code"] == "context_length_exceeded" and "max_tokens" in error["message"], error
+        assert post(url, {"messages": [user("hi")], "max_tokens": 4}).status_code == 200
