@@ -17,7 +17,9 @@ import contextlib
 import hmac
 import json
 import math
+import os
 import re
+import stat
 import threading
 import time
 import urllib.error
@@ -299,21 +301,54 @@ def _too_big(what: str, where: str | None, flag: str) -> APIError:
     return APIError(f"{what}, over this server's limit ({flag})", where, "image_too_large", status=413)
 
 
-def _download(url: str, where: str, limit: int) -> bytes:
+DOWNLOAD_SECONDS = 10.0  # a whole image download, connection included: a byte every second must not beat it
+READ_SECONDS = 2.0  # one socket read: how far past DOWNLOAD_SECONDS a silent server can take a download
+MAX_DOWNLOADS = 8  # remote images fetched at once: the rest get a 429, not a worker thread each
+_downloads = threading.BoundedSemaphore(MAX_DOWNLOADS)
+
+
+def _download(url: str, where: str, limit: int, seconds: float = DOWNLOAD_SECONDS) -> bytes:
+    """At most `limit` + 1 bytes of `url` within `seconds` in all. urllib's timeout bounds each
+    socket read, not the whole: a server dripping one byte a second never trips it, and each
+    such request held a worker thread for as long as the drip lasted (40 of them, every worker)."""
+    if not _downloads.acquire(blocking=False):
+        raise APIError(f"this server is downloading {MAX_DOWNLOADS} images already; retry shortly", where,
+                       "image_downloads_busy", status=429)
+    deadline = time.monotonic() + seconds
     try:
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return response.read(limit + 1)
+        with urllib.request.urlopen(url, timeout=min(seconds, READ_SECONDS)) as response:
+            data = bytearray()
+            while len(data) <= limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"not downloaded within {seconds:g} s")
+                part = response.read1(min(2**16, limit + 1 - len(data)))  # what has come, not 64 kB
+                if not part:
+                    break
+                data += part
+            return bytes(data)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise APIError(f"could not download the image {_quote(url)}: {e}", where, "image_download_failed") from None
+    finally:
+        _downloads.release()
 
 
 def _read_local(name: str, where: str, limit: int) -> bytes:
+    """A regular file's first `limit` + 1 bytes. Anything else is refused before it is read:
+    `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read (O_NONBLOCK
+    keeps the open from waiting if a FIFO takes the file's place after the stat)."""
     try:
         path = Path(name).expanduser()
-        size = path.stat().st_size
-        if size > limit:
-            raise _too_big(f"{_quote(name)} is {size} bytes", where, "--max-image-bytes")
-        return path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
+            if info.st_size > limit:
+                raise _too_big(f"{_quote(name)} is {info.st_size} bytes", where, "--max-image-bytes")
+            return f.read(limit + 1)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the name
         why = getattr(e, "strerror", None) or "not a usable file name"
         raise APIError(f"could not read the image {_quote(name)}: {why}", where, "image_not_found") from None

@@ -113,3 +113,94 @@ def test_a_cache_that_cannot_fit_is_refused_before_it_is_allocated(long_model, t
         error = assert_openai_error(post(url, {"messages": [user("hi")]}), 400)
         assert error["code"] == "context_length_exceeded" and "max_tokens" in error["message"], error
         assert post(url, {"messages": [user("hi")], "max_tokens": 4}).status_code == 200
+
+
+# ---- 12: remote and local image sources ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def open_server(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(talkative, tmp_path_factory.mktemp("log") / "server.log", "--allow-remote-images",
+               "--allow-local-files") as (url, _):
+        yield url
+
+
+@contextmanager
+def dripping_server(seconds: float) -> Iterator[str]:
+    """An HTTP server that promises a 1 MB PNG and sends one byte every 0.2 s for `seconds`:
+    every socket read succeeds, so a per-read timeout never fires."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            end = time.monotonic() + seconds
+            try:
+                while time.monotonic() < end:
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up: what the server under test should do
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/img.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_dripping_downloads_end_at_their_deadline_and_leave_room_for_others(open_server):
+    """40 requests name a URL that drips a byte every 0.2 s for 40 s. Before, each held one of
+    the server's 40 worker threads for the whole 40 s (urllib's 20 s timeout is per read) and a
+    normal request waited behind them. Now at most 8 download at once (the rest: 429 at once),
+    each ends by its 10 s deadline with a 4xx, and the normal request is answered meanwhile."""
+    normal = {"messages": [user("hello")], "max_tokens": 4}
+    with dripping_server(40) as drip:
+        answers: list[tuple[httpx.Response, float]] = []
+
+        def fetch() -> None:
+            start = time.monotonic()
+            response = post(open_server, {"messages": [user("what is it?", drip)], "max_tokens": 2})
+            answers.append((response, time.monotonic() - start))
+
+        threads = [threading.Thread(target=fetch) for _ in range(40)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        start = time.monotonic()
+        assert post(open_server, normal).status_code == 200
+        assert time.monotonic() - start < 8
+        for t in threads:
+            t.join(timeout=60)
+    codes = {r.json()["error"]["code"] for r, _ in answers}
+    assert len(answers) == 40 and all(400 <= r.status_code < 500 for r, _ in answers), codes
+    assert codes <= {"image_download_failed", "image_downloads_busy"} and max(s for _, s in answers) < 16
+
+
+def test_local_images_must_be_regular_files(open_server, tmp_path):
+    """Before, /dev/zero (size 0) was read until memory ran out and a FIFO blocked its worker
+    for good; now both, and a directory, are refused at once by name; a real file is read."""
+    import os
+
+    from tests.test_server import scene
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = tmp_path / "scene.png"
+    image.write_bytes(scene(3))
+    for name in ("/dev/zero", str(fifo), str(tmp_path)):
+        start = time.monotonic()
+        response = httpx.post(f"{open_server}/v1/chat/completions", timeout=20, headers={"content-type": "application/json"},
+                              content=json.dumps({"messages": [user("a", f"file://{name}")], "max_tokens": 2}))
+        error = assert_openai_error(response)
+        assert error["code"] == "image_not_found" and time.monotonic() - start < 5, error
+    assert post(open_server, {"messages": [user("a", str(image))], "max_tokens": 2}).status_code == 200
