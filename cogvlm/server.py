@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -450,8 +451,33 @@ def _settle(job: Job) -> None:
         job.result()
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as they appear in Host headers
+
+
+def is_loopback(host: str) -> bool:
+    """`--host` is reachable from this machine only: localhost, all of 127.0.0.0/8, ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_hosts(host: str) -> tuple[str, ...]:
+    """The Host header names a loopback server answers to: the usual ones and its own address."""
+    name = f"[{host.strip('[]')}]" if ":" in host else host.lower()
+    return LOOPBACK_HOSTS if name in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, name)
+
+
+def key_matches(header: str, key: str) -> bool:
+    """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235). Starlette decodes header
+    bytes as Latin-1, so they are compared as the bytes sent against the key's UTF-8: a
+    non-ASCII key could never match a decoded string's UTF-8."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode("latin-1", "replace"), key.encode("utf-8"))
 ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
 
 
@@ -490,8 +516,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
     def require_key(request: Request) -> None:
         if opts.api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
+        if not key_matches(request.headers.get("authorization", ""), opts.api_key):
             raise APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", status=401)
 

@@ -23,10 +23,10 @@ from tests.test_server import assert_openai_error, post, user
 
 @contextmanager
 def serve(model: Path, log: Path, *flags: str, context: int = 2048,
-          env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+          env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
     """`python -m cogvlm serve` on a free loopback port; yields its URL and pid once /health answers."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
 
     def healthy() -> bool:
         try:
@@ -34,7 +34,7 @@ def serve(model: Path, log: Path, *flags: str, context: int = 2048,
         except httpx.TransportError:
             return False
 
-    with running(["serve", "--model", str(model), "--port", str(port), "--max_length", str(context),
+    with running(["serve", "--model", str(model), "--host", host, "--port", str(port), "--max_length", str(context),
                   "--log-level", "warning", *flags], log, healthy, timeout=120, cwd=ROOT,
                  env={**ENV, **(env or {})}) as proc:
         yield url, proc.pid
@@ -204,3 +204,36 @@ def test_local_images_must_be_regular_files(open_server, tmp_path):
         error = assert_openai_error(response)
         assert error["code"] == "image_not_found" and time.monotonic() - start < 5, error
     assert post(open_server, {"messages": [user("a", str(image))], "max_tokens": 2}).status_code == 200
+
+
+# ---- 15: loopback and the API key ---------------------------------------------------------------
+
+KEY = "clé-🔑"
+
+
+def test_all_of_127_8_is_loopback_and_keys_are_bytes_with_any_case_scheme(talkative, tmp_path):
+    """--host 127.0.0.2 is as private as 127.0.0.1: before, it turned the Host check off and
+    warned that anyone could reach it. A non-ASCII --api-key, sent as its UTF-8 bytes, now
+    authenticates (before, never), and so does the scheme written `bearer` (RFC 7235: any case)."""
+    log = tmp_path / "server.log"
+    with serve(talkative, log, "--api-key", KEY, host="127.0.0.2") as (url, _):
+        def models(**headers: str | bytes) -> int:
+            return httpx.get(f"{url}/v1/models", headers=headers, timeout=10).status_code
+
+        assert models(authorization=f"Bearer {KEY}".encode()) == 200
+        assert models(authorization=f"bearer {KEY}".encode()) == 200
+        assert models(authorization=f"BEARER  {KEY}".encode()) == 200
+        assert models(authorization="Bearer cle") == 401 and models() == 401
+        assert models(authorization=KEY.encode()) == 401  # no scheme
+        auth = f"Bearer {KEY}".encode()
+        assert models(authorization=auth, host="evil.example") == 400  # DNS rebinding: refused
+        assert models(authorization=auth, host="localhost") == 200
+    assert "anyone" not in log.read_text()
+
+
+def test_loopback_addresses():
+    from cogvlm.server import is_loopback, loopback_hosts
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "127.255.255.254", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "128.0.0.1", "example.com"]))
+    assert "127.0.0.2" in loopback_hosts("127.0.0.2") and loopback_hosts("::1") == ("127.0.0.1", "localhost", "[::1]")
