@@ -61,6 +61,10 @@ UNSUPPORTED = ("tools", "functions", "function_call", "top_logprobs", "audio", "
 # Limits on what a request may make the server do (each 4xx names the one it hit).
 MAX_JSON_DEPTH = 32  # our own requests nest 6 deep
 MAX_INT_DIGITS = 24  # seeds reach 2**64 (20 digits); Python refuses to parse past 4,300 digits
+# JSON's structural characters ([ { , :) in a body: a base64 image has none, and no context (8,192
+# positions at most) holds text with more than 100,000 commas; 100,000 parse in ~70 ms
+MAX_JSON_TOKENS = 100_000
+PARSE_SECONDS = 2.0  # parsing and checking a body, in a worker thread
 
 
 @dataclass(frozen=True)
@@ -637,7 +641,9 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
 async def _read_json(request: "Request", limit: int) -> Any:
     """The body as JSON: only `application/json` (a web page may send text/plain to any server
     without asking it first), oversized bodies refused before they are read whole, and no
-    numbers or nesting that Python cannot parse or that no request needs."""
+    numbers or nesting that Python cannot parse or that no request needs (`_parse_json`)."""
+    import anyio
+
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(f"the request body must be sent as Content-Type: application/json, not "
@@ -652,14 +658,35 @@ async def _read_json(request: "Request", limit: int) -> Any:
         raw += part
         if len(raw) > limit:
             raise too_big
+    return await anyio.to_thread.run_sync(_parse_json, bytes(raw), PARSE_SECONDS)
+
+
+def _parse_json(raw: bytes, seconds: float) -> Any:
+    """Parse and check a body, in a worker thread, within `seconds`. Python's C parser holds the
+    GIL throughout, so a thread alone does not keep the event loop going: a body of 10 million
+    `[]` froze /health and every stream for 7 s to parse and 26 s to check its depth. So JSON's
+    structural characters are counted first (C `bytes.count`, milliseconds) and capped at
+    MAX_JSON_TOKENS; the parse hooks and the depth walk then stop at the deadline."""
+    tokens = sum(raw.count(c) for c in (b"[", b"{", b",", b":"))
+    if tokens > MAX_JSON_TOKENS:
+        raise APIError(f"the request body has {tokens} JSON values; at most {MAX_JSON_TOKENS} are taken",
+                       code="json_too_large", status=413)
+    deadline = time.monotonic() + seconds
+
+    def in_time(value: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise APIError(f"the request body took over {seconds:g} s to parse", code="json_too_large", status=413)
+        return value
+
     too_deep = APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
     try:
-        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        body = json.loads(raw, parse_int=lambda t: in_time(_parse_int(t)), parse_float=lambda t: in_time(_parse_float(t)),
+                          parse_constant=_parse_constant, object_pairs_hook=lambda pairs: in_time(dict(pairs)))
     except RecursionError:
         raise too_deep from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if _depth(body) > MAX_JSON_DEPTH:
+    if _depth(body, in_time) > MAX_JSON_DEPTH:
         raise too_deep
     return body
 
@@ -682,11 +709,15 @@ def _parse_constant(text: str) -> float:
     raise APIError(f"{text} is not JSON", code="invalid_json")
 
 
-def _depth(value: Any) -> int:
-    """How deep arrays and objects nest in `value`, without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _depth(value: Any, in_time: Callable[[Any], Any]) -> int:
+    """How deep arrays and objects nest in `value`, without recursion; `in_time` is asked every
+    4,096 items (it raises past the deadline)."""
+    deepest, stack, seen = 0, [(value, 1)], 0
     while stack:
         item, depth = stack.pop()
+        seen += 1
+        if seen % 4096 == 0:
+            in_time(None)
         if isinstance(item, (dict, list)):
             deepest = max(deepest, depth)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
