@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -502,6 +503,76 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return name.lower() in allowed
 
 
+HEADER_SECONDS = 10.0  # from connecting (or the last response) to a request's complete headers
+BODY_SECONDS = 20.0  # reading a request body whole
+KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection
+MAX_HEADER_BYTES = 64 * 2**10  # a request line and headers, together
+LOG_BURST, LOG_WINDOW = 20, 60.0  # the same log message at most LOG_BURST times a LOG_WINDOW (seconds)
+
+
+def server_settings() -> dict[str, Any]:
+    """uvicorn.Config arguments that keep connections from outliving their use: a client that
+    connects and never finishes its headers is dropped after HEADER_SECONDS (uvicorn has no such
+    timeout: 1,100 idle connections exhausted a 1,024-file limit and locked everyone out),
+    headers are capped at MAX_HEADER_BYTES, idle keep-alives close after KEEP_ALIVE_SECONDS, and
+    past `limit_concurrency` connections new requests get 503s instead of file descriptors.
+    Raises the process's open-file limit to its hard limit first; installs `RateLimit` on the
+    loggers that a flood of bad connections writes to (the log grew 382 MB in 70 s)."""
+    import resource
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        """uvicorn's h11 protocol, closing a connection whose next request's headers are not
+        complete HEADER_SECONDS after it opened or after its last response."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            waiting_on = self.cycle  # a new request replaces it once its headers are in
+            self.loop.call_later(HEADER_SECONDS, lambda: self.cycle is waiting_on and self.transport.close())
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    limit = RateLimit(LOG_BURST, LOG_WINDOW)
+    for name in ("uvicorn.error", "uvicorn.access", "asyncio", "cogvlm.scheduler"):
+        logging.getLogger(name).addFilter(limit)
+    files = 65536 if soft == resource.RLIM_INFINITY else soft
+    return {"http": HeaderTimeout, "ws": "none", "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "limit_concurrency": max(16, min(4096, files - 64))}
+
+
+class RateLimit(logging.Filter):
+    """Lets each message (by its format string) through at most `burst` times per `window`
+    seconds, then once more with a count of what was dropped when the window turns."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self.seen: dict[tuple[str, object], tuple[float, int]] = {}  # message -> (window start, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, record.msg), time.monotonic()
+        start, count = self.seen.get(key, (now, 0))
+        if now - start >= self.window:
+            if count > self.burst:
+                record.msg = f"{record.msg} [{count - self.burst} more like this in {self.window:g} s not logged]"
+            start, count = now, 0
+        if len(self.seen) > 1000:  # messages with the client in their format string: no unbounded growth
+            self.seen.clear()
+        self.seen[key] = (start, count + 1)
+        return count < self.burst
+
+
 def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
                on_failure: Callable[[], None] | None = None) -> "FastAPI":
     """The ASGI app. Its scheduler thread is closed when the app shuts down. When the model
@@ -654,10 +725,15 @@ async def _read_json(request: "Request", limit: int) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > limit:
-            raise too_big
+    try:
+        with anyio.fail_after(BODY_SECONDS):  # a client that sends a byte now and then holds a connection
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    raise too_big
+    except TimeoutError:
+        raise APIError(f"the request body did not arrive within {BODY_SECONDS:g} s", code="request_timeout",
+                       status=408) from None
     return await anyio.to_thread.run_sync(_parse_json, bytes(raw), PARSE_SECONDS)
 
 

@@ -273,3 +273,48 @@ def test_a_large_json_body_does_not_freeze_the_server(plain_server):
     assert took < 5 and max(latencies) < 1, (took, max(latencies))
     assert response.status_code == 413 and response.json()["error"]["code"] == "json_too_large", response.text
     assert post(plain_server, {"messages": [user("hi")], "max_tokens": 2}).status_code == 200
+
+
+# ---- 8: connections that never finish ------------------------------------------------------------
+
+def test_slow_connections_are_dropped_and_floods_do_not_flood_the_log(talkative, tmp_path):
+    """100 slow-loris connections drip a header byte a second; one sends 10 bytes of a 1,000
+    byte body and stops. Before, uvicorn kept them all for good (1,100 exhausted a 1,024-file
+    limit) and logged every malformed request. Now each loris is closed once its headers are
+    10 s late, the stalled body gets a 408 at 20 s, a normal client is served meanwhile, and
+    200 malformed requests log their warning at most 20 times."""
+    import socket
+
+    log = tmp_path / "server.log"
+    with serve(talkative, log) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        loris = []
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            loris.append(s)
+        body = socket.create_connection(("127.0.0.1", port))
+        body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\"")
+        body.settimeout(30)
+        start = time.monotonic()
+        assert post(url, {"messages": [user("hi")], "max_tokens": 2}).status_code == 200
+        open_ = set(range(len(loris)))
+        while open_ and time.monotonic() - start < 16:
+            for i in list(open_):
+                try:
+                    loris[i].sendall(b"X")
+                except OSError:  # closed by the server
+                    open_.discard(i)
+            time.sleep(1)
+        assert not open_, f"{len(open_)} slow connections still open after {time.monotonic() - start:.0f} s"
+        reply = body.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
+        for s in [*loris, body]:
+            s.close()
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"GARBAGE \x00\r\n\r\n")
+                s.recv(100)
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert log.read_text().count("Invalid HTTP request") <= 20

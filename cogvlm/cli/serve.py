@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ..server import ServeOptions, create_app, is_loopback, loopback_hosts
+from ..server import ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
 from .flags import add_model_flags, load_model, load_options, sampling_flags
 
 
@@ -87,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(vlm, opts, args.max_batch, on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           **server_settings()))
     server.run()
     if app.state.scheduler.failure is not None:
         raise app.state.scheduler.failure  # one line, exit 2 (cogvlm.cli.main)
