@@ -133,7 +133,9 @@ def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory") -
     image_url, query, history = parse_messages(body.get("messages"))
     stream = bool(_field(body, "stream", bool, "true or false"))
     stream_options = _field(body, "stream_options", dict, "an object") or {}
-    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
+    cross = vlm.config.cross_vision
+    side = max(vlm.config.vision.image_size, 0 if cross is None else cross.image_size)
+    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts, side)
     with images.reserve(fetched, image_url and image_url[1]):
         image = None if fetched is None else _decode(fetched[0], image_url[1])
         try:
@@ -273,9 +275,9 @@ def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
     return "\n".join(texts), urls
 
 
-def fetch_image(url: str, where: str, opts: ServeOptions) -> tuple[bytes, int]:
+def fetch_image(url: str, where: str, opts: ServeOptions, side: int) -> tuple[bytes, int]:
     """The image file behind a data:, http(s) or local URL, within the size limits, and the bytes
-    decoding it will take."""
+    decoding it and resizing it to `side` x `side` will take."""
     limit = opts.max_image_bytes
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -300,7 +302,7 @@ def fetch_image(url: str, where: str, opts: ServeOptions) -> tuple[bytes, int]:
         data = _read_local(url.removeprefix("file://"), where, limit)
     if len(data) > limit:
         raise _too_big(f"the image is {len(data)} bytes", where, "--max-image-bytes")
-    return data, _decoded_size(data, where, opts.max_image_pixels)
+    return data, _decoded_size(data, where, opts.max_image_pixels, side)
 
 
 def _too_big(what: str, where: str | None, flag: str) -> APIError:
@@ -360,9 +362,18 @@ def _read_local(name: str, where: str, limit: int) -> bytes:
         raise APIError(f"could not read the image {_quote(name)}: {why}", where, "image_not_found") from None
 
 
-def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
-    """Bytes the decoded image and its RGB copy take, from the header *before* decoding: a small
-    file can hold a huge bitmap. 0 for data that is not an image (`_decode` says why)."""
+MAX_ASPECT = 50  # longer side / shorter side: see _decoded_size
+
+
+def _decoded_size(data: bytes, where: str, max_pixels: int, side: int) -> int:
+    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
+    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
+    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
+    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
+    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
+    MAX_ASPECT:1 are refused first: the model sees a square, so a 50:1 image is squeezed 50x
+    along its long side (nothing of it survives), while panoramas and scanned receipts stay
+    under ~20:1. 0 for data that is not an image (`_decode` says why)."""
     try:
         with open_image(data) as img:
             width, height = img.size
@@ -373,7 +384,10 @@ def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
         return 0
     if width * height > max_pixels:
         raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
-    return width * height * (bands + 3)
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise APIError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
+                       f"square input cannot show", where, "invalid_image")
+    return width * height * (bands + 3) + max(side * height, width * side) * 3
 
 
 def _decode(data: bytes, where: str) -> Image.Image:

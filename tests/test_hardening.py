@@ -318,3 +318,20 @@ def test_slow_connections_are_dropped_and_floods_do_not_flood_the_log(talkative,
                 s.recv(100)
         assert httpx.get(f"{url}/health").status_code == 200
     assert log.read_text().count("Invalid HTTP request") <= 20
+
+
+# ---- 2: long thin images ---------------------------------------------------------------------------
+
+def test_long_thin_images_are_refused_by_shape(plain_server):
+    """A 1 x 1,000,000 PNG (a few kB) passes the pixel limit; resizing it to the model's square
+    allocates side x 1,000,000 x 3 bytes (with 1 x 40,000,000, 4 requests took a server to
+    10.8 GB under the 1 GiB --max-image-memory). Now anything past 50:1 is a 400 by name before
+    decoding, and a 50:1 image is still answered."""
+    from tests.test_server import data_url, png
+    from PIL import Image
+
+    thin = png(Image.new("L", (1, 1_000_000)))
+    error = assert_openai_error(post(plain_server, {"messages": [user("a", data_url(thin))], "max_tokens": 2}), 400)
+    assert error["code"] == "invalid_image" and "50:1" in error["message"], error
+    ok = png(Image.new("RGB", (500, 10), (200, 10, 10)))
+    assert post(plain_server, {"messages": [user("a", data_url(ok))], "max_tokens": 2}).status_code == 200
