@@ -11,20 +11,32 @@ whole step (out of memory) ends the whole batch. A failed job keeps the error's 
 exception: its traceback's frames would keep the batch's KV cache alive. A tensor-parallel
 failure (`TensorParallelError`: a rank failed, and every rank has stopped) ends every job, running
 or waiting, as `stopped`, and the loop: the model is gone, `on_failure` is told (the server exits).
+
+Memory is reserved before it is taken (`reserve`): a KV cache is allocated at a request's full
+length up front, and a join may re-allocate the whole batch's cache at the newcomer's length. A
+request whose cache cannot fit even alone is refused at `submit` (ContextLengthError: the server
+answers 400); one that cannot fit beside the running batch ends alone with `busy` set (503, retry)
+before anything is allocated: `KVCache.concat` frees the running cache one layer at a time as it
+grows it, so a join that failed half-way would take every running request with it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import resource
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from .api import CogVLM
-from .errors import GenerationError, TensorParallelError
+from .errors import ContextLengthError, GenerationError, TensorParallelError
 from .generate import BatchDecoder, SamplingParams, TextStream, final_text
+from .model import DECODE_WINDOW, row_bucket
 from .prompt import PromptTokens
 
 _DONE = object()
@@ -43,6 +55,7 @@ class Job:
     finish_reason: str | None = None  # "stop" (</s> or a stop string), "length", "cancelled" or "error"
     error: GenerationError | None = None  # why, when finish_reason is "error"
     stopped: bool = False  # the error ended the model, not just this request (the server answers 503)
+    busy: bool = False  # its KV cache did not fit beside the running batch (the server answers 503: retry)
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -85,6 +98,7 @@ class Scheduler:
         self._pending: queue.Queue[Job] = queue.Queue()
         self._wake = threading.Event()
         self._stop = False
+        self._held = 0  # bytes of the running batch's KV cache (set by the loop, read by `submit`)
         self._thread = threading.Thread(target=self._loop, name="cogvlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -94,7 +108,12 @@ class Scheduler:
         if self.failure is not None:
             raise self.failure
         length = self.vlm.prompt_length(prompt)
-        self.vlm.generation_budget(length, params)  # validate now, in the caller's thread
+        budget = self.vlm.generation_budget(length, params)  # validate now, in the caller's thread
+        need, free = cache_bytes(self.vlm, 1, length + budget), free_memory(self.vlm.model.device) + self._held
+        if need > free:  # it could not run even once the running batch has drained
+            raise ContextLengthError(
+                f"this request's KV cache ({length} prompt + {budget} new tokens) takes {need / 2**20:.0f} MiB "
+                f"and this server has {free / 2**20:.0f} MiB for caches: lower max_tokens")
         job = Job(prompt, params, length)
         self._pending.put(job)
         self._wake.set()
@@ -192,7 +211,20 @@ class Scheduler:
 
     def _admit(self, decoder: BatchDecoder | None, jobs: dict, newcomers: list[Job]) -> BatchDecoder | None:
         """Prefill the newcomers together and join them to the batch. If that fails, each is
-        prefilled alone, so a request that fails for its own reasons fails alone."""
+        prefilled alone, so a request that fails for its own reasons fails alone. The memory the
+        prefill and the join take is reserved first; when it is not there, the newcomers are tried
+        one by one, and one that does not fit alone ends `busy`, the running batch untouched."""
+        try:
+            reserve(self.vlm.model.device, self._join_bytes(decoder, newcomers))
+        except MemoryError as e:
+            if len(newcomers) > 1:
+                for job in newcomers:
+                    decoder = self._admit(decoder, jobs, [job])
+                return decoder
+            log.warning("a request did not fit beside the running batch: %s", e)
+            newcomers[0].busy = True
+            newcomers[0]._finish("error", e)
+            return decoder
         try:
             fresh = self.vlm.decoder([j.prompt for j in newcomers], [j.params for j in newcomers])
         except TensorParallelError as e:  # not this prompt's fault: the model stopped (`_loop`)
@@ -215,6 +247,24 @@ class Scheduler:
             jobs[row] = (job, TextStream(self.vlm.tokenizer, job.params.stop))
         return decoder
 
+    def _join_bytes(self, decoder: BatchDecoder | None, newcomers: list[Job]) -> int:
+        """Bytes the newcomers' prefill cache takes, plus, when they join a running batch whose
+        buffers lack the room, the grown cache `KVCache.concat` allocates (the old one is freed
+        only as the new one fills, so both count)."""
+        budgets = [self.vlm.generation_budget(j.prompt_tokens, j.params) for j in newcomers]
+        longest = max(j.prompt_tokens for j in newcomers)
+        need = cache_bytes(self.vlm, len(newcomers), longest + max(budgets))
+        if decoder is None or decoder.done:
+            self._held = 0
+            return need
+        cache = decoder.cache
+        self._held = cache_bytes(self.vlm, cache.row_capacity, cache.max_len)
+        remaining = max([decoder.budgets[r] - len(decoder.generated[r]) for r in decoder.active] + budgets)
+        rows, capacity = cache.batch_size + len(newcomers), max(cache.length, longest) + remaining
+        if cache.row_capacity >= rows and cache.max_len >= capacity:
+            return need  # joined in place
+        return need + cache_bytes(self.vlm, rows, capacity)
+
     def _end(self, jobs: dict[int, tuple[Job, TextStream]], decoder: BatchDecoder, row: int, reason: str,
              error: BaseException | None = None) -> None:
         """End a row's job and forget the row: a batch that never drains must not grow."""
@@ -223,6 +273,67 @@ class Scheduler:
         job.completion_tokens = len(generated)
         job.answer = final_text(self.vlm.tokenizer, generated, job.params.stop)
         job._finish(reason, error)
+
+
+def cache_bytes(vlm: CogVLM, rows: int, slots: int) -> int:
+    """Bytes of a KV cache of `rows` x `slots` (k and v of every layer, and the valid mask), at the
+    shapes a bucketed (CUDA-graph) cache rounds up to."""
+    cfg, model = vlm.config, vlm.model
+    if getattr(model, "decode_buckets", False):
+        rows, slots = row_bucket(rows), max(DECODE_WINDOW, 1 << (slots - 1).bit_length())
+    kv_heads = cfg.num_key_value_heads // getattr(model, "world", 1)  # tensor parallel: this rank's share
+    per_slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * model.dtype.itemsize + 1
+    return rows * slots * per_slot
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on `device`. CUDA: the driver's free memory plus
+    what PyTorch's allocator holds unused. CPU: the kernel's MemAvailable, within the cgroup's
+    memory.max and the process's RLIMIT_AS, whichever is tightest: on Linux a too-large CPU
+    allocation does not fail, it is killed later by the OOM killer, so it must be refused before."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    limits = [_meminfo("/proc/meminfo", "MemAvailable:")]
+    try:
+        cap, used = open("/sys/fs/cgroup/memory.max").read().strip(), open("/sys/fs/cgroup/memory.current").read()
+        if cap != "max":
+            limits.append(int(cap) - int(used))
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft - _meminfo(f"/proc/{os.getpid()}/status", "VmSize:"))
+    known = [n for n in limits if n is not None]
+    return max(min(known), 0) if known else 2**62
+
+
+def _meminfo(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None off Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reserve(device: torch.device, nbytes: int) -> None:
+    """Raise MemoryError unless `nbytes` can be allocated on `device` now: checked against
+    `free_memory`, then proven by allocating them once (and freeing them: CUDA's allocator keeps
+    the block for the allocation that follows; on CPU the pages were never touched)."""
+    free = free_memory(device)
+    if nbytes > free:
+        raise MemoryError(f"the KV cache needs {nbytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; "
+                          f"retry when the running requests have finished")
+    try:
+        probe = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        raise MemoryError(f"the KV cache needs {nbytes / 2**20:.0f} MiB, which could not be allocated "
+                          f"({type(e).__name__}); retry when the running requests have finished") from None
+    del probe
 
 
 def _stopped(jobs: list[Job], error: TensorParallelError) -> None:

@@ -15,9 +15,13 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import json
+import logging
 import math
+import os
 import re
+import stat
 import threading
 import time
 import urllib.error
@@ -58,6 +62,10 @@ UNSUPPORTED = ("tools", "functions", "function_call", "top_logprobs", "audio", "
 # Limits on what a request may make the server do (each 4xx names the one it hit).
 MAX_JSON_DEPTH = 32  # our own requests nest 6 deep
 MAX_INT_DIGITS = 24  # seeds reach 2**64 (20 digits); Python refuses to parse past 4,300 digits
+# JSON's structural characters ([ { , :) in a body: a base64 image has none, and no context (8,192
+# positions at most) holds text with more than 100,000 commas; 100,000 parse in ~70 ms
+MAX_JSON_TOKENS = 100_000
+PARSE_SECONDS = 2.0  # parsing and checking a body, in a worker thread
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,9 @@ def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory") -
     image_url, query, history = parse_messages(body.get("messages"))
     stream = bool(_field(body, "stream", bool, "true or false"))
     stream_options = _field(body, "stream_options", dict, "an object") or {}
-    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts)
+    cross = vlm.config.cross_vision
+    side = max(vlm.config.vision.image_size, 0 if cross is None else cross.image_size)
+    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts, side)
     with images.reserve(fetched, image_url and image_url[1]):
         image = None if fetched is None else _decode(fetched[0], image_url[1])
         try:
@@ -265,9 +275,9 @@ def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
     return "\n".join(texts), urls
 
 
-def fetch_image(url: str, where: str, opts: ServeOptions) -> tuple[bytes, int]:
+def fetch_image(url: str, where: str, opts: ServeOptions, side: int) -> tuple[bytes, int]:
     """The image file behind a data:, http(s) or local URL, within the size limits, and the bytes
-    decoding it will take."""
+    decoding it and resizing it to `side` x `side` will take."""
     limit = opts.max_image_bytes
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -292,36 +302,78 @@ def fetch_image(url: str, where: str, opts: ServeOptions) -> tuple[bytes, int]:
         data = _read_local(url.removeprefix("file://"), where, limit)
     if len(data) > limit:
         raise _too_big(f"the image is {len(data)} bytes", where, "--max-image-bytes")
-    return data, _decoded_size(data, where, opts.max_image_pixels)
+    return data, _decoded_size(data, where, opts.max_image_pixels, side)
 
 
 def _too_big(what: str, where: str | None, flag: str) -> APIError:
     return APIError(f"{what}, over this server's limit ({flag})", where, "image_too_large", status=413)
 
 
-def _download(url: str, where: str, limit: int) -> bytes:
+DOWNLOAD_SECONDS = 10.0  # a whole image download, connection included: a byte every second must not beat it
+READ_SECONDS = 2.0  # one socket read: how far past DOWNLOAD_SECONDS a silent server can take a download
+MAX_DOWNLOADS = 8  # remote images fetched at once: the rest get a 429, not a worker thread each
+_downloads = threading.BoundedSemaphore(MAX_DOWNLOADS)
+
+
+def _download(url: str, where: str, limit: int, seconds: float = DOWNLOAD_SECONDS) -> bytes:
+    """At most `limit` + 1 bytes of `url` within `seconds` in all. urllib's timeout bounds each
+    socket read, not the whole: a server dripping one byte a second never trips it, and each
+    such request held a worker thread for as long as the drip lasted (40 of them, every worker)."""
+    if not _downloads.acquire(blocking=False):
+        raise APIError(f"this server is downloading {MAX_DOWNLOADS} images already; retry shortly", where,
+                       "image_downloads_busy", status=429)
+    deadline = time.monotonic() + seconds
     try:
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return response.read(limit + 1)
+        with urllib.request.urlopen(url, timeout=min(seconds, READ_SECONDS)) as response:
+            data = bytearray()
+            while len(data) <= limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"not downloaded within {seconds:g} s")
+                part = response.read1(min(2**16, limit + 1 - len(data)))  # what has come, not 64 kB
+                if not part:
+                    break
+                data += part
+            return bytes(data)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise APIError(f"could not download the image {_quote(url)}: {e}", where, "image_download_failed") from None
+    finally:
+        _downloads.release()
 
 
 def _read_local(name: str, where: str, limit: int) -> bytes:
+    """A regular file's first `limit` + 1 bytes. Anything else is refused before it is read:
+    `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read (O_NONBLOCK
+    keeps the open from waiting if a FIFO takes the file's place after the stat)."""
     try:
         path = Path(name).expanduser()
-        size = path.stat().st_size
-        if size > limit:
-            raise _too_big(f"{_quote(name)} is {size} bytes", where, "--max-image-bytes")
-        return path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
+            if info.st_size > limit:
+                raise _too_big(f"{_quote(name)} is {info.st_size} bytes", where, "--max-image-bytes")
+            return f.read(limit + 1)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the name
         why = getattr(e, "strerror", None) or "not a usable file name"
         raise APIError(f"could not read the image {_quote(name)}: {why}", where, "image_not_found") from None
 
 
-def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
-    """Bytes the decoded image and its RGB copy take, from the header *before* decoding: a small
-    file can hold a huge bitmap. 0 for data that is not an image (`_decode` says why)."""
+MAX_ASPECT = 50  # longer side / shorter side: see _decoded_size
+
+
+def _decoded_size(data: bytes, where: str, max_pixels: int, side: int) -> int:
+    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
+    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
+    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
+    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
+    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
+    MAX_ASPECT:1 are refused first: the model sees a square, so a 50:1 image is squeezed 50x
+    along its long side (nothing of it survives), while panoramas and scanned receipts stay
+    under ~20:1. 0 for data that is not an image (`_decode` says why)."""
     try:
         with open_image(data) as img:
             width, height = img.size
@@ -332,7 +384,10 @@ def _decoded_size(data: bytes, where: str, max_pixels: int) -> int:
         return 0
     if width * height > max_pixels:
         raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
-    return width * height * (bands + 3)
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise APIError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
+                       f"square input cannot show", where, "invalid_image")
+    return width * height * (bands + 3) + max(side * height, width * side) * 3
 
 
 def _decode(data: bytes, where: str) -> Image.Image:
@@ -415,8 +470,33 @@ def _settle(job: Job) -> None:
         job.result()
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as they appear in Host headers
+
+
+def is_loopback(host: str) -> bool:
+    """`--host` is reachable from this machine only: localhost, all of 127.0.0.0/8, ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_hosts(host: str) -> tuple[str, ...]:
+    """The Host header names a loopback server answers to: the usual ones and its own address."""
+    name = f"[{host.strip('[]')}]" if ":" in host else host.lower()
+    return LOOPBACK_HOSTS if name in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, name)
+
+
+def key_matches(header: str, key: str) -> bool:
+    """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235). Starlette decodes header
+    bytes as Latin-1, so they are compared as the bytes sent against the key's UTF-8: a
+    non-ASCII key could never match a decoded string's UTF-8."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode("latin-1", "replace"), key.encode("utf-8"))
 ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
 
 
@@ -437,6 +517,76 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return name.lower() in allowed
 
 
+HEADER_SECONDS = 10.0  # from connecting (or the last response) to a request's complete headers
+BODY_SECONDS = 20.0  # reading a request body whole
+KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection
+MAX_HEADER_BYTES = 64 * 2**10  # a request line and headers, together
+LOG_BURST, LOG_WINDOW = 20, 60.0  # the same log message at most LOG_BURST times a LOG_WINDOW (seconds)
+
+
+def server_settings() -> dict[str, Any]:
+    """uvicorn.Config arguments that keep connections from outliving their use: a client that
+    connects and never finishes its headers is dropped after HEADER_SECONDS (uvicorn has no such
+    timeout: 1,100 idle connections exhausted a 1,024-file limit and locked everyone out),
+    headers are capped at MAX_HEADER_BYTES, idle keep-alives close after KEEP_ALIVE_SECONDS, and
+    past `limit_concurrency` connections new requests get 503s instead of file descriptors.
+    Raises the process's open-file limit to its hard limit first; installs `RateLimit` on the
+    loggers that a flood of bad connections writes to (the log grew 382 MB in 70 s)."""
+    import resource
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        """uvicorn's h11 protocol, closing a connection whose next request's headers are not
+        complete HEADER_SECONDS after it opened or after its last response."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            waiting_on = self.cycle  # a new request replaces it once its headers are in
+            self.loop.call_later(HEADER_SECONDS, lambda: self.cycle is waiting_on and self.transport.close())
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    limit = RateLimit(LOG_BURST, LOG_WINDOW)
+    for name in ("uvicorn.error", "uvicorn.access", "asyncio", "cogvlm.scheduler"):
+        logging.getLogger(name).addFilter(limit)
+    files = 65536 if soft == resource.RLIM_INFINITY else soft
+    return {"http": HeaderTimeout, "ws": "none", "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "limit_concurrency": max(16, min(4096, files - 64))}
+
+
+class RateLimit(logging.Filter):
+    """Lets each message (by its format string) through at most `burst` times per `window`
+    seconds, then once more with a count of what was dropped when the window turns."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self.seen: dict[tuple[str, object], tuple[float, int]] = {}  # message -> (window start, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, record.msg), time.monotonic()
+        start, count = self.seen.get(key, (now, 0))
+        if now - start >= self.window:
+            if count > self.burst:
+                record.msg = f"{record.msg} [{count - self.burst} more like this in {self.window:g} s not logged]"
+            start, count = now, 0
+        if len(self.seen) > 1000:  # messages with the client in their format string: no unbounded growth
+            self.seen.clear()
+        self.seen[key] = (start, count + 1)
+        return count < self.burst
+
+
 def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
                on_failure: Callable[[], None] | None = None) -> "FastAPI":
     """The ASGI app. Its scheduler thread is closed when the app shuts down. When the model
@@ -455,8 +605,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
     def require_key(request: Request) -> None:
         if opts.api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
+        if not key_matches(request.headers.get("authorization", ""), opts.api_key):
             raise APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", status=401)
 
@@ -530,6 +679,9 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
                                      headers={"Cache-Control": "no-cache"})
         await _wait(request, job)
         if job.error is not None:
+            if job.busy:
+                raise APIError(f"the server has no memory for this request now: {job.error}", code="server_busy",
+                               kind="server_error", status=503)
             raise APIError(f"generation failed: {job.error}", kind="server_error", status=503 if job.stopped else 500)
         return {**head, "object": "chat.completion", "usage": usage(job),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.answer},
@@ -574,7 +726,9 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
 async def _read_json(request: "Request", limit: int) -> Any:
     """The body as JSON: only `application/json` (a web page may send text/plain to any server
     without asking it first), oversized bodies refused before they are read whole, and no
-    numbers or nesting that Python cannot parse or that no request needs."""
+    numbers or nesting that Python cannot parse or that no request needs (`_parse_json`)."""
+    import anyio
+
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(f"the request body must be sent as Content-Type: application/json, not "
@@ -585,18 +739,44 @@ async def _read_json(request: "Request", limit: int) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > limit:
-            raise too_big
+    try:
+        with anyio.fail_after(BODY_SECONDS):  # a client that sends a byte now and then holds a connection
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    raise too_big
+    except TimeoutError:
+        raise APIError(f"the request body did not arrive within {BODY_SECONDS:g} s", code="request_timeout",
+                       status=408) from None
+    return await anyio.to_thread.run_sync(_parse_json, bytes(raw), PARSE_SECONDS)
+
+
+def _parse_json(raw: bytes, seconds: float) -> Any:
+    """Parse and check a body, in a worker thread, within `seconds`. Python's C parser holds the
+    GIL throughout, so a thread alone does not keep the event loop going: a body of 10 million
+    `[]` froze /health and every stream for 7 s to parse and 26 s to check its depth. So JSON's
+    structural characters are counted first (C `bytes.count`, milliseconds) and capped at
+    MAX_JSON_TOKENS; the parse hooks and the depth walk then stop at the deadline."""
+    tokens = sum(raw.count(c) for c in (b"[", b"{", b",", b":"))
+    if tokens > MAX_JSON_TOKENS:
+        raise APIError(f"the request body has {tokens} JSON values; at most {MAX_JSON_TOKENS} are taken",
+                       code="json_too_large", status=413)
+    deadline = time.monotonic() + seconds
+
+    def in_time(value: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise APIError(f"the request body took over {seconds:g} s to parse", code="json_too_large", status=413)
+        return value
+
     too_deep = APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
     try:
-        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        body = json.loads(raw, parse_int=lambda t: in_time(_parse_int(t)), parse_float=lambda t: in_time(_parse_float(t)),
+                          parse_constant=_parse_constant, object_pairs_hook=lambda pairs: in_time(dict(pairs)))
     except RecursionError:
         raise too_deep from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if _depth(body) > MAX_JSON_DEPTH:
+    if _depth(body, in_time) > MAX_JSON_DEPTH:
         raise too_deep
     return body
 
@@ -619,11 +799,15 @@ def _parse_constant(text: str) -> float:
     raise APIError(f"{text} is not JSON", code="invalid_json")
 
 
-def _depth(value: Any) -> int:
-    """How deep arrays and objects nest in `value`, without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _depth(value: Any, in_time: Callable[[Any], Any]) -> int:
+    """How deep arrays and objects nest in `value`, without recursion; `in_time` is asked every
+    4,096 items (it raises past the deadline)."""
+    deepest, stack, seen = 0, [(value, 1)], 0
     while stack:
         item, depth = stack.pop()
+        seen += 1
+        if seen % 4096 == 0:
+            in_time(None)
         if isinstance(item, (dict, list)):
             deepest = max(deepest, depth)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))

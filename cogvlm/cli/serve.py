@@ -7,7 +7,7 @@ import sys
 from typing import Any, MutableMapping
 
 from ..errors import UsageError
-from ..server import LOOPBACK, LOOPBACK_HOSTS, ServeOptions, create_app
+from ..server import ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
 from .flags import add_model_flags, load_model, load_options, sampling_flags
 
 
@@ -58,9 +58,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("the API key is empty (--api-key or $COGVLM_API_KEY): set a real key, or unset "
                          "COGVLM_API_KEY to serve without one")
-    loopback = args.host in LOOPBACK
+    loopback = is_loopback(args.host)
     if args.allowed_hosts is None:
-        hosts = LOOPBACK_HOSTS if loopback else ("*",)
+        hosts = loopback_hosts(args.host) if loopback else ("*",)
     else:
         hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
         if not hosts:
@@ -96,14 +96,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sampling, options = sampling_flags(args), load_options(args)
     opts = serve_options(args)
     vlm = load_model(options, sampling)
-    if args.host not in LOOPBACK and opts.api_key is None:
+    if not is_loopback(args.host) and opts.api_key is None:
         print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
     def stop() -> None:  # the model stopped for good: finish answering (503), then exit
         server.should_exit = True
 
     app = create_app(vlm, opts, args.max_batch, on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           **server_settings()))
     server.run()
     if app.state.scheduler.failure is not None:
         raise app.state.scheduler.failure  # one line, exit 2 (cogvlm.cli.main)
