@@ -388,16 +388,18 @@ def row_bucket(rows: int) -> int:
 
 
 def _move_slots(t: torch.Tensor, dim: int, src: int, dst: int, n: int) -> None:
-    """`t`'s slots [src, src+n) along `dim` to [dst, dst+n), in place; the ranges may overlap.
-    `copy_` refuses overlapping memory, so an overlapping move goes in pieces of |src-dst| slots
-    (never more than 4), or else through a copy of the n slots of this one tensor."""
+    """`t`'s slots [src, src+n) along `dim` (dim 0 holds rows) to [dst, dst+n), in place; the
+    ranges may overlap. `copy_` refuses overlapping memory, so an overlapping move goes in pieces
+    of |src-dst| slots (never more than 4), or else row by row through a copy of the row's n
+    slots: the transient is one row of one tensor, not a second cache."""
     gap = abs(src - dst)
     if gap == 0 or n == 0:
         return
     if gap >= n:
         t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n))
     elif n > 4 * gap:
-        t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n).clone())
+        for row in t:
+            row.narrow(dim - 1, dst, n).copy_(row.narrow(dim - 1, src, n).clone())
     else:  # leftwards from the front, rightwards from the back: no piece reads what one wrote
         offsets = range(0, n, gap) if dst < src else reversed(range(0, n, gap))
         for o in offsets:
@@ -487,14 +489,11 @@ class KVCache:
         """Keep only `rows` (indices, in this order) so finished rows stop costing work, in place:
         kept rows move down into the freed ones, inside the same buffers (no second cache, no
         host sync: the host knows the rows). The leading slots no kept row uses (rows that
-        joined later sit right-aligned behind the ones that left) are dropped too, once they
-        are a quarter of the used slots: a batch that keeps admitting rows, as a busy server's
-        does, would otherwise grow by a slot every step; waiting for a quarter keeps each
-        overlapping move to at most four copies (`_move_slots`)."""
+        joined later sit right-aligned behind the ones that left) are dropped too: a batch that
+        keeps admitting rows, as a busy server's does, would otherwise grow by a slot every
+        step. A short shift moves each row through a copy of that row alone (`_move_slots`)."""
         keep = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         start = min((self.starts[r] for r in keep), default=self.length)
-        if 4 * start < self.length:
-            start = 0
         n = self.length - start
         if keep != sorted(set(keep)):  # a reordering (the decoder never asks for one): gathered
             self._gather_rows(keep, start)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.processes import free_port, running
 from tests.test_caption import ENV, ROOT
-from tests.test_fuzz import rss
+
 from tests.test_server import assert_openai_error, post, user
 
 
