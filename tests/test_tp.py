@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -24,10 +25,10 @@ import torch
 
 from cogvlm import CogVLM
 from cogvlm.checkpoint import iter_tensors, load_model, save_hf
-from tests.configs import tiny_test_config
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.sharding import Split, check_split, merge_ranks, rank_shape, split_rule, take_rank
 from cogvlm.tp import TensorParallelError
+from tests.configs import tiny_test_config
 from tests.conftest import tiny_cogvlm2_config
 from tests.processes import free_port
 from tests.test_caption import ENV, ROOT
@@ -166,14 +167,20 @@ def sat2(talkative: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def split(sat2: Path):
-    """The SAT 2-rank checkpoint on two processes (this one and one it starts), no merge."""
-    vlm = CogVLM.from_pretrained(sat2, device="cpu", tp=2)
+def on_two_ranks(folder: Path) -> Iterator[CogVLM]:
+    """`folder` loaded with tp=2 on this process and one it starts; at teardown the other rank
+    must stop cleanly."""
+    vlm = CogVLM.from_pretrained(folder, device="cpu", tp=2)
     yield vlm
     procs = vlm.model.driver.procs
     vlm.close()
     assert [p.poll() for p in procs] == [0], "the other rank did not stop cleanly"
+
+
+@pytest.fixture(scope="module")
+def split(sat2: Path):
+    """The SAT 2-rank checkpoint on two processes (this one and one it starts), no merge."""
+    yield from on_two_ranks(sat2)
 
 
 @pytest.mark.slow

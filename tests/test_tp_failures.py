@@ -22,7 +22,7 @@ from cogvlm.tp import Driver
 from tests.processes import free_port
 from tests.test_caption import ENV, ROOT
 from tests.test_server import client, data_url, scene, user
-from tests.test_tp import IMAGE, healthy
+from tests.test_tp import IMAGE, healthy, on_two_ranks
 
 
 class ClaimsGPU(torch.Tensor):
@@ -61,11 +61,7 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_ranks(talkative: Path):
-    vlm = CogVLM.from_pretrained(talkative, device="cpu", tp=2)
-    yield vlm
-    procs = vlm.model.driver.procs
-    vlm.close()
-    assert [p.poll() for p in procs] == [0], "the other rank did not stop cleanly"
+    yield from on_two_ranks(talkative)
 
 
 def decode_apart(vlm: CogVLM) -> list[list[int]]:
