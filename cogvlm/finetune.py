@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .api import apply_adapter, check_adapter_folder, peft_module
 from .checkpoint import HF_CONFIG, check_destination, load_weights, read_config, read_quant, resolve, save_hf
 from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
@@ -213,17 +214,8 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
         p.requires_grad_(any(PARTS[part](name) for part in parts))
 
 
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("LoRA needs peft: pip install 'cogvlm[train]'") from None
-    return peft
-
-
 def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
-    peft = _peft()
-
+    peft = peft_module()
     target = "|".join(f"(?:{LORA_TARGETS[p]})" for p in parts)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$")
     register_lora_layers(config)  # a quantized base: peft wraps the packed layers too (QLoRA)
@@ -268,20 +260,11 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: to
                force: bool = False) -> Path:
     """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
     check_destination(out, force)
-    peft = _peft()
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TrainingError(f"{adapter} holds no adapter_config.json: pass the adapter folder finetune --lora wrote")
-    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
-        raise TrainingError(f"{adapter} holds no adapter_model.safetensors; other adapter files (adapter_model.bin "
-                            f"is a pickle, which can run code when loaded) are not read")
+    check_adapter_folder(adapter)  # before the base loads
     folder = resolve(base)
     model = load_weights(folder, read_config(folder), dtype=torch.float32)
-    try:
-        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:  # peft's errors for files it cannot use
-        raise TrainingError(f"cannot apply the adapter in {adapter} to {base}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    merged = apply_adapter(model, adapter).merge_and_unload()
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
     extra = tuple(p for p in [tokenizer_file(folder), tokenizer_file(Path(adapter))] if p is not None)[:1]
     return save_hf(state, merged.config, out, extra_files=extra, force=force)
