@@ -247,3 +247,51 @@ def test_qlora_mistakes_are_one_line(flags, message, data, base, tmp_path, capsy
                  *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cogvlm finetune: error: {message}") and err.count("\n") == 1, err
+
+
+def _plan(capsys, *flags: str) -> tuple[int, str]:
+    from cogvlm.cli import main
+
+    code = main(["plan", *flags])
+    return code, capsys.readouterr().out
+
+
+def test_finetune_plans_by_hand(capsys):
+    """CogVLM-17B (h 4096, intermediate 11008, qkv 12288, 32 layers, vocab 32000), by hand.
+    Activations per token per layer: (7 h + qkv + 4 i) x 2 B = 169,984 B; logits 14 B x 32000."""
+    from cogvlm.config import REGISTRY
+    from cogvlm.plan import weight_bytes
+
+    config = REGISTRY["cogvlm-chat-v1.1"].config
+    per_token = (7 * 4096 + 12288 + 4 * 11008) * 2
+    logits = 2048 * 32000 * 14
+    # QLoRA int4, rank 8 on both experts' 4 linears: 8 x (in + out) each, 32 layers
+    lora = 32 * 2 * 8 * ((4096 + 12288) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    code, out = _plan(capsys, "cogvlm-chat-v1.1", "--finetune", "lora", "--quant", "4", "--lora-r", "8",
+                      "--batch-size", "1", "--max-length", "2048", "--grad-checkpointing", "--gpu-memory", "24GB")
+    activations = 32 * 2048 * 4096 * 2 + 2 * 2048 * per_token + logits  # layer inputs + one layer twice
+    weights = weight_bytes(config, quant_bits=4)["total"]
+    total = weights + 16 * lora + activations + 2**30
+    assert code == 0 and f"{lora:,} parameters" in out and f"{activations:,} bytes" in out
+    assert f"total          {total:>16,} bytes" in out and "fits in 24.00 GiB" in out
+    assert lora == 35_782_656 and total < 19 * 2**30
+    # full fine-tuning of the visual expert (q/k/v, dense, gate/up/down: 202,375,168 per layer), FSDP 4 x 80 GB
+    expert = 32 * (4096 * 12288 + 4096 * 4096 + 3 * 4096 * 11008)
+    code, out = _plan(capsys, "cogvlm-chat-v1.1", "--finetune", "full", "--fsdp", "4", "--max-length", "2048",
+                      "--gpu-memory", "80GB")
+    frozen = (weight_bytes(config)["total"] - 2 * expert) // 4
+    gather = 2 * (expert // 32 * (2 + 4) + 2 * 4096 * 2)  # a layer: language bf16, expert fp32, two norms
+    activations = 32 * 2048 * per_token + logits
+    total = frozen + gather + 16 * expert // 4 + activations + 2**30
+    assert code == 0 and f"{expert:,} parameters" in out and f"{gather:,} bytes" in out
+    assert f"total          {total:>16,} bytes" in out and "fits in 80.00 GiB" in out
+
+
+@pytest.mark.parametrize("model", ["cogvlm-chat-v1.1", "cogvlm2-llama3-chat-19B"])
+def test_qlora_of_the_big_models_fits_one_24gb_gpu(model, capsys):
+    code, out = _plan(capsys, model, "--finetune", "lora", "--quant", "4", "--batch-size", "1", "--max-length",
+                      "2048", "--grad-checkpointing", "--gpu-memory", "24GB")
+    assert code == 0 and "fits in 24.00 GiB per GPU" in out
+    code, out = _plan(capsys, model, "--finetune", "lora", "--batch-size", "1", "--max-length", "2048",
+                      "--gpu-memory", "24GB")  # a bf16 base does not
+    assert code == 1 and "does NOT fit" in out
