@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -97,7 +98,9 @@ def apply_adapter(model: CogVLMForCausalLM, adapter: str | Path) -> Any:
     try:
         config = peft.LoraConfig.from_pretrained(str(folder))
         register_lora_layers(config)
-        wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config)
+        with warnings.catch_warnings():  # peft warns of missing tensors; the check below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config)
         with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
             stored = set(f.keys())
     except Exception as e:  # peft's and safetensors' errors for files they cannot use are of many types
