@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -11,18 +12,19 @@ import torch
 from .checkpoint import load_model, read_config, read_quant, resolve
 from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
-from .errors import TensorParallelError, UsageError
+from .errors import TensorParallelError, TrainingError, UsageError
 from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
 from .options import TP_TIMEOUT, LoadOptions
 from .plan import check_fits
 from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
-from .quantize import QuantConfig, can_prepack, check_cuda_capability, prepack_model
+from .quantize import QuantConfig, can_prepack, check_cuda_capability, prepack_model, register_lora_layers
 from .sharding import check_split
 from .tp import load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
 Request = tuple[ImageInput | None, str, History | None]
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def default_device() -> str:
@@ -63,6 +65,57 @@ def _find_tokenizer(folder: Path, tokenizer: str | Path | None, config: CogVLMCo
             f"(CLI: --tokenizer PATH).") from None
 
 
+def peft_module():
+    """peft, the LoRA library (an optional dependency: training and adapters need it)."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install 'cogvlm[train]'") from None
+    return peft
+
+
+def check_adapter_folder(adapter: Path) -> None:
+    """The folder holds peft's config and safetensors weights: peft itself would fall back to
+    adapter_model.bin, a pickle, which can run code when loaded."""
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise TrainingError(f"{adapter} holds no {ADAPTER_CONFIG}: pass the adapter folder finetune --lora wrote")
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise TrainingError(f"{adapter} holds no {ADAPTER_WEIGHTS}; other adapter files (adapter_model.bin "
+                            f"is a pickle, which can run code when loaded) are not read")
+
+
+def apply_adapter(model: CogVLMForCausalLM, adapter: str | Path) -> Any:
+    """A peft model: `model` with the LoRA adapter in folder `adapter` wrapped around its layers
+    (in place, unmerged: `.get_base_model()` is `model`; peft's layers, our packed ones
+    registered, so a quantized base takes it too). Every
+    tensor of the file must fill an adapter layer and every adapter layer must be filled, with
+    the shapes the model needs: else `TrainingError`, one line (peft only warns of a missing one)."""
+    from safetensors import safe_open
+
+    peft = peft_module()
+    folder = Path(adapter)
+    check_adapter_folder(folder)
+    try:
+        config = peft.LoraConfig.from_pretrained(str(folder))
+        register_lora_layers(config)
+        with warnings.catch_warnings():  # peft warns of missing tensors; the check below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config)
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+            stored = set(f.keys())
+    except Exception as e:  # peft's and safetensors' errors for files they cannot use are of many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TrainingError(f"cannot apply the adapter in {folder} to this model: {type(e).__name__}: "
+                            f"{first[:300]}") from None
+    expected = set(peft.get_peft_model_state_dict(wrapped))
+    if stored != expected:
+        missing, extra = sorted(expected - stored), sorted(stored - expected)
+        raise TrainingError(f"the adapter in {folder} does not fit this model: "
+                            + "; ".join(f"{what} {len(names)} tensor(s), e.g. {names[0]}"
+                                        for what, names in (("lacks", missing), ("has unknown", extra)) if names))
+    return wrapped.eval()
+
+
 def default_sampling(config: CogVLMConfig) -> SamplingParams:
     """Answers may run to the end of the model's context: the authors' max_length 2048 for v1,
     8192 for CogVLM2 (whose image alone takes 2306 slots)."""
@@ -89,7 +142,7 @@ class CogVLM:
                         tokenizer: str | Path | None = None, prepack: bool | None = None,
                         compile: bool = False, tp: int | None = None, quant: int | None = None,
                         group_size: int = 128, quant_vision: int | None = None,
-                        tp_timeout: float = TP_TIMEOUT) -> CogVLM:
+                        tp_timeout: float = TP_TIMEOUT, adapter: str | Path | None = None) -> CogVLM:
         """A registry name, hub id or local folder (SAT or Hugging Face layout), or `LoadOptions`
         (then without other keywords); by default the shipped cogvlm-tiny, which needs no download.
         `prepack` (default: on CPU) stores the
@@ -110,13 +163,15 @@ class CogVLM:
         while loading, each weight on `device` as it streams in: int8 per output row, or int4 in
         groups of `group_size` inputs; `quant_vision=8` does int8 for the ViT and adapter too. A
         checkpoint written by `cogvlm quantize` loads quantized as it is. Quantized models run
-        in bf16, the dtype the packed kernels take (docs/quantization.md). A bad combination of
-        options raises `UsageError`."""
+        in bf16, the dtype the packed kernels take (docs/quantization.md). `adapter` applies a
+        LoRA adapter folder (`finetune --lora`'s output) over the base, float or quantized,
+        unmerged (docs/finetune.md); one that does not fit raises `TrainingError`. A bad
+        combination of options raises `UsageError`."""
         if isinstance(name_or_path, LoadOptions):
             options = name_or_path
         else:
             options = LoadOptions(DEFAULT_MODEL if name_or_path is None else name_or_path, tokenizer, dtype, device,
-                                  compile, tp, quant, group_size, quant_vision, prepack, tp_timeout)
+                                  compile, tp, quant, group_size, quant_vision, prepack, tp_timeout, adapter)
         return cls.load(options)
 
     @classmethod
@@ -143,6 +198,8 @@ class CogVLM:
             model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config, options.tp_timeout)
             return cls(model, _find_tokenizer(folder, options.tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
+        if options.adapter is not None:  # before prepacking, which would hide the Linears from peft
+            model = apply_adapter(model, options.adapter).get_base_model()
         if prepack:
             model = prepack_model(model)
         if options.compile:

@@ -21,18 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import check_destination, load_weights, read_config, resolve, save_hf
+from .api import apply_adapter, check_adapter_folder, peft_module
+from .checkpoint import HF_CONFIG, check_destination, load_weights, read_config, read_quant, resolve, save_hf
 from .config import CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, read_records
 from .errors import TrainingError
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
+from .quantize import BITS, QuantConfig, quantize_model, register_lora_layers
 from .tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 
 IGNORE = -100
 LossAverage = Literal["token", "example"]
 LOSS_AVERAGES: tuple[str, ...] = get_args(LossAverage)
+TrainDtype = Literal["auto", "fp32", "bf16"]
 STATE_FILE = "trainer_state.pt"
 
 
@@ -81,7 +84,9 @@ class TrainArgs:
     warmup: int = 50
     weight_decay: float = 0.0
     loss_average: LossAverage = "token"  # "example": every example weighs the same, however long its answer
-    dtype: str = "fp32"  # bf16: autocast with fp32 master weights
+    dtype: TrainDtype = "auto"  # frozen weights' dtype (bf16: + autocast); "auto": the checkpoint's
+    quant: int | None = None  # QLoRA: LoRA adapters over int4/int8 packed frozen weights
+    group_size: int = 128
     grad_checkpointing: bool = False
     eval_every: int = 0
     save_every: int = 0
@@ -209,39 +214,57 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
         p.requires_grad_(any(PARTS[part](name) for part in parts))
 
 
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("LoRA needs peft: pip install 'cogvlm[train]'") from None
-    return peft
-
-
 def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
-    peft = _peft()
-
+    peft = peft_module()
     target = "|".join(f"(?:{LORA_TARGETS[p]})" for p in parts)
-    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$"))
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=f"^(?:{target})$")
+    register_lora_layers(config)  # a quantized base: peft wraps the packed layers too (QLoRA)
+    return peft.get_peft_model(model, config)
+
+
+def check_quant_args(args: TrainArgs) -> None:
+    """QLoRA's constraints, checked before anything loads: the packed weights take no gradient
+    (only adapters beside them train) and compute in bf16."""
+    if args.quant is None:
+        return
+    if args.quant not in BITS:
+        raise TrainingError(f"--quant takes {' or '.join(map(str, BITS))}, not {args.quant}")
+    if not args.lora:
+        raise TrainingError("--quant freezes the quantized weights: add --lora to train adapters over them (QLoRA)")
+    if args.dtype == "fp32":
+        raise TrainingError("a quantized base computes in bf16 (the packed kernels' dtype): drop --dtype fp32")
+
+
+def train_dtype(args: TrainArgs, folder: Path | None, quantized: bool) -> torch.dtype:
+    """The dtype the frozen weights load and stay in, which is also the autocast dtype: as asked,
+    or ("auto") bf16 for a quantized base or a checkpoint stored in bf16 (loading such one in fp32
+    only doubles its memory), fp32 for random starts and fp32 checkpoints."""
+    if args.dtype != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if quantized:
+        return torch.bfloat16
+    stored = json.loads((folder / HF_CONFIG).read_text()).get("torch_dtype") if folder and (folder / HF_CONFIG).is_file() else None
+    return torch.bfloat16 if stored == "bfloat16" else torch.float32
+
+
+def fp32_masters(model: torch.nn.Module) -> None:
+    """Trainable parameters in fp32, whatever the frozen ones load in: AdamW's updates (lr x a
+    unit step, ~1e-5 of a weight) vanish below bf16's 8 bits of mantissa. The frozen weights keep
+    their load dtype, and no fp32 copy of them is made."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
                force: bool = False) -> Path:
     """Base weights + a LoRA adapter → one plain Hugging Face-layout checkpoint."""
     check_destination(out, force)
-    peft = _peft()
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TrainingError(f"{adapter} holds no adapter_config.json: pass the adapter folder finetune --lora wrote")
-    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
-        raise TrainingError(f"{adapter} holds no adapter_model.safetensors; other adapter files (adapter_model.bin "
-                            f"is a pickle, which can run code when loaded) are not read")
+    check_adapter_folder(adapter)  # before the base loads
     folder = resolve(base)
     model = load_weights(folder, read_config(folder), dtype=torch.float32)
-    try:
-        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:  # peft's errors for files it cannot use
-        raise TrainingError(f"cannot apply the adapter in {adapter} to {base}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    merged = apply_adapter(model, adapter).merge_and_unload()
     state = {k: v.to(dtype) for k, v in merged.state_dict().items()}
     extra = tuple(p for p in [tokenizer_file(folder), tokenizer_file(Path(adapter))] if p is not None)[:1]
     return save_hf(state, merged.config, out, extra_files=extra, force=force)
@@ -262,6 +285,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.parts = parse_parts(args.train)
         check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
+        check_quant_args(args)
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)
@@ -282,17 +306,30 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _load_base(self) -> tuple[CogVLMForCausalLM, Tokenizer, Path | None]:
+        """The base model as inference loads it: built on the meta device, each tensor streamed
+        to this process's device in the frozen dtype (`train_dtype`), quantized as it arrives
+        with --quant, so host memory never holds an fp32 copy of the model. Under torchrun each
+        rank streams the whole model to its own device; FSDP then keeps its shards."""
         a = self.args
         if (a.model is None) == (a.init_config is None):
             raise TrainingError("give exactly one of --model (start from weights) or --init-config (random start)")
+        quant = QuantConfig(a.quant, a.group_size) if a.quant else None
         if a.model is not None:
             folder = resolve(a.model)
-            model = load_weights(folder, read_config(folder), torch.float32, "cpu")
+            stored = read_quant(folder)
+            if stored is not None and not a.lora:
+                raise TrainingError(f"{folder} holds quantized weights, which do not train: add --lora (QLoRA)")
+            self.dtype = train_dtype(a, folder, quant is not None or stored is not None)
+            model = load_weights(folder, read_config(folder), self.dtype, self.device, quant=quant)
         else:
             folder = None
             torch.manual_seed(self.args.seed)
             model = CogVLMForCausalLM(from_hf_config(a.init_config))
             init_weights(model)
+            self.dtype = train_dtype(a, None, quant is not None)
+            model = model.to(self.device, self.dtype)
+            if quant is not None:
+                quantize_model(model, quant)
         tok_path = a.tokenizer or (tokenizer_file(folder) or folder / TOKENIZER_FILE if folder else None)
         if tok_path is None:
             raise TrainingError("--init-config needs --tokenizer PATH")
@@ -309,13 +346,14 @@ class Trainer:
         return examples, errors
 
     def _prepare_model(self) -> torch.nn.Module:
-        model = self.base.to(self.device).train()
+        model = self.base.train()
         model.set_gradient_checkpointing(self.args.grad_checkpointing)
         if self.args.lora:
             model.requires_grad_(False)
             model = apply_lora(model, self.parts, self.args.lora_r, self.args.lora_alpha)
         else:
             set_trainable(model, self.parts)
+        fp32_masters(model)
         self.inner = model
         if self.world > 1 and self.args.fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -331,7 +369,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def autocast(self):
-        if self.args.dtype == "bf16":
+        if self.dtype == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

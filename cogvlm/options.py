@@ -42,7 +42,8 @@ class LoadOptions:
     torchrun's world size when torchrun started the process. `prepack` None: on when it helps
     (CPU, no compile). `tp_timeout`: seconds a collective of a tensor-parallel call waits for
     the other ranks before every rank stops with `TensorParallelError` (not the idle wait
-    between calls, which has no limit)."""
+    between calls, which has no limit). `adapter`: a LoRA adapter folder (`finetune --lora`'s
+    output) applied over the base, float or quantized, without merging."""
 
     model: str | Path = DEFAULT_MODEL
     tokenizer: str | Path | None = None
@@ -55,6 +56,7 @@ class LoadOptions:
     quant_vision: int | None = None
     prepack: bool | None = None
     tp_timeout: float = TP_TIMEOUT
+    adapter: str | Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -71,6 +73,10 @@ class LoadOptions:
             raise UsageError(f"--tp-timeout {self.tp_timeout}: give a number of seconds above 0")
         if self.world > 1 and self.compile:
             raise UsageError("--tp does not combine with --compile yet: the ranks decode uncompiled")
+        if self.adapter is not None and self.world > 1:
+            raise UsageError("--adapter does not combine with --tp yet: the ranks' split layers take no adapter")
+        if self.adapter is not None and self.compile:
+            raise UsageError("--adapter runs uncompiled: drop --compile (or merge the adapter: cogvlm merge-lora)")
         if self.compile and self.prepack:
             raise UsageError("compile=True packs the weights itself; leave prepack unset")
 

@@ -24,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -358,3 +359,136 @@ def check_fits(config: CogVLMConfig, tp: int, dtype: torch.dtype, quant: QuantCo
         raise PlanError(f"the model needs {gb(p.per_device)} per GPU (weights {gb(p.weights)}) but the GPU "
                         f"has {gb(memory)}; {advice(config, memory, dtype, 1, max_length)}. "
                         f"`cogvlm plan` shows the numbers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning (`cogvlm plan --finetune lora|full`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """Bytes per GPU of a fine-tuning run (see `finetune_plan` for how each is counted)."""
+
+    mode: str
+    fsdp: int
+    quant: int | None
+    trainable_params: int
+    weights: int  # frozen weights (packed, or in the load dtype), this GPU's share
+    gather: int  # FSDP: the unsharded layers being all-gathered (this one and the prefetched next)
+    masters: int  # fp32 trainable parameters
+    gradients: int
+    optimizer: int  # AdamW's two fp32 states
+    activations: int
+    checkpointing: bool
+
+    @property
+    def runtime(self) -> int:
+        """As for inference (`runtime_overhead`): NCCL's buffers only when FSDP spans GPUs."""
+        return sum(runtime_overhead(self.fsdp).values())
+
+    @property
+    def per_device(self) -> int:
+        return (self.weights + self.gather + self.masters + self.gradients + self.optimizer + self.activations
+                + self.runtime)
+
+    def fits(self, memory: int) -> bool:
+        return self.per_device <= memory
+
+    def describe(self, memory: int | None, batch: int, max_length: int) -> str:
+        """The plan as `cogvlm plan --finetune` prints it."""
+        what = (f"{'QLoRA int' + str(self.quant) if self.quant else self.mode}"
+                f"{f', FSDP over {self.fsdp} GPUs' if self.fsdp > 1 else ''}, batch {batch}, {max_length} tokens, "
+                f"gradient checkpointing {'on' if self.checkpointing else 'off'}")
+        rows = [("frozen weights", self.weights, ""), ("FSDP gather", self.gather, "two unsharded layers"),
+                ("trainable fp32", self.masters, f"{self.trainable_params:,} parameters"),
+                ("gradients", self.gradients, "fp32"), ("optimizer", self.optimizer, "AdamW: 2 fp32 states"),
+                ("activations", self.activations, "estimate, see cogvlm.plan.finetune_plan"),
+                ("runtime", self.runtime, "estimate: " + ", ".join(
+                    f"{name} {n // MiB} MiB" for name, n in runtime_overhead(self.fsdp).items())),
+                ("total", self.per_device, "")]
+        lines = [f"fine-tuning, per GPU ({what}):"] + [
+            f"  {name:<15}{n:>16,} bytes  {gb(n)}" + (f"  ({note})" if note else "") for name, n, note in rows
+            if n or name != "FSDP gather"]
+        if memory is not None:
+            lines.append(f"fits in {gb(memory)} per GPU ({gb(memory - self.per_device)} to spare)" if self.fits(memory)
+                         else f"does NOT fit in {gb(memory)} per GPU: add --grad-checkpointing, --quant 4 "
+                              f"(with lora), more --fsdp GPUs, or lower --batch-size / --max-length")
+        return "\n".join(lines)
+
+
+def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], bool], lora_r: int = 8,
+                  quant: int | None = None, group_size: int = 128, fsdp: int = 1, batch: int = 1,
+                  max_length: int = 2048, checkpointing: bool = False,
+                  dtype: torch.dtype = torch.bfloat16) -> FinetunePlan:
+    """Memory per GPU to fine-tune `config`: `mode` "full" trains the parameters `selected`
+    picks by name, "lora" trains rank-`lora_r` adapters on the Linear modules it picks, over a
+    base quantized to `quant` bits (QLoRA) or in `dtype`. (The job decides what the names mean,
+    `cogvlm.finetune.PARTS` / `LORA_TARGETS`: the engine plans whatever it is given.)
+
+    Counted exactly from the meta-device model: frozen weights (packed bytes and scales, or
+    `dtype`); trainable parameters as fp32 masters, fp32 gradients and AdamW's two fp32 states
+    (16 bytes per parameter). With `fsdp` N all of these but the packed buffers (FSDP shards
+    parameters, not buffers) are split N ways, and two whole layers are gathered at a time (the
+    running one, the prefetched next).
+
+    Activations are an estimate, in bf16, for `batch` rows of `max_length` tokens. Each decoder
+    layer keeps, per token, its two norm inputs and outputs, q/k/v, the attention output and
+    the expert routing's copies (7 x hidden + qkv) and the MLP's gate, up, silu(gate) and
+    product (4 x intermediate); attention is taken to be a fused kernel that keeps no
+    tokens x tokens matrix; CogAgent's cross-attention adds 2 x (hidden + cross width). Without
+    checkpointing every layer keeps all of that; with it each keeps only its input (hidden)
+    and one layer at a time is recomputed with its gradients (twice one layer's set). The ViT
+    keeps the same kind of set (6 x hidden + 2 x intermediate per patch) only if something in
+    or before it trains; else it runs as in inference (`activation_bytes`, a transient peak
+    before the decoder starts). The logits take 14 bytes per vocabulary entry per token:
+    bf16 out of the head, the fp32 copy, the fp32 log-softmax cross-entropy keeps and its
+    gradient."""
+    if mode not in ("lora", "full"):
+        raise PlanError(f"fine-tuning is 'lora' or 'full', not {mode!r}")
+    if quant is not None and mode != "lora":
+        raise PlanError("quantized weights do not train: plan --finetune lora with --quant (QLoRA)")
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config).to(dtype)
+    if quant is not None:
+        quantize_layout(model, QuantConfig(quant, group_size))
+    packed = {n for n, m in model.named_modules() if hasattr(m, "qweight")}  # Int4Linear / Int8Linear
+    if mode == "lora":
+        targets = [m for n, m in model.named_modules() if selected(n) and hasattr(m, "in_features")]
+        trainable = sum(lora_r * (m.in_features + m.out_features) for m in targets)
+        trained_names: list[str] = [n for n, m in model.named_modules() if selected(n)]
+        frozen_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    else:
+        trained = {n: p for n, p in model.named_parameters() if selected(n)}
+        trainable = sum(p.numel() for p in trained.values())
+        trained_names = list(trained)
+        frozen_params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in trained)
+    if not trainable:
+        raise PlanError("nothing to train: the selection names no parameter of this model")
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.rpartition(".")[0] in packed)
+    weights = buffers + frozen_params // fsdp
+    per_param = 4  # fp32
+    gather = 0
+    if fsdp > 1:
+        layer = model.model.layers[0]
+        gather = 2 * sum(p.numel() * (per_param if mode == "full" and selected(f"model.layers.0.{n}") else
+                                      p.element_size()) for n, p in layer.named_parameters())
+
+    size = 2  # bf16 activations
+    h, t = config.hidden_size, batch * max_length
+    per_token = (7 * h + config.qkv_size + 4 * config.intermediate_size) * size
+    if config.cross_vision is not None:
+        per_token += 2 * (h + config.cross_compute_hidden_size) * size
+    kept = (config.num_layers * t * h * size + 2 * t * per_token if checkpointing
+            else config.num_layers * t * per_token)
+    v = config.vision
+    if any(n.startswith("model.vision.") for n in trained_names):
+        patches = batch * v.num_positions
+        vit_token = (6 * v.hidden_size + 2 * v.intermediate_size) * size
+        kept += (v.num_layers * patches * v.hidden_size * size + 2 * patches * vit_token if checkpointing
+                 else v.num_layers * patches * vit_token)
+    logits = t * config.vocab_size * 14
+    activations = max(kept + logits, activation_bytes(config, 1, dtype, batch, max_length))
+    shard = -(-trainable * per_param // fsdp)
+    return FinetunePlan(mode, fsdp, quant, trainable, weights, gather, shard, shard, 2 * shard, activations,
+                        checkpointing)

@@ -337,12 +337,18 @@ class Int8Linear(_QuantizedBuffers):
             qweight[i:i + len(w), :k] = torch.round(w / scales[i:i + len(w)].float()[:, None]).clamp_(-128, 127)
         return {"qweight": qweight, "scales": scales}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _pad_input(x, self.width)
+    def dequantize(self) -> torch.Tensor:
+        """The weight as bf16 (N, K16) in the device's shared buffer (`scratch`)."""
+        return dequantize_int8(self.qweight, self.scales, scratch(self.qweight.device, self.qweight.shape))
+
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """bf16 (rows, K16) activations times the weight: (rows, N), without the bias."""
         if route(x2.device.type, 8, len(x2), torch.compiler.is_compiling()) == "dequant":
-            y = F.linear(x2, dequantize_int8(self.qweight, self.scales, scratch(x2.device, self.qweight.shape)))
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+            return F.linear(x2, self.dequantize())
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_linear(self, _pad_input(x, self.width))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -426,18 +432,20 @@ class Int4Linear(_QuantizedBuffers):
                              f"device={there.type!r} instead")
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _pad_input(x, self.width)
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """bf16 (rows, Kg) activations times the weight: (rows, N16), without the bias."""
         dequant = route(x2.device.type, 4, len(x2), torch.compiler.is_compiling()) == "dequant"
         if dequant and (w := self.dequantize()) is not None:
-            y = F.linear(x2, w)
-        elif self.qweight.device.type != "cpu":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
-        elif kernel := self.kernels and self.kernels.int4_rows(len(x2)):
-            y = torch.ops.cogvlm.int4_mm(x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros,
-                                         kernel == "tiles")
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+            return F.linear(x2, w)
+        if self.qweight.device.type != "cpu":
+            return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        if kernel := self.kernels and self.kernels.int4_rows(len(x2)):
+            return torch.ops.cogvlm.int4_mm(x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros,
+                                            kernel == "tiles")
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_linear(self, _pad_input(x, self.width))
         if self.rows != self.out_features:
             y = y[:, :self.out_features]
         if self.bias is not None:
@@ -446,6 +454,65 @@ class Int4Linear(_QuantizedBuffers):
 
 
 QuantizedLinear = Int8Linear | Int4Linear
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """x2 @ W.T through a packed layer's kernel, differentiable in x2 only (QLoRA).
+
+    The packed kernels have no autograd formula, and the packed weight is frozen by design (LoRA
+    trains adapters beside it), so backward gives the input its gradient, grad @ W, through the
+    weight dequantized into the shared bf16 buffer (one layer's bf16 weight of memory, as the
+    CUDA inference path holds), and the weight none. Nothing is saved for backward but the
+    layer itself, so gradient checkpointing costs no extra memory here."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.packed_mm(x2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        weight = ctx.layer.dequantize()
+        if weight is None:
+            raise QuantError(f"this PyTorch's int4 layout on {ctx.layer.qweight.device} cannot be read back, so "
+                             f"no gradient can pass through the int4 layer: use --quant 8")
+        return grad.to(weight.dtype) @ weight, None
+
+
+def register_lora_layers(lora_config: object) -> None:
+    """Teach a peft `LoraConfig` our packed layers, so peft (the LoRA library, for training and
+    for adapters at inference alike) wraps an `Int4Linear` / `Int8Linear` as it wraps a Linear:
+    its LoRA layer calls the base layer, whose forward is the packed kernel (and `_PackedMatmul`
+    when training), and adds the adapter's low-rank product."""
+    lora_config._register_custom_module(dict.fromkeys((Int4Linear, Int8Linear), _packed_lora_layer()))
+
+
+@functools.cache
+def _packed_lora_layer() -> type[nn.Module]:
+    """peft's LoRA Linear over a packed base layer (built on first use: peft is optional)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    class PackedLoraLinear(LoraLinear):
+        """peft's LoRA Linear, told the packed layer's shape (peft reads it off `weight`, which
+        a packed layer does not have) and refusing to merge (the delta cannot go into packed
+        bytes: merge the adapter into the float checkpoint with `cogvlm merge-lora`)."""
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            raise QuantError("a LoRA adapter cannot be merged into quantized weights: merge it into the float "
+                             "checkpoint (cogvlm merge-lora), or keep it separate (--adapter)")
+
+    return PackedLoraLinear
+
+
+def packed_linear(layer: QuantizedLinear, x2: torch.Tensor) -> torch.Tensor:
+    """`layer.packed_mm(x2)`, through `_PackedMatmul` when a gradient must flow back to x2
+    (training adapters above this layer); plain inference never pays for the autograd node."""
+    if torch.is_grad_enabled() and x2.requires_grad:
+        return _PackedMatmul.apply(x2, layer)
+    return layer.packed_mm(x2)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,11 @@ FINETUNE_HELP = {
     "weight_decay": "AdamW weight decay on matrices",
     "loss_average": "'token': mean over all answer tokens; 'example': each example's mean, then the mean over "
                     "examples (short answers weigh as much as long ones)",
-    "dtype": "fp32, or bf16 autocast",
+    "dtype": "dtype of the frozen weights, which load straight into it: fp32, or bf16 (with autocast); trained "
+             "weights and LoRA adapters keep fp32 master copies. auto: the checkpoint's dtype (bf16 with --quant)",
+    "quant": "QLoRA: load the language weights (both experts, output head) quantized, 4 = int4 in groups, 8 = int8, "
+             "and train LoRA adapters over them (needs --lora; computes in bf16)",
+    "group_size": "with --quant 4: inputs per int4 scale (32, 64, 128, 256)",
     "grad_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
     "seed": "seed for init and data order",
@@ -67,6 +71,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
                                 help=helps.get(f.name))
             continue
         kind = {"int": int, "float": float}.get(type(f.default).__name__, str)
+        if f.default is None and int in get_args(hints[f.name]):  # int | None: an optional number
+            kind = int
         if "Path" in str(f.type):
             kind = Path
         choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None

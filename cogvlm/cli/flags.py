@@ -49,6 +49,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_quant_flags(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     add_tp_flag(parser)
+    parser.add_argument("--adapter", metavar="PATH",
+                        help="apply the LoRA adapter in PATH (what finetune --lora writes) over the model, float or "
+                             "quantized, without merging it (reads adapter_model.safetensors only)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile: faster decoding after some seconds of "
                              "compiling; needs a C++ compiler on CPU, and holds a packed copy of the language "
@@ -113,7 +116,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """The model flags as `LoadOptions`, checked (a bad combination is one line, exit 2)."""
     return LoadOptions(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                        compile=args.compile, tp=args.tp, quant=args.quant, group_size=args.group_size,
-                       quant_vision=args.quant_vision, tp_timeout=args.tp_timeout)
+                       quant_vision=args.quant_vision, tp_timeout=args.tp_timeout, adapter=args.adapter)
 
 
 def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
