@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -300,6 +301,19 @@ def test_server_answers_as_one_process_and_exits_when_a_rank_dies(talkative, tal
             max_tokens=12)
         want = talkative_vlm.chat(image, "What is in the image?", top_k=1, max_new_tokens=12)[0]
         assert reply.choices[0].message.content == want
+        # three requests of different lengths at once: decoded in one batch whose rows end at
+        # different steps (each end compacts the ranks' caches), each answered as one process would
+        asks = [(scene(2), "Describe the image.", 3), (None, "Hi there", 7), (scene(3), "What shapes are there?", 12)]
+
+        def ask(job: tuple) -> str:
+            img, query, n = job
+            content = [user(query, data_url(img))] if img is not None else [{"role": "user", "content": query}]
+            return client(url).chat.completions.create(model=str(talkative), messages=content, temperature=0,
+                                                       max_tokens=n).choices[0].message.content
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(ask, asks))
+        assert got == [talkative_vlm.chat(img, q, top_k=1, max_new_tokens=n)[0] for img, q, n in asks]
         [worker] = [int(c) for task in Path(f"/proc/{server.pid}/task").iterdir()
                     for c in (task / "children").read_text().split()]
         os.kill(worker, signal.SIGKILL)
