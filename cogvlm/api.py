@@ -27,10 +27,6 @@ Request = tuple[ImageInput | None, str, History | None]
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_gpus(device: torch.device, world: int, dtype: torch.dtype, quant: QuantConfig | None) -> None:
     """The GPUs a CUDA load will use are there and can run `dtype`: checked before anything is
     planned, loaded or started, so each problem is one line (not `Invalid device id` from the
