@@ -295,11 +295,6 @@ def usable_memory(text: str) -> tuple[int, str]:
                     f"GiB; give the exact figure as GiB")
 
 
-def parse_memory(text: str) -> int:
-    """`usable_memory`'s bytes alone."""
-    return usable_memory(text)[0]
-
-
 def gb(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 

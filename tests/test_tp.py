@@ -350,7 +350,7 @@ def replicated_params(cfg) -> int:
 
 def test_plan_counts_each_ranks_weights_from_the_shapes():
     from cogvlm.config import REGISTRY
-    from cogvlm.plan import parse_memory, plan
+    from cogvlm.plan import plan, usable_memory
 
     cfg = REGISTRY["cogvlm-chat-v1.1"].config
     one = plan(cfg, tp=1, dtype=torch.bfloat16, batch=1, max_length=2048)
@@ -359,7 +359,8 @@ def test_plan_counts_each_ranks_weights_from_the_shapes():
     two = plan(cfg, tp=2, dtype=torch.bfloat16, batch=1, max_length=2048)
     assert two.weights == 2 * ((17_639_685_376 - rep) // 2 + rep) == 17_786_505_984
     assert two.kv_cache == 2 * 32 * 2048 * 2048 * 2 + 2048  # 16 of 32 heads per rank, and the slot mask
-    assert two.fits(parse_memory("24GB")) and not one.fits(parse_memory("24GB")) and one.fits(parse_memory("80GB"))
+    card = {size: usable_memory(size)[0] for size in ("24GB", "80GB")}
+    assert two.fits(card["24GB"]) and not one.fits(card["24GB"]) and one.fits(card["80GB"])
 
 
 def test_plan_splits_cogvlm2_by_query_and_kv_heads(capsys):
