@@ -41,6 +41,10 @@ class ImageError(CogVLMError, ValueError):
     """An image that cannot be read; the message says which and why."""
 
 
+class VideoError(CogVLMError, ValueError):
+    """A video that cannot be read; the message says which and why."""
+
+
 class ImageRequiredError(CogVLMError, ValueError):
     """CogAgent has no text-only mode: its cross-attention needs an image (docs/models.md)."""
 
