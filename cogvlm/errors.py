@@ -41,10 +41,6 @@ class ImageError(CogVLMError, ValueError):
     """An image that cannot be read; the message says which and why."""
 
 
-class VideoError(CogVLMError, ValueError):
-    """A video that cannot be read; the message says which and why."""
-
-
 class ImageRequiredError(CogVLMError, ValueError):
     """CogAgent has no text-only mode: its cross-attention needs an image (docs/models.md)."""
 
@@ -81,3 +77,8 @@ class WriteError(CogVLMError, OSError):
 
 class GenerationError(CogVLMError, RuntimeError):
     """The engine failed for this request (the server log has the traceback)."""
+
+
+class VideoError(CogVLMError, ValueError):
+    """A video that cannot be read or used (a clip of the wrong shape, a video for a model that
+    takes none, a video with an image); the message says which and why."""
