@@ -95,13 +95,18 @@ def image_pixels(image: ImageInput | None, cfg: CogVLMConfig) -> tuple[torch.Ten
     return preprocess(picture, cfg.vision.image_size), cross
 
 
+def check_takes_video(cfg: CogVLMConfig) -> None:
+    """`VideoError` unless the model takes clips."""
+    if not cfg.video:
+        raise VideoError("this model takes images, not videos: load a CogVLM2-Video model "
+                         "(cogvlm2-video-llama3-chat, cogvlm2-video-llama3-base, cogvlm2-llama3-caption)")
+
+
 def video_frames(video: VideoInput, cfg: CogVLMConfig, template: str) -> torch.Tensor:
     """The tower's input (T, 3, S, S) for one clip: a uint8 (3, T, H, W) tensor as it is, a
     file or its bytes decoded and sampled by the rule the authors pair with the template
     (docs/spec/cogvlm2-video.md section 8: "base" for the base template, else "chat")."""
-    if not cfg.video:
-        raise VideoError("this model takes images, not videos: load a CogVLM2-Video model "
-                         "(cogvlm2-video-llama3-chat, cogvlm2-video-llama3-base, cogvlm2-llama3-caption)")
+    check_takes_video(cfg)
     if not isinstance(video, torch.Tensor):
         from .video import load_video  # decoding needs a video library; frame tensors do not
 
