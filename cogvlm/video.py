@@ -94,6 +94,11 @@ def frame_indices(index: ClipIndex, strategy: str, num_frames: int = NUM_FRAMES)
     return base_frame_indices(len(index.pts), index.avg_fps, num_frames)
 
 
+def strategy_for(template: str) -> str:
+    """The rule the authors pair with a template: base with base, chat otherwise (section 8)."""
+    return "base" if template == "base" else "chat"
+
+
 def check_strategy(strategy: str) -> None:
     """A UsageError for a strategy the authors do not have."""
     if strategy not in STRATEGIES:
@@ -163,7 +168,7 @@ def decode_video(data: bytes, strategy: str = "chat", num_frames: int = NUM_FRAM
     """`load_video` on the encoded bytes: scan the packets, pick the frames, decode up to the last."""
     limits = limits or VideoLimits()
     _within(data, name, limits.max_bytes)
-    av = _av()
+    av = pyav()
     fmt = container_format(data, name)
     try:
         with av.open(io.BytesIO(data), format=fmt) as container:
@@ -179,7 +184,7 @@ def decode_video(data: bytes, strategy: str = "chat", num_frames: int = NUM_FRAM
     return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(3, 0, 1, 2)
 
 
-def _av() -> Any:
+def pyav() -> Any:
     """PyAV, imported at first use: the `video` extra is optional."""
     try:
         import av

@@ -29,8 +29,8 @@ def colour(i: int) -> tuple[int, int, int]:
 
 
 def make_clip(pts, time_base=Fraction(1, 1000), rate=30, codec="libx264", fmt="mp4", w=32, h=24,
-              rotation=None) -> bytes:
-    """A clip whose frame k (in presentation order) starts at pts[k] * time_base and is colour(k)."""
+              rotation=None, first=0) -> bytes:
+    """A clip whose frame k (in presentation order) starts at pts[k] * time_base and is colour(first + k)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate)
@@ -40,7 +40,7 @@ def make_clip(pts, time_base=Fraction(1, 1000), rate=30, codec="libx264", fmt="m
             stream.set_display_rotation(rotation)
         for k, t in enumerate(pts):
             img = np.empty((h, w, 3), np.uint8)
-            img[:] = colour(k)
+            img[:] = colour(first + k)
             if rotation is not None:
                 img[: h // 2, : w // 2] = 255  # a white top-left quarter shows which way is up
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")

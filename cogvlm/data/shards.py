@@ -29,11 +29,15 @@ from ..errors import ShardError, UsageError
 from ..files import atomic_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi"})  # the containers cogvlm.video reads
 SHARD_SUFFIXES = (".tar", ".parquet")
 OUTPUT_FORMATS = ("parquet", "wds")
 # --image-column's default: the first of these a table has (img2dataset, Hugging Face datasets, plain tables)
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes", "path", "image_path", "file",
                  "url", "image_url")
+# --image-column's default for a video model's datasets
+VIDEO_COLUMNS = ("video", "mp4", "webm", "mkv", "mov", "avi", "video_bytes", "bytes", "path", "video_path", "file",
+                 "url", "video_url")
 ID_COLUMNS = ("key", "id")
 RESULT_COLUMNS = ("id", "caption", "model", "prompt", "sampling", "error")
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key.ext split
@@ -41,7 +45,7 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key.ext spl
 
 @dataclass
 class Sample:
-    """One image of a shard: encoded bytes or a path/URL (None when missing: `error` says why)."""
+    """One image (or clip) of a shard: encoded bytes or a path/URL (None when missing: `error` says why)."""
 
     key: str
     image: bytes | str | None
@@ -57,10 +61,20 @@ class Result:
 
 @dataclass(frozen=True)
 class Columns:
-    """Which Parquet columns hold the image and the sample id (None: find them by name)."""
+    """Which Parquet columns hold the image and the sample id (None: find them by name), and
+    whether the samples are video clips (tar members by VIDEO_EXTENSIONS, columns by VIDEO_COLUMNS)."""
 
     image: str | None = None
     id: str | None = None
+    video: bool = False
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        return VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS
+
+    @property
+    def media(self) -> str:
+        return "video" if self.video else "image"
 
 
 def is_shard(path: str) -> bool:
@@ -128,14 +142,14 @@ def _ext(info: tarfile.TarInfo) -> str:
     return match.group(2) if match else ""
 
 
-def tar_samples(path: Path) -> Iterator[Sample]:
+def tar_samples(path: Path, columns: Columns = Columns()) -> Iterator[Sample]:
     for key, members in tar_groups(path):
-        images = [data for info, data in members if f".{_ext(info).lower()}" in IMAGE_EXTENSIONS]
+        images = [data for info, data in members if f".{_ext(info).lower()}" in columns.extensions]
         if images:
             yield Sample(key, images[0])
         else:
             found = ", ".join(f".{_ext(info)}" for info, _ in members)
-            yield Sample(key, None, f"sample {key} of {path} has no image (members: {found})")
+            yield Sample(key, None, f"sample {key} of {path} has no {columns.media} (members: {found})")
 
 
 def parquet_columns(path: Path, columns: Columns) -> tuple[str, str | None]:
@@ -146,9 +160,11 @@ def parquet_columns(path: Path, columns: Columns) -> tuple[str, str | None]:
         names = pq.read_schema(path).names
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
         raise ShardError(f"{path} is not a Parquet file pyarrow can read: {e}") from None
-    image = columns.image or next((c for c in IMAGE_COLUMNS if c in names), None)
+    defaults = VIDEO_COLUMNS if columns.video else IMAGE_COLUMNS
+    image = columns.image or next((c for c in defaults if c in names), None)
     if image not in names:
-        raise UsageError(f"{path} has no {'column ' + repr(image) if image else 'image column'}; its columns are "
+        what = f"column {image!r}" if image else f"{columns.media} column"
+        raise UsageError(f"{path} has no {what}; its columns are "
                          f"{', '.join(names)} (--image-column NAME picks one)")
     ident = columns.id or next((c for c in ID_COLUMNS if c in names), None)
     if columns.id and ident not in names:
@@ -170,7 +186,7 @@ def parquet_samples(path: Path, columns: Columns, rows_per_read: int = 256) -> I
                 value = value.get("bytes") or value.get("path")
             if isinstance(value, str) and "://" not in value:
                 value = str(path.parent / value)
-            yield Sample(str(key), value, None if value else f"row {key} of {path} has no image")
+            yield Sample(str(key), value, None if value else f"row {key} of {path} has no {columns.media}")
         row += batch.num_rows
 
 
@@ -179,7 +195,7 @@ def samples(shard: Path, columns: Columns) -> Iterator[Sample]:
     if shard.suffix.lower() == ".parquet":
         reader, damaged = parquet_samples(shard, columns), (OSError, _pyarrow().ArrowException)
     else:
-        reader, damaged = tar_samples(shard), (OSError, EOFError, tarfile.TarError)
+        reader, damaged = tar_samples(shard, columns), (OSError, EOFError, tarfile.TarError)
     try:
         yield from reader
     except damaged as e:
