@@ -397,3 +397,46 @@ def test_tiny_checkpoint_loads_from_the_published_layout(video_checkpoint, bpe_t
     # a folder keeps its config.json's template: the published files all say base
     assert registry_template(video_checkpoint) is None
     assert CogVLM.from_pretrained(video_checkpoint, device="cpu").config.template == "base"
+
+
+# ---- plan, quantize, tensor parallelism ---------------------------------------------------------------
+
+def test_plan_counts_the_published_checkpoint():
+    from cogvlm.plan import plan, weight_bytes
+
+    cfg = REGISTRY["cogvlm2-video-llama3-chat"].config
+    weights = weight_bytes(cfg)
+    # spec section 3: six bf16 files of 25,015,199,008 bytes = 2 x (parameters + 2048 inv_freq) + 133,920 of headers
+    assert weights["total"] == 2 * (12_507_530_496 + 2048) == 25_015_199_008 - 133_920
+    assert weights["decode_step"] == 2 * (8_030_261_248 - 128256 * 4096 + 4096 + 2048)  # language weights, one embedding row
+    halves = plan(cfg, tp=2)
+    assert weights["total"] / 2 < halves.weights < 0.52 * weights["total"]  # the adapter and norms on both ranks
+    assert plan(cfg, quant=4).weights < 0.56 * weights["total"]
+
+
+def test_quantized_checkpoint_of_a_video_model(video_checkpoint, model, tmp_path):
+    """`cogvlm quantize` of a model without the visual expert: int8 decoder and head, loaded back."""
+    from cogvlm.checkpoint import quantize_checkpoint
+    from cogvlm.quantize import Int8Linear, QuantConfig
+
+    quantize_checkpoint(video_checkpoint, tmp_path / "int8", QuantConfig(8))
+    quantized, _ = load_model(tmp_path / "int8", dtype=torch.bfloat16)  # as CogVLM.load runs quantized models
+    assert quantized.config.video and isinstance(quantized.model.layers[0].mlp.language_mlp.down_proj, Int8Linear)
+    chunk = layout_batch([PromptTokens(None, [5, 6, 7], frames=preprocess_frames(clip(2, 60, 60, seed=12), SIZE),
+                                       frame_labels=([15], [16]))], model.config)
+    with torch.no_grad():
+        got, want = quantized(chunk)[0], model(chunk)[0]
+    # int8 per output row, bf16 activations (vs the fp32 model): measured 1.8% of the largest logit
+    assert (got - want).abs().max() <= 0.027 * want.abs().max()  # 1.5x the measurement
+
+
+@pytest.mark.slow  # a second process
+def test_two_ranks_equal_one_process(video_checkpoint, model):
+    from .test_tp import assert_same_logits, on_two_ranks
+
+    prompts = [PromptTokens(None, [5, 6, 7, 8], frames=preprocess_frames(clip(3, 60, 80, seed=13), SIZE),
+                            frame_labels=([15], [16], [17])),
+               PromptTokens(None, [9, 10]),
+               PromptTokens(None, [11], frames=preprocess_frames(clip(1, 56, 70, seed=14), SIZE), frame_labels=([],))]
+    for split in on_two_ranks(video_checkpoint):
+        assert_same_logits(model, split.model, layout_batch(prompts, model.config))
