@@ -276,6 +276,25 @@ def test_joined_clips_decode_as_one_at_a_time(vlm):
     assert [running.generated[r] for r in [0, *rows]] == [alone(a), alone(b), alone(a)]
 
 
+def test_the_scheduler_serves_concurrent_clips_as_one_at_a_time(vlm):
+    """The server's continuous batching over video rows: clips of 1-3 frames and a text prompt,
+    submitted together, answered as `chat` answers each alone."""
+    from cogvlm.scheduler import Scheduler
+
+    requests = [("What happens?", clip(3, 60, 90, seed=15)), ("Hello", None), ("And here?", clip(1, 80, 64, seed=16)),
+                ("Describe it.", clip(2, 64, 64, seed=17))]
+    params = vlm.sampling(top_k=1, max_new_tokens=10)
+    sched = Scheduler(vlm, max_batch=8)
+    try:
+        jobs = [sched.submit(prompt(vlm, q, video, "chat"), params) for q, video in requests]
+        answers = [j.result(timeout=120) for j in jobs]
+        assert sched.max_batch_seen > 1
+    finally:
+        sched.close()
+    assert answers == [vlm.chat(None, q, template="chat", video=video, top_k=1, max_new_tokens=10)[0]
+                       for q, video in requests]
+
+
 # ---- the API ---------------------------------------------------------------------------------------
 
 def test_session_encodes_the_clip_once_and_answers_as_chat(vlm):
