@@ -189,6 +189,20 @@ def images_per_prompt(config: CogVLMConfig, max_length: int) -> int:
     return max(1, (max_length - 1) // config.image_tokens) if config.video else 1
 
 
+def vit_bytes(config: CogVLMConfig, images: int, world: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The vision tower's peak encoding `images` pictures at once (a clip's frames are a batch of
+    them): per ViT token, the residual and a norm's output whole on every rank, the attention's
+    and the MLP's tensors split across `world` ranks."""
+    v, size = config.vision, torch.finfo(dtype).bits // 8
+    s = v.num_positions  # ViT tokens: patches + CLS
+    return images * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
+
+
+def embedding_bytes(config: CogVLMConfig, images: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The tower's output for `images` pictures, held until it is scattered into the sequence."""
+    return images * config.image_tokens * config.hidden_size * (torch.finfo(dtype).bits // 8)
+
+
 def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                      batch: int = 1, max_length: int = 2048) -> int:
     """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each (a
@@ -196,10 +210,8 @@ def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = 
     (`attention_bytes`, counted on top: a conservative sum, since the decoder layer's tensors are
     the largest whenever the mask matters)."""
     size = torch.finfo(dtype).bits // 8
-    v = config.vision
     images = batch * images_per_prompt(config, max_length)
-    s = v.num_positions  # ViT tokens: patches + CLS
-    vit = images * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
+    vit = vit_bytes(config, images, world, dtype)
     t, h = max_length, config.hidden_size
     lm = batch * t * (4 * h + (10 * h + 3 * config.intermediate_size) // world) * size
     logits = batch * config.vocab_size * 4 * 2  # fp32 logits, gathered from the ranks' parts
@@ -208,7 +220,7 @@ def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = 
         c = config.cross_vision
         tokens = c.num_patches + 1
         cross = batch * tokens * (6 * c.hidden_size + 3 * c.intermediate_size) * size
-    return max(vit, lm, cross) + images * config.image_tokens * h * size + logits
+    return max(vit, lm, cross) + embedding_bytes(config, images, dtype) + logits
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ The sampling rules are pure functions of those facts, testable without a decoder
 
 from __future__ import annotations
 
+import contextlib
 import io
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -168,20 +169,46 @@ def decode_video(data: bytes, strategy: str = "chat", num_frames: int = NUM_FRAM
     """`load_video` on the encoded bytes: scan the packets, pick the frames, decode up to the last."""
     limits = limits or VideoLimits()
     _within(data, name, limits.max_bytes)
+    with _opened(data, name) as container:
+        stream = _video_stream(container, name)
+        _check_header(container, stream, limits, name)
+        index, packets = _scan(container, stream, limits, name)
+        indices = frame_indices(index, strategy, num_frames)
+        frames = _decode(stream, packets, index, sorted(set(indices)), name)
+    return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(3, 0, 1, 2)
+
+
+@dataclass(frozen=True)
+class ClipHeader:
+    """What the container states before a packet is read."""
+
+    width: int
+    height: int
+    seconds: float | None  # the container's duration, when it states one
+
+
+def probe_video(data: bytes, name: str = "the given bytes") -> ClipHeader:
+    """A clip's frame size and duration from its header alone: the server sizes the memory a
+    decode will take by them before it decodes anything."""
+    with _opened(data, name) as container:
+        stream = _video_stream(container, name)
+        seconds = None if container.duration is None else container.duration / 1e6
+        return ClipHeader(stream.codec_context.width, stream.codec_context.height, seconds)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, name: str) -> Iterator[Any]:
+    """The container of `data`, opened by its one demuxer; whatever FFmpeg raises on the way is a
+    VideoError naming the clip."""
     av = pyav()
     fmt = container_format(data, name)
     try:
         with av.open(io.BytesIO(data), format=fmt) as container:
-            stream = _video_stream(container, name)
-            _check_header(container, stream, limits, name)
-            index, packets = _scan(container, stream, limits, name)
-            indices = frame_indices(index, strategy, num_frames)
-            frames = _decode(stream, packets, index, sorted(set(indices)), name)
+            yield container
     except (VideoError, UsageError):
         raise
     except Exception as e:  # FFmpeg fed crafted bytes fails in many ways (av.FFmpegError, ValueError, ...)
         raise VideoError(f"{name} is corrupt or truncated: {type(e).__name__}: {str(e)[:200]}") from None
-    return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(3, 0, 1, 2)
 
 
 def pyav() -> Any:
