@@ -185,3 +185,24 @@ def test_a_video_for_an_image_model_is_refused(talkative, tmp_path):
         error = assert_openai_error(ask(url, [video_user("a", clip_url(two_seconds()))]), 400)
         assert error["code"] == "video_not_supported" and "CogVLM2-Video" in error["message"]
         assert answer(ask(url, [user("still fine")]))
+
+
+def test_admission_charges_a_requests_frames(video_vlm):
+    """The scheduler reserves, beside a request's KV cache (1 + 7 T + n slots here: 6 a frame and
+    its index), the tower's peak over all its frames: per ViT token (16 patches + CLS) the
+    residual and a norm (2 x 32), the attention's and MLP's tensors (7 x 32 + 2 x 64), and each
+    frame's 6 embeddings of 64, at the model's element size."""
+    import torch
+
+    from cogvlm.scheduler import visual_bytes
+
+    def clip(frames: int) -> torch.Tensor:
+        return torch.randint(0, 256, (3, frames, 60, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    size = video_vlm.model.dtype.itemsize
+    per_frame = 17 * (2 * 32 + 7 * 32 + 2 * 64) * size + 6 * 64 * size
+    one, three = (video_vlm.prompt_tokens(None, "q", None, "chat", video=clip(t)) for t in (1, 3))
+    text = video_vlm.prompt_tokens(None, "q", None, "chat")
+    assert video_vlm.prompt_length(three) == 1 + 7 * 3 + len(three.text_ids)
+    assert visual_bytes(video_vlm, [one]) == per_frame and visual_bytes(video_vlm, [three]) == 3 * per_frame
+    assert visual_bytes(video_vlm, [one, three, text]) == 4 * per_frame and visual_bytes(video_vlm, [text]) == 0

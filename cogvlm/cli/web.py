@@ -1,5 +1,7 @@
 """`cogvlm web`: the Gradio demo. Upload or paste an image (or none), chat with streamed answers,
-pick the template and sampling settings, and see the turn's grounding boxes drawn on the image.
+pick the template and sampling settings, and see the turn's grounding boxes drawn on the image. A
+video model (CogVLM2-Video) shows a video upload instead, and its clips are read within the same
+limits as the server's (`--max-video-bytes` ...; docs/serve.md).
 
 Gradio is an optional extra (`pip install 'cogvlm[web]'`), imported only when the demo starts.
 Prompting and decoding stay in the API: each browser tab holds one `ChatSession`, and a
@@ -22,9 +24,12 @@ from typing import TYPE_CHECKING, Any, Generic, Iterator, TypeVar
 from PIL import Image
 
 from ..config import TEMPLATES
-from ..errors import ImageRequiredError, UsageError
+from ..errors import ImageRequiredError, UsageError, VideoError
 from ..grounding import draw_boxes, drawable, turn_boxes
+from ..server import VIDEO_LIMITS
+from ..video import VideoLimits, load_video, pyav, strategy_for
 from .flags import add_model_flags, load_model, load_options, sampling_flags
+from .serve import add_video_limit_flags, video_limits
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -35,6 +40,9 @@ EXAMPLES = Path(__file__).parent.parent / "web_examples"
 INTRO = ("# CogVLM\nUpload or paste an image (or none, for text-only chat) and ask about it. Boxes written "
          "as `[[x0,y0,x1,y1]]` (thousandths of the image size) in a question or an answer are drawn on "
          "the image below it. Changing the image or the template starts a new conversation.")
+VIDEO_INTRO = ("# CogVLM2-Video\nUpload a clip (or none, for text-only chat) and ask about it. In the chat "
+               "template the model sees a frame per second (at most 24); in base, 24 frames over the first "
+               "minute. Changing the clip or the template starts a new conversation.")
 CLOSED = "This conversation was closed to free memory (other tabs started newer ones); it starts over."
 # Three caches fit a 24 GB card beside every published model in int4 (`cogvlm plan --quant 4`,
 # which counts one cache, leaves room for 2.75 more of CogVLM2's 1 GiB at 8K, 2.8 of CogAgent's
@@ -44,30 +52,45 @@ DEFAULT_MAX_SESSIONS = 3
 
 @dataclass(frozen=True)
 class Example:
-    """One clickable example: an image, a prompt, the template it suits and a short label."""
+    """One clickable example: an image (or a clip, for video models), a prompt, the template it
+    suits and a short label."""
 
-    image: Path
+    image: Path | None
     prompt: str
     template: str
     label: str
+    video: Path | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.image or self.video  # type: ignore[return-value]  (load_examples sets one)
 
 
 def load_examples(folder: Path) -> list[Example]:
-    """The entries of `folder/examples.json`, checked so a broken folder fails at start-up."""
+    """The entries of `folder/examples.json`, checked so a broken folder fails at start-up; each
+    names an `image` or a `video`."""
     index = folder / "examples.json"
     try:
         rows = json.loads(index.read_text())
-        examples = [Example(folder / r["image"], r["prompt"], r["template"], r["label"]) for r in rows]
+        examples = [_example(folder, r) for r in rows]
     except FileNotFoundError:
         raise UsageError(f"no examples.json in {folder}") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UsageError(f"{index} must be a JSON list of {{image, prompt, template, label}} objects ({e!r})") from None
+        raise UsageError(f"{index} must be a JSON list of {{image or video, prompt, template, label}} objects "
+                         f"({e!r})") from None
     for ex in examples:
-        if not ex.image.is_file():
-            raise UsageError(f"{index}: image not found: {ex.image}")
+        if not ex.file.is_file():
+            raise UsageError(f"{index}: {'video' if ex.video else 'image'} not found: {ex.file}")
         if ex.template not in TEMPLATES:
             raise UsageError(f"{index}: unknown template {ex.template!r}; expected one of {TEMPLATES}")
     return examples
+
+
+def _example(folder: Path, row: dict) -> Example:
+    if ("image" in row) == ("video" in row):
+        raise KeyError("image or video (one of them)")
+    image, video = (folder / row[k] if k in row else None for k in ("image", "video"))
+    return Example(image, row["prompt"], row["template"], row["label"], video)
 
 
 Session = TypeVar("Session")
@@ -115,14 +138,19 @@ class SessionPool(Generic[Session]):
 @dataclass(frozen=True)
 class Conversation:
     """One browser tab's chat: its session's id in the pool and what it was started for (an
-    image digest and a template)."""
+    image's or a clip's digest and a template)."""
 
     id: int
     key: tuple[str, str]
 
 
-def _image_key(image: Image.Image | None) -> str:
-    return "none" if image is None else f"{image.size}:{hashlib.sha1(image.tobytes()).hexdigest()}"
+def _media_key(media: Image.Image | str | None) -> str:
+    """A digest of the image, or of the clip's file (Gradio passes its path)."""
+    if media is None:
+        return "none"
+    if isinstance(media, str):
+        return "video:" + hashlib.sha1(Path(media).read_bytes()).hexdigest()
+    return f"{media.size}:{hashlib.sha1(media.tobytes()).hexdigest()}"
 
 
 def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -130,30 +158,41 @@ def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
-              pool: SessionPool[ChatSession] | None = None) -> gr.Blocks:
+              pool: SessionPool[ChatSession] | None = None, limits: VideoLimits = VIDEO_LIMITS) -> gr.Blocks:
     """The demo's page; the model's sampling defaults (from the flags) set the starting values of
-    the controls; `pool` (default: `DEFAULT_MAX_SESSIONS` places) holds the tabs' conversations."""
+    the controls; `pool` (default: `DEFAULT_MAX_SESSIONS` places) holds the tabs' conversations.
+    A video model gets a video upload, its clips read within `limits`, and the video examples;
+    other models the image input and the image examples."""
     import gradio as gr
 
     start = vlm.defaults
     pool = SessionPool(DEFAULT_MAX_SESSIONS) if pool is None else pool
+    takes_video = vlm.config.video
+    examples = [e for e in examples if (e.video is not None) == takes_video]
 
-    def respond(image: Image.Image | None, query: str, convo: Conversation | None, template: str,
+    def open_session(media: Image.Image | str | None, template: str) -> ChatSession:
+        """A conversation about the image or the clip (decoded and sampled by the template's rule)."""
+        try:
+            if isinstance(media, str):
+                clip = load_video(media, strategy_for(template), limits=limits)
+                return vlm.session(None, template, video=clip)
+            return vlm.session(media, template)
+        except (ImageRequiredError, VideoError) as e:  # CogAgent has no text-only chat; a clip we cannot read
+            raise gr.Error(str(e).replace(str(media), "the clip")) from None
+
+    def respond(media: Image.Image | str | None, query: str, convo: Conversation | None, template: str,
                 temperature: float, top_p: float, top_k: float, max_new_tokens: float) -> Iterator[tuple]:
         query = query.strip()
         if not query and template != "base":
             raise gr.Error("Type a question first (an empty prompt means captioning, with the base template).")
-        key = (_image_key(image), template)
+        key = (_media_key(media), template)
         session = pool.get(convo.id) if convo is not None else None
         if convo is not None and convo.key == key and session is None:
             gr.Warning(CLOSED)
         if session is None or convo.key != key:
             if convo is not None:
-                pool.close(convo.id)  # a new image or template: the old conversation's cache goes now
-            try:
-                session = vlm.session(image, template)
-            except ImageRequiredError as e:  # CogAgent has no text-only chat
-                raise gr.Error(str(e)) from None
+                pool.close(convo.id)  # a new image, clip or template: the old conversation's cache goes now
+            session = open_session(media, template)
             convo = Conversation(pool.open(session), key)
         chat = _messages(session.history) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         settings = dict(temperature=temperature, top_p=top_p, top_k=int(top_k),
@@ -164,16 +203,21 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
                 yield chat, convo, None, ""
         except ValueError as e:  # no room left in max_length, or a bad setting
             raise gr.Error(str(e)) from None
+        image = media if isinstance(media, Image.Image) else None  # boxes are drawn on images only
         phrases = turn_boxes(query, session.history[-1][1]) if image is not None else []
         yield _messages(session.history), convo, draw_boxes(drawable(image), phrases) if phrases else None, ""
 
     with gr.Blocks(title="CogVLM", analytics_enabled=False) as app:
-        gr.Markdown(INTRO)
+        gr.Markdown(VIDEO_INTRO if takes_video else INTRO)
         convo = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image", elem_id="image")
-                boxes = gr.Image(type="pil", format="png", label="Boxes", interactive=False, elem_id="boxes")
+                if takes_video:  # the upload passes its file's path; include_audio: no ffmpeg re-encode
+                    media = gr.Video(sources=["upload"], label="Video", elem_id="video", include_audio=True)
+                else:
+                    media = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image", elem_id="image")
+                boxes = gr.Image(type="pil", format="png", label="Boxes", interactive=False, elem_id="boxes",
+                                 visible=not takes_video)
                 template_box = gr.Dropdown(list(TEMPLATES), value=template or vlm.config.template,
                                            label="Template", elem_id="template")
                 with gr.Accordion("Sampling", open=False):
@@ -185,26 +229,27 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
                                         label="max_new_tokens", info="0 = until max_length")
             with gr.Column(scale=2):
                 chat = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, height=420)
-                query = gr.Textbox(placeholder="Ask about the image…", show_label=False, elem_id="query")
+                query = gr.Textbox(placeholder=f"Ask about the {'video' if takes_video else 'image'}…",
+                                   show_label=False, elem_id="query")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("Clear", elem_id="clear")
-        shown = gr.Examples([[str(e.image), e.prompt, e.template] for e in examples],
-                            inputs=[image, query, template_box], example_labels=[e.label for e in examples])
-
-        inputs = [image, query, convo, template_box, temperature, top_p, top_k, max_new]
+        inputs = [media, query, convo, template_box, temperature, top_p, top_k, max_new]
         outputs = [chat, convo, boxes, query]
         # one shared queue: answers are generated one at a time, whichever way they were asked for
         send.click(respond, inputs, outputs, concurrency_id="answer")
         query.submit(respond, inputs, outputs, concurrency_id="answer")
-        shown.load_input_event.then(respond, inputs, outputs, concurrency_id="answer")  # one click answers
+        if examples:
+            shown = gr.Examples([[str(e.file), e.prompt, e.template] for e in examples],
+                                inputs=[media, query, template_box], example_labels=[e.label for e in examples])
+            shown.load_input_event.then(respond, inputs, outputs, concurrency_id="answer")  # one click answers
 
         def forget(current: Conversation | None) -> tuple[list, None, None]:
             if current is not None:
                 pool.close(current.id)
             return [], None, None
 
-        for event in (clear.click, image.upload):
+        for event in (clear.click, media.upload):
             event(forget, inputs=[convo], outputs=[chat, convo, boxes])
     return app
 
@@ -217,10 +262,15 @@ def cmd_web(args: argparse.Namespace) -> int:
     examples = load_examples(args.examples)
     sampling, options = sampling_flags(args), load_options(args)
     pool: SessionPool[ChatSession] = SessionPool(args.max_sessions)  # a bad count fails before the load
-    app = build_app(load_model(options, sampling), examples, args.template, pool)
-    # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag
+    vlm, limits = load_model(options, sampling), video_limits(args)
+    if vlm.config.video:
+        pyav()  # its clips need PyAV: say so now, not at the first upload
+    app = build_app(vlm, examples, args.template, pool, limits)
+    # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag.
+    # A video model's uploads stop at --max-video-bytes before they reach the disk.
     _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                 show_error=True, quiet=True, prevent_thread_lock=True)
+                                                 show_error=True, quiet=True, prevent_thread_lock=True,
+                                                 max_file_size=limits.max_bytes if vlm.config.video else None)
     print(f"cogvlm web: running on {local_url}", flush=True)
     print(f"cogvlm web: public link {share_url}" if share_url else
           "cogvlm web: for a temporary public gradio.live link, restart with --share", flush=True)
@@ -231,8 +281,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 def add_web_verb(verbs: Any) -> None:
     """Register `cogvlm web` on the top-level parser's subcommands."""
     p = verbs.add_parser("web", help="the Gradio web demo (pip install 'cogvlm[web]')",
-                         description="Serve a chat page: upload or paste an image, streamed answers, template "
-                                     "and sampling controls, grounding boxes drawn on the image.")
+                         description="Serve a chat page: upload or paste an image (a video, for CogVLM2-Video "
+                                     "models), streamed answers, template and sampling controls, grounding boxes "
+                                     "drawn on the image.")
     add_model_flags(p)
     p.add_argument("--english", action="store_true",
                    help="accepted, as by the authors' web_demo.py (the page is in English)")
@@ -240,10 +291,11 @@ def add_web_verb(verbs: Any) -> None:
     p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--examples", type=Path, default=EXAMPLES, metavar="DIR",
-                   help="folder with examples.json and its images, shown as one-click examples "
-                        "(default: the shipped ones)")
+                   help="folder with examples.json and its images and clips, shown as one-click examples: the "
+                        "image ones for image models, the video ones for video models (default: the shipped ones)")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                    help="conversations (browser tabs) that keep a KV cache, 1-1.8 GiB each on the published "
                         f"models (default {DEFAULT_MAX_SESSIONS}); a new one frees the least recently used, "
                         "whose tab is told and starts over")
+    add_video_limit_flags(p)
     p.set_defaults(func=cmd_web)
