@@ -185,6 +185,8 @@ def test_cli_writes_a_caption_next_to_each_clip(video_checkpoint, clips, want, t
 
     root = tmp_path / "data"
     shutil.copytree(clips, root)
+    dry = cogvlm(".", "--model", str(video_checkpoint), "--dry-run", cwd=root)
+    assert "would caption 8 of 8 clips (0 already done)" in dry.communicate(timeout=120)[0]
     run = cogvlm(".", "--model", str(video_checkpoint), *GREEDY_FLAGS, cwd=root)
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
