@@ -23,7 +23,7 @@ from cogvlm import CogVLM  # noqa: E402
 
 from .test_caption_video import CORRUPT  # noqa: E402
 from .test_server import (CONTEXT, assert_openai_error, client, data_url, post, scene, serving,  # noqa: E402
-                          user)
+                          serving_files, user)
 from .test_video import cfr, make_clip  # noqa: E402
 
 MAX_VIDEO_BYTES, MAX_VIDEO_SECONDS, MAX_VIDEO_PIXELS, MAX_VIDEO_MEMORY = 40_000, 6, 20_000, 2_000_000
@@ -133,6 +133,18 @@ def test_a_local_clip_where_allowed_and_no_remote_url_without_the_flag(video_ser
     error = assert_openai_error(ask(video_server, [video_user("a", "http://127.0.0.1:9/clip.mp4")]), 400)
     assert error["code"] == "video_url_not_allowed" and "--allow-remote-images" in error["message"]
     assert error["param"] == "messages[0].content[1].video_url"
+
+
+def test_a_remote_clip_with_the_flag(video_checkpoint, video_vlm, tmp_path):
+    clip = two_seconds(first=80)
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    with serving(video_checkpoint, tmp_path / "server.log", "--template", "chat", "--allow-remote-images") as url, \
+            serving_files(tmp_path) as files:
+        assert answer(ask(url, [video_user("What now?", f"{files}/clip.mp4")])) == reference(video_vlm, clip, "What now?")
+        error = assert_openai_error(ask(url, [video_user("a", f"{files}/gone.mp4")]), 400)
+        assert error["code"] == "video_download_failed"
+        error = assert_openai_error(ask(url, [video_user("a", str(tmp_path / "clip.mp4"))]), 400)
+        assert error["code"] == "video_url_not_allowed" and "--allow-local-files" in error["message"]
 
 
 def _noise_clip(side: int, frames: int = 8) -> bytes:
