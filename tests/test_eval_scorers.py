@@ -86,6 +86,21 @@ def test_challenge_punctuation_steps():
     assert M.challenge_punctuation("3.5") == "3.5" and M.challenge_punctuation("U.S.") == "US"  # periodStrip
 
 
+def test_tables_are_the_official_ones():
+    """The tables as the official files have them (docs/eval.md, Where each scorer was checked):
+    GT-Vision-Lab vqaEval.py @ c4e6a0e and mmf's EvalAIAnswerProcessor @ 2dc099a share the
+    punctuation list; Cloud-CV/VQA-Challenge @ 50c6b1e writes it as one regex class."""
+    assert M.PUNCT == (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                       ",", "?", "!")
+    assert M._P == r"\\;/\"`\[\](){}<>@=+_\-,?!"
+    assert M.NUMBERS == {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                         "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+    assert M.ARTICLES == ("a", "an", "the")
+    assert (M._PERIOD.pattern, M._COMMA_NUM.pattern, M._COMMA_NUM_EVALAI.pattern) == (
+        r"(?!<=\d)(\.)(?!\d)", r"(\d)(\,)(\d)", r"(?<=\d)(\,)+(?=\d)")
+    assert M.CONTRACTIONS["somebody'd"] == "somebodyd" and M.CONTRACTIONS["twas"] == "'twas"  # sic, as there
+
+
 def test_vizwiz_table_is_the_curly_one():
     assert M.VIZWIZ_CONTRACTIONS["dont"] == "don" + CURLY + "t"
     assert M.VIZWIZ_CONTRACTIONS["couldn'tve"] == "couldn" + CURLY + "t" + CURLY + "ve"  # straight key kept
