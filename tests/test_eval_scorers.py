@@ -214,3 +214,17 @@ def test_caption_scorer_says_which_tokenizer_ran(monkeypatch):
     notes = []
     fallback = S.score_captions(items, {"1": "a red circle on a table"}, notes)
     assert "Java-free" in notes[0] and fallback == pytest.approx(java)
+
+
+def test_published_numbers_have_a_second_source_or_say_unverified():
+    """#39: every printed number names where it was checked, or the report marks it unverified;
+    the three not found a second time (docs/eval.md, Published numbers) stay marked."""
+    from cogvlm.eval.report import build_report
+
+    unverified = {(t.name, p.split) for t in TASKS.values() for p in t.published if p.second_source is None}
+    assert unverified == {("okvqa", "val2014"), ("nocaps", "val"), ("flickr30k", "test")}
+    rows = {name: build_report(TASKS[name], split, "m", {"cider" if name != "okvqa" else "accuracy": 0.5}, 1, {},
+                               TASKS[name].scorers[0])["rows"][0] for name, split in
+            (("okvqa", "val2014"), ("coco", "test"))}
+    assert rows["okvqa"]["published"] == 64.8 and rows["okvqa"]["verified_by"] is None
+    assert rows["coco"]["published"] == 148.7 and "Papers with Code" in rows["coco"]["verified_by"]
