@@ -289,6 +289,7 @@ _PTB_DELETED = re.compile(f"[{DELETED_BMP}\U00010000-\U0010ffff]|(?<![^\\W_])[\u
                           f"|[\u00ad\u2010\u2011](?![^\\W_])")
 # "AT&T", "R&D" (capitals only, as the jar's rule) stay one token: the "&" is held as U+E000 meanwhile
 _PTB_CAPITALS_AND = re.compile(r"(?<![^\W_])([A-Z]+)&([A-Z]+)")
+# words the jar splits in two: can not, gon na, wan na, got ta, gim me, lem me, 't is, 't was
 _PTB_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b|\b(gim|lem)(me)\b|(?<!\S)('t)(is|was)\b")
 # a letter (any script, with its combining accents) and a letter or decimal digit; superscripts,
 # vulgar fractions and other numerals are tokens of their own, as in the jar
@@ -304,7 +305,8 @@ _PTB_ABBREVIATIONS = ("mr|mrs|ms|dr|prof|gen|capt|lt|col|sgt|rev|gov|sen|st|jr|s
 _PTB_TOKEN = re.compile(rf"""
     -(?:lrb|rrb|lsb|rsb|lcb|rcb)-                   # bracket names (made above)
   | [:;=]-?-[lr]rb- | [:;=]-?[dp](?!{_LD})           # emoticons
-  | https?://[^\s"<>|]*[^\s"<>|.!?,-] | www\.(?:[a-z0-9-]+\.)+[a-z]{{2,4}}\b(?:/[!#-;=?-~]*[a-z0-9])?   # URLs
+  | https?://[^\s"<>|]*[^\s"<>|.!?,-]               # URLs
+  | www\.(?:[a-z0-9-]+\.)+[a-z]{{2,4}}\b(?:/[!#-;=?-~]*[a-z0-9])?
   | [a-z0-9][^\s"<>|]*@(?:[^\s"<>|.]+\.)*[^\s"<>|.]+   # e-mail addresses (trailing "!" or "," included)
   | @[a-z_]\w* | \#{_L}{_LD}*                       # @handles, hashtags
   | c\+\+ | [cf]\# | [a-z]+\ue000[a-z]+              # names the jar keeps whole; AT&T
@@ -341,6 +343,7 @@ def ptb_tokenize(text: str) -> str:
     text = _PTB_CAPITALS_AND.sub(" \\1\ue000\\2 ", _PTB_EMOTICON.sub(_emoticon, text.translate(_LINE_BREAKS)))
     text = _PTB_DELETED.sub(" ", text.lower().translate(_PTB_REWRITE))
     text = _PTB_SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text)
+    # the jar writes the space inside a one-token "1 3/4" as U+00A0
     tokens = (t.replace("\ue000", "&").replace(" ", "\u00a0") for t in _PTB_TOKEN.findall(text))
     return " ".join(t for t in tokens if t not in _PTB_DROPPED)
 
