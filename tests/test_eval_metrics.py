@@ -72,14 +72,18 @@ def test_exact_match_and_tdiuc_means():
     # GQA's eval.py: `predicted == gold` on the raw strings
     assert M.exact_match("Yes.", "yes") == 0.0 and M.exact_match("two", "2") == 0.0
     assert M.exact_match("red car", "red") == 0.0 and M.exact_match("red", "red") == 1.0
-    scores = [("color", 1.0), ("color", 0.0), ("counting", 1.0), ("counting", 1.0), ("absurd", 0.0), ("absurd", 1.0),
-              ("absurd", 1.0), ("absurd", 1.0)]
+    scores = [("color", "red", 1.0), ("color", "blue", 0.0), ("counting", "2", 1.0), ("counting", "2", 1.0),
+              ("absurd", "doesnotapply", 0.0), ("absurd", "doesnotapply", 1.0), ("absurd", "doesnotapply", 1.0),
+              ("absurd", "yes", 1.0)]
     out = M.mean_per_type(scores)
     assert out["accuracy"] == pytest.approx(6 / 8)
     assert out["type/color"] == 0.5 and out["type/counting"] == 1.0 and out["type/absurd"] == 0.75
     assert out["arithmetic_mpt"] == pytest.approx((0.5 + 1.0 + 0.75) / 3)
     assert out["harmonic_mpt"] == pytest.approx(3 / (1 / 0.5 + 1 / 1.0 + 1 / 0.75))
-    assert M.mean_per_type([("a", 0.0), ("b", 1.0)])["harmonic_mpt"] == 0.0
+    # normalized (TDIUC's N-MPT): absurd = mean(doesnotapply 2/3, yes 1) = 5/6; color = mean(1, 0) = 1/2
+    assert out["arithmetic_nmpt"] == pytest.approx((0.5 + 1.0 + 5 / 6) / 3)
+    assert out["harmonic_nmpt"] == pytest.approx(3 / (1 / 0.5 + 1 / 1.0 + 6 / 5))
+    assert M.mean_per_type([("a", "x", 0.0), ("b", "y", 1.0)])["harmonic_mpt"] == 0.0
 
 
 def test_pope_answer_parsing_and_metrics():

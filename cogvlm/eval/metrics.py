@@ -203,15 +203,28 @@ def lenient_exact(prediction: str, answer: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
-def mean_per_type(scores: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """TDIUC's arithmetic and harmonic mean-per-type accuracy, plus the plain overall accuracy."""
+def _means(per_type: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """TDIUC's arithmetic and harmonic mean over the question types (a type at 0 makes the
+    harmonic mean 0; TDIUC's script adds 1e-10 to each, which rounds to the same)."""
+    values = list(per_type.values())
+    return {f"arithmetic_{prefix}": sum(values) / len(values),
+            f"harmonic_{prefix}": harmonic_mean(values) if all(values) else 0.0}
+
+
+def mean_per_type(scores: Iterable[tuple[str, str, float]]) -> dict[str, float]:
+    """TDIUC's metrics from (question type, ground-truth answer, score) per question: the plain
+    accuracy, the mean-per-type (MPT) accuracies, and the normalized ones (N-MPT: within a type,
+    the mean over its distinct answers of each answer's accuracy, so frequent answers do not
+    dominate)."""
     by_type: dict[str, list[float]] = defaultdict(list)
-    for kind, s in scores:
+    by_answer: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for kind, answer, s in scores:
         by_type[kind].append(s)
+        by_answer[kind][answer].append(s)
     per_type = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    normalized = {k: sum(sum(v) / len(v) for v in answers.values()) / len(answers) for k, answers in by_answer.items()}
     flat = [s for v in by_type.values() for s in v]
-    return {"accuracy": sum(flat) / len(flat), "arithmetic_mpt": sum(per_type.values()) / len(per_type),
-            "harmonic_mpt": harmonic_mean(per_type.values()) if all(per_type.values()) else 0.0,
+    return {"accuracy": sum(flat) / len(flat), **_means(per_type, "mpt"), **_means(normalized, "nmpt"),
             **{f"type/{k}": v for k, v in per_type.items()}}
 
 

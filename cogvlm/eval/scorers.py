@@ -74,7 +74,7 @@ def one_answer(rule: Callable[[str, str], float]) -> ScoreFn:
 
 def tdiuc_rule(rule: Callable[[str, str], float]) -> ScoreFn:
     def score(items: Sequence[Item], preds: Predictions, notes: list[str]) -> dict[str, float]:
-        return M.mean_per_type((it.meta.get("question_type") or "all", rule(preds[it.id], it.answers[0]))
+        return M.mean_per_type((it.meta.get("question_type") or "all", it.answers[0], rule(preds[it.id], it.answers[0]))
                                for it in items)
 
     return score
@@ -205,7 +205,7 @@ GQA = Scorer("gqa", one_answer(M.exact_match),
              "isBalanced questions only")
 TDIUC = Scorer("tdiuc", tdiuc_rule(M.exact_match),
                "TDIUC (kushalkafle.com/projects/tdiuc.html): the answer label compared as a string, "
-               "mean-per-type accuracy")
+               "mean-per-type accuracy (MPT, N-MPT)")
 LLAVA_SQA = Scorer("llava-sqa", choice(llava_sqa_letter), "haotian-liu/LLaVA llava/eval/eval_science_qa.py (LLaVA-1.5)")
 POPE = Scorer("pope", score_pope, "RUCAIBox/POPE evaluate.py; categories split as VLMEvalKit's POPE_rating")
 COCO_CAPTION = Scorer("coco-caption", score_captions, "pycocoevalcap 1.2 (tylin/coco-caption): PTBTokenizer, Bleu, Cider")
