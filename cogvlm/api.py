@@ -304,8 +304,8 @@ class CogVLM:
             raise UsageError("caption needs an image or a video")
         if video is None:
             return self.generate([(image, query or "", None)], template=template or "base", **sampling)[0]
-        return self.generate([(image, query or VIDEO_CAPTION_PROMPT, None, video)], template=template or "chat",
-                             **sampling)[0]
+        query = VIDEO_CAPTION_PROMPT if query is None else query
+        return self.generate([(image, query, None, video)], template=template or "chat", **sampling)[0]
 
     def session(self, image: ImageInput | None = None, template: str | None = None,
                 video: VideoInput | None = None, **sampling: Any) -> ChatSession:
