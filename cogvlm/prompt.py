@@ -108,9 +108,9 @@ def video_frames(video: VideoInput, cfg: CogVLMConfig, template: str) -> torch.T
     (docs/spec/cogvlm2-video.md section 8: "base" for the base template, else "chat")."""
     check_takes_video(cfg)
     if not isinstance(video, torch.Tensor):
-        from .video import load_video  # decoding needs a video library; frame tensors do not
+        from .video import load_video, strategy_for  # decoding needs a video library; frame tensors do not
 
-        video = load_video(video, strategy="base" if template == "base" else "chat")
+        video = load_video(video, strategy=strategy_for(template))
     return preprocess_frames(video, cfg.vision.image_size)
 
 

@@ -185,6 +185,8 @@ def test_cli_writes_a_caption_next_to_each_clip(video_checkpoint, clips, want, t
 
     root = tmp_path / "data"
     shutil.copytree(clips, root)
+    dry = cogvlm(".", "--model", str(video_checkpoint), "--dry-run", cwd=root)
+    assert "would caption 8 of 8 clips (0 already done)" in dry.communicate(timeout=120)[0]
     run = cogvlm(".", "--model", str(video_checkpoint), *GREEDY_FLAGS, cwd=root)
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
@@ -192,3 +194,27 @@ def test_cli_writes_a_caption_next_to_each_clip(video_checkpoint, clips, want, t
     for path, caption in want.items():
         assert (root / Path(path).relative_to(clips)).with_suffix(".txt").read_text() == caption + "\n"
     assert not (root / "a" / "broken.txt").exists()
+
+
+@pytest.mark.slow
+def test_ray_captions_video_shards_as_one_machine_does(video_checkpoint, video_vlm, tmp_path):
+    """--ray on a local Ray instance, one CPU replica decoding on 2 threads: a tar of clips (one
+    corrupt) and a Parquet of clip bytes give the rows of the single-machine run."""
+    pytest.importorskip("ray.data")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = [clip(n) for n in range(3)]
+    write_tar(tmp_path / "t.tar", [("a.mp4", data[0]), ("b.mkv", CORRUPT), ("c.mp4", data[1])])
+    pq.write_table(pa.table({"key": ["d"], "video": pa.array([data[2]], pa.binary())}), tmp_path / "p.parquet")
+    env = {**ENV, "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01", "RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run([sys.executable, "-m", "cogvlm", "caption", "t.tar", "p.parquet", "--output", "out",
+                          "--model", str(video_checkpoint), *GREEDY_FLAGS, "--batch-size", "2", "--ray",
+                          "--decoders", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 captioned, 1 failed; shards: 2 written" in run.stdout
+    rows = {r["id"]: r for name in ("t", "p") for r in pq.read_table(tmp_path / "out" / f"{name}.parquet").to_pylist()}
+    want = dict(zip("acd", one_at_a_time(video_vlm, data)))
+    assert {k: r["caption"] for k, r in rows.items()} == {**want, "b": None}
+    assert "sample b is corrupt or truncated" in rows["b"]["error"]
+    assert rows["a"]["prompt"] == f"Question: {VIDEO_CAPTION_PROMPT} Answer:"

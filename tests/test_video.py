@@ -262,3 +262,28 @@ def test_without_pyav_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
     with pytest.raises(UsageError, match=r"pip install 'cogvlm\[video\]'"):
         decode_video(cfr(1, 2)[0])
+
+
+def test_http_urls_are_fetched_as_images_are(tmp_path):
+    """A real HTTP server on loopback: the clip is fetched and decoded; a 404 and an over-limit
+    body are VideoErrors naming the URL."""
+    import functools
+    import http.server
+    import threading
+
+    data, times = cfr(2, 3)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert frame_numbers(load_video(f"{url}/clip.mp4")) == demo_chat(times)
+        with pytest.raises(VideoError, match=f"could not download video {url}/missing.mp4"):
+            load_video(f"{url}/missing.mp4")
+        with pytest.raises(VideoError, match=f"{url}/clip.mp4 is over the limit of 100 bytes"):
+            load_video(f"{url}/clip.mp4", limits=VideoLimits(max_bytes=100))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -53,7 +53,7 @@ def _report(totals: dict[str, int], summary: Summary, what: str, where: str, uni
         print(f"cogvlm caption: the model waited {summary.waited:.1f} s ({summary.waited / seconds:.0%}) for "
               f"{unit} to be read and decoded")
     for replica, (images, busy) in sorted(summary.replicas.items()):
-        print(f"cogvlm caption: replica {replica}: {int(images)} images, {images / max(busy, 1e-9):.2f} images/s "
+        print(f"cogvlm caption: replica {replica}: {int(images)} {unit}, {images / max(busy, 1e-9):.2f} {unit}/s "
               f"while busy")
 
 
@@ -107,7 +107,7 @@ def _dry_run(shards: Sequence[Path], writer: ShardWriter, columns: Columns) -> i
 def _media(options: LoadOptions) -> Media:
     """Clips for a video model (its registry entry or its config.json says), images otherwise;
     known before the model loads, so the files to caption can be listed first."""
-    entry = registry_entry(str(options.model))
+    entry = None if Path(options.model).expanduser().exists() else registry_entry(str(options.model))
     config = entry.config if entry is not None and entry.config is not None else read_config(resolve(options.model))
     if config.video:
         from ..video import pyav
