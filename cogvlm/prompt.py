@@ -119,7 +119,7 @@ def frame_labels(tokenizer: Tokenizer, frames: int, template: str) -> tuple[list
     template; nothing otherwise (docs/spec/cogvlm2-video.md section 6)."""
     if template == "chat":
         return tuple(tokenizer.encode(str(k)) for k in range(frames))
-    return ([],) * frames
+    return tuple([] for _ in range(frames))
 
 
 def visual_input(image: ImageInput | None, video: VideoInput | None, cfg: CogVLMConfig, tokenizer: Tokenizer,
