@@ -151,3 +151,23 @@ def test_an_image_model_refuses_a_video_set(tiny_checkpoint, tmp_path, capsys):
     assert main(["eval", str(data), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "takes images, not videos" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_shares_give_the_one_process_report(vlm, clip_set, video_checkpoint, tmp_path):
+    """torchrun --nproc_per_node 2: each process answers every other record with its own model;
+    rank 0 scores all of them, as one process does."""
+    import subprocess
+    import sys
+
+    data, expected = clip_set
+    one = evaluate_videos(vlm, data, tmp_path / "one", template="chat", sampling=GREEDY, progress=False)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "cogvlm", "eval", str(data), "--model", str(video_checkpoint), "--template",
+                          "chat", "--top_k", "1", "--max_new_tokens", str(NEW_TOKENS), "--out", str(tmp_path / "two"),
+                          "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "two" / "predictions.rank1.jsonl").exists()
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["metrics"] == one["metrics"] and report["examples"] == one["examples"]
+    assert [e["id"] for e in report["errors"]] == ["bad"]
