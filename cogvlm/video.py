@@ -89,7 +89,7 @@ def base_frame_indices(frame_count: int, avg_fps: float, num_frames: int = NUM_F
 
 def frame_indices(index: ClipIndex, strategy: str, num_frames: int = NUM_FRAMES) -> list[int]:
     """The frames `strategy` picks from a scanned clip."""
-    check_strategy(strategy)
+    check_request(strategy, num_frames)
     if strategy == "chat":
         return chat_frame_indices(index.timestamps, num_frames)
     return base_frame_indices(len(index.pts), index.avg_fps, num_frames)
@@ -100,19 +100,19 @@ def strategy_for(template: str) -> str:
     return "base" if template == "base" else "chat"
 
 
-def check_strategy(strategy: str) -> None:
-    """A UsageError for a strategy the authors do not have."""
+def check_request(strategy: str, num_frames: int) -> None:
+    """A UsageError for a strategy the authors do not have, or fewer than one frame."""
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown video strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if num_frames < 1:
+        raise UsageError(f"num_frames must be at least 1 (got {num_frames})")
 
 
 def load_video(source: VideoInput, strategy: str = "chat", num_frames: int = NUM_FRAMES,
                limits: VideoLimits | None = None, timeout: float = 20.0) -> torch.Tensor:
     """The frames `strategy` picks from a clip (a path, an http(s) URL or the file's bytes), as the
     demos hand them to the model: uint8 RGB of shape (3, T, H, W)."""
-    check_strategy(strategy)
-    if num_frames < 1:
-        raise UsageError(f"num_frames must be at least 1 (got {num_frames})")
+    check_request(strategy, num_frames)  # before a download
     limits = limits or VideoLimits()
     data, name = read_video(source, limits.max_bytes, timeout)
     return decode_video(data, strategy, num_frames, limits, name)

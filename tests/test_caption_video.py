@@ -144,6 +144,14 @@ def test_tar_and_parquet_shards_of_clips(video_vlm, clips, tmp_path):
     assert rows["p2"]["error"] == f"row p2 of {tmp_path / 'bytes.parquet'} has no video"
     assert "video file not found" in rows["q1"]["error"]
     assert rows["k0"]["prompt"] == "" and rows["k0"]["model"] == ""  # meta is the CLI's to fill
+    wds = ShardWriter(tmp_path / "wds", "wds")
+    caption_shards(video_vlm, shards[:1], wds, Columns(video=True), VIDEO_CAPTION_PROMPT, "chat", batch_size=2,
+                   sampling=video_vlm.sampling(**GREEDY), media=Media(video=True), decoders=2, progress=False)
+    with tarfile.open(tmp_path / "wds" / "s0.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    assert list(members) == ["k0.mp4", "k0.json", "k0.txt", "k1.mp4", "k1.error", "k2.json", "k2.error", "k3.mp4",
+                             "k3.txt"]
+    assert members["k0.mp4"] == data[0] and members["k3.txt"].decode() == want["k3"]
 
 
 def cogvlm(*args: str, cwd: Path, **kw) -> subprocess.Popen:

@@ -256,6 +256,8 @@ def test_caller_mistakes_are_usage_errors():
         load_video(data, "fast")
     with pytest.raises(UsageError, match="num_frames"):
         load_video(data, num_frames=0)
+    with pytest.raises(UsageError, match="num_frames"):
+        decode_video(data, num_frames=0)
 
 
 def test_without_pyav_the_error_says_what_to_install(monkeypatch):
