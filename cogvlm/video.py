@@ -178,7 +178,7 @@ def sampled_frame_count(source: VideoInput, strategy: str = "chat", num_frames: 
     """How many frames `load_video` gives for this clip, from a scan of its packets without
     decoding one: what fine-tuning needs to lay a record out (and find a broken container)
     before the epoch that decodes it."""
-    check_strategy(strategy)
+    check_request(strategy, num_frames)  # before the file is read
     limits = limits or VideoLimits()
     data, name = read_video(source, limits.max_bytes)
     with _scanned(data, limits, name) as (_, index, _packets):
