@@ -336,7 +336,27 @@ class Waiting:
             self.summary.waited += time.monotonic() - start
 
 
-def _load(source: ImageInput, name: str | Path, media: Media = Media()) -> Loaded:
+@contextmanager
+def decoded_batches(items: Sequence[T], batch_size: int, load: Callable[[T], Any], decoders: int = DECODERS,
+                    wait: Waiting | None = None) -> Iterator[Iterator[tuple[list[T], list[Any]]]]:
+    """`items` in batches of `batch_size`, each with what `load` made of its items (a decoded
+    image or clip, or why not), loaded by `decoders` threads a batch or two ahead of the consumer
+    (the model), so that it waits on the decoders only when they cannot keep up (`wait` adds up
+    that time). The caption job and the video evaluation share it."""
+    wait = wait or Waiting(Summary())
+    with decoder_pool(decoders) as submit:
+        pending = prefetch((b, [submit(load, x) for x in b])
+                           for b in (list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)))
+
+        def batches() -> Iterator[tuple[list[T], list[Any]]]:
+            while (item := wait.next(pending)) is not None:
+                batch, futures = item
+                yield batch, wait.results(futures)
+
+        yield batches()
+
+
+def load_media(source: ImageInput, name: str | Path, media: Media = Media()) -> Loaded:
     """The decoded image or clip, or why it cannot be read (the messages name the file)."""
     try:
         return media.load(source)
@@ -349,7 +369,7 @@ def _load(source: ImageInput, name: str | Path, media: Media = Media()) -> Loade
 def load_sample(shard: Path, sample: Sample, media: Media = Media()) -> Loaded:
     if sample.image is None:
         return sample.error or f"sample {sample.key} of {shard} has no {media.field}"
-    loaded = _load(sample.image, sample.image if isinstance(sample.image, str) else shard, media)
+    loaded = load_media(sample.image, sample.image if isinstance(sample.image, str) else shard, media)
     if isinstance(loaded, str) and isinstance(sample.image, bytes):  # name the sample, not "the given bytes"
         return f"{shard} sample {sample.key} {loaded.removeprefix('the given bytes ')}"
     return loaded
@@ -393,14 +413,9 @@ def caption_images(vlm: CogVLM, images: Sequence[Path], sink: Sink, query: str =
     summary = Summary(skipped=len(images) - len(todo))
     media = media.for_template(template or vlm.config.template)
     bar, start = progress_bar(len(todo), progress, log_every, "clip" if media.video else "img"), time.monotonic()
-    wait = Waiting(summary)
     try:
-        with decoder_pool(decoders) as submit:
-            batches = prefetch((b, [submit(_load, p, p, media) for p in b])
-                               for b in (todo[i:i + batch_size] for i in range(0, len(todo), batch_size)))
-            while (item := wait.next(batches)) is not None:
-                batch, futures = item
-                loaded = wait.results(futures)
+        with decoded_batches(todo, batch_size, lambda p: load_media(p, p, media), decoders, Waiting(summary)) as batches:
+            for batch, loaded in batches:
                 captions, tokens = caption_batch(vlm, loaded, query, template, sampling)
                 _count(summary, bar, loaded, captions, tokens)
                 if any(c is not None for c in captions):

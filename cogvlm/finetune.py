@@ -23,14 +23,16 @@ import torch.nn.functional as F
 
 from .api import apply_adapter, check_adapter_folder, peft_module
 from .checkpoint import HF_CONFIG, check_destination, load_weights, read_config, read_quant, resolve, save_hf
-from .config import CogVLMConfig, from_hf_config
-from .data.records import Record, RecordError, read_records
-from .errors import TrainingError
+from .config import TEMPLATES, CogVLMConfig, from_hf_config
+from .data.records import Record, RecordError, VideoRecord, is_video_set, read_records, read_video_records
+from .errors import TrainingError, VideoError
 from .model import CogVLMForCausalLM
 from .progress import Progress
-from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
+from .prompt import (PromptTokens, build_prompt, check_takes_video, frame_labels, image_pixels, layout_batch,
+                     prompt_length, video_frames)
 from .quantize import BITS, QuantConfig, quantize_model, register_lora_layers
 from .tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
+from .video import sampled_frame_count, strategy_for
 
 IGNORE = -100
 LossAverage = Literal["token", "example"]
@@ -72,7 +74,8 @@ class TrainArgs:
     init_config: Path | None = None  # ... or from random weights with this config.json
     tokenizer: Path | None = None
     eval_data: Path | None = None
-    train: str = "vision_expert,adapter"  # the paper's choice; "all" trains everything
+    train: str | None = None  # None: the paper's vision_expert,adapter (language without a visual expert); "all"
+    template: str | None = None  # video sets: the template the questions are asked in (default: the model's)
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -104,6 +107,9 @@ class Example:
     prompt_ids: list[int]
     answer_ids: list[int]  # answer + </s>: the only tokens with a loss
     line: int
+    video: Path | None = None  # a clip, decoded and sampled each time its batch is built (once an epoch)
+    template: str = "chat"  # the clip's sampling rule follows it
+    frame_labels: tuple[list[int], ...] = ()  # the text after each of its frames (chat: the index)
 
 
 def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMConfig,
@@ -113,6 +119,10 @@ def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMCo
     for rec in records:
         if rec.image is None and cfg.cross_vision is not None:
             errors.append(RecordError(rec.line, "CogAgent needs an image in every record"))
+            continue
+        if rec.image is not None and cfg.video:
+            errors.append(RecordError(rec.line, "this model takes videos, not images: give it video records "
+                                                "(docs/data-format.md)"))
             continue
         for i, (query, answer) in enumerate(rec.turns):
             framed = rec.image is not None or not cfg.vicuna_frame
@@ -126,12 +136,50 @@ def make_examples(records: Sequence[Record], tokenizer: Tokenizer, cfg: CogVLMCo
     return examples, errors
 
 
+def make_video_examples(records: Sequence[VideoRecord], tokenizer: Tokenizer, cfg: CogVLMConfig,
+                        max_length: int, template: str) -> tuple[list[Example], list[RecordError]]:
+    """One example per video record: the prompt as inference lays it out (bos, each frame's slots
+    and, in the chat template, its index, then the template's text), then the first answer and
+    eos, the only tokens with a loss (docs/spec/cogvlm2-video.md section 6). Each clip's packets
+    are scanned for its frame count, no frame decoded: a clip that cannot be read is skipped here
+    with its line, not found mid-training."""
+    check_takes_video(cfg)
+    strategy = strategy_for(template)
+    examples, errors = [], []
+    for rec in records:
+        try:
+            labels = frame_labels(tokenizer, sampled_frame_count(rec.video, strategy), template)
+        except VideoError as e:
+            errors.append(RecordError(rec.line, str(e)))
+            continue
+        prompt = tokenizer.encode(build_prompt(rec.question, (), template))
+        ans = tokenizer.encode(rec.answers[0]) + [cfg.eos_token_id]
+        length = prompt_length(PromptTokens(None, prompt + ans, frame_labels=labels), cfg)
+        if length > max_length:
+            errors.append(RecordError(rec.line, f"needs {length} tokens ({len(labels)} frames), over max_length {max_length}"))
+            continue
+        examples.append(Example(None, prompt, ans, rec.line, rec.video, template, labels))
+    return examples, errors
+
+
+def example_prompt(ex: Example, cfg: CogVLMConfig) -> PromptTokens:
+    """The example's picture or clip, preprocessed, and all its text (prompt and answer)."""
+    if ex.video is None:
+        pixels, cross = image_pixels(ex.image, cfg)  # CogAgent: also the high-resolution picture
+        return PromptTokens(pixels, ex.prompt_ids + ex.answer_ids, cross)
+    try:
+        frames = video_frames(ex.video, cfg, ex.template)
+    except VideoError as e:
+        raise TrainingError(f"line {ex.line}: {e} (it was readable when training started)") from None
+    if len(frames) != len(ex.frame_labels):
+        raise TrainingError(f"line {ex.line}: {ex.video} now gives {len(frames)} frames, not the "
+                            f"{len(ex.frame_labels)} it gave when training started; was it replaced?")
+    return PromptTokens(None, ex.prompt_ids + ex.answer_ids, frames=frames, frame_labels=ex.frame_labels)
+
+
 def collate(batch: Sequence[Example], cfg: CogVLMConfig):
     """The inference layout (`layout_batch`) plus next-token labels on the answer tokens only."""
-    prompts = []
-    for ex in batch:
-        pixels, cross = image_pixels(ex.image, cfg)  # CogAgent: also the high-resolution picture
-        prompts.append(PromptTokens(pixels, ex.prompt_ids + ex.answer_ids, cross))
+    prompts = [example_prompt(ex, cfg) for ex in batch]
     chunk = layout_batch(prompts, cfg)
     labels = torch.full_like(chunk.input_ids, IGNORE)
     for row, ex in enumerate(batch):
@@ -199,6 +247,19 @@ def lr_at(step: int, args: TrainArgs) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def parts_for(spec: str | None, cfg: CogVLMConfig, default: str = "vision_expert,adapter") -> list[str]:
+    """--train's parts for this model: `default` when not given, or "language" for a model without
+    a visual expert (CogVLM2-Video, docs/spec/cogvlm2-video.md section 4), whose decoder has only
+    its language weights; naming the visual expert for such a model is a mistake."""
+    if spec is None:
+        spec = default if cfg.visual_expert else "language"
+    parts = parse_parts(spec)
+    if "vision_expert" in parts and not cfg.visual_expert and spec != "all":
+        raise TrainingError("this model has no visual expert (CogVLM2-Video: every token goes through the language "
+                            "weights): train language, vit or adapter, e.g. --train language,vit")
+    return parts
 
 
 def parse_parts(spec: str) -> list[str]:
@@ -283,11 +344,15 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
-        self.parts = parse_parts(args.train)
+        if args.train is not None:
+            parse_parts(args.train)  # a typo found before minutes of loading
+        if args.template is not None and args.template not in TEMPLATES:
+            raise TrainingError(f"unknown template {args.template!r}: choose one of {', '.join(TEMPLATES)}")
         check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
         check_quant_args(args)
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
+        self.parts = parts_for(args.train, self.cfg)
         self.examples, self.errors = self._load(args.data)
         if not self.examples:
             raise TrainingError(f"{args.data} holds no usable training examples")
@@ -336,9 +401,15 @@ class Trainer:
         return model, Tokenizer(tok_path), folder
 
     def _load(self, path: Path) -> tuple[list[Example], list[RecordError]]:
-        records, errors = read_records(path)
-        examples, more = make_examples(records, self.tokenizer, self.cfg,
-                                       self.args.max_length or self.cfg.max_position_embeddings)
+        """The examples of a conversation file, or of a video set (its records have a "video")."""
+        max_length = self.args.max_length or self.cfg.max_position_embeddings
+        if is_video_set(path):
+            records, errors = read_video_records(path)
+            examples, more = make_video_examples(records, self.tokenizer, self.cfg, max_length,
+                                                 self.args.template or self.cfg.template)
+        else:
+            records, errors = read_records(path)
+            examples, more = make_examples(records, self.tokenizer, self.cfg, max_length)
         errors += more
         if self.is_main:
             for e in errors:
@@ -557,8 +628,10 @@ def finetune(args: TrainArgs) -> Path:
     trainer = Trainer(args)
     if trainer.is_main:
         n_img = sum(ex.image is not None for ex in trainer.examples)
+        n_video = sum(ex.video is not None for ex in trainer.examples)
         params = sum(p.numel() for p in trainer.trainable)
-        print(f"{len(trainer.examples)} training examples ({n_img} with images), {len(trainer.errors)} skipped; "
+        shown = f"{n_video} with videos" if n_video else f"{n_img} with images"
+        print(f"{len(trainer.examples)} training examples ({shown}), {len(trainer.errors)} skipped; "
               f"training {params:,} parameters ({'LoRA on ' if args.lora else ''}{', '.join(trainer.parts)}) "
               f"on {trainer.world} process(es)")
     out = trainer.fit()

@@ -455,9 +455,9 @@ def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], boo
     tokens x tokens matrix; CogAgent's cross-attention adds 2 x (hidden + cross width). Without
     checkpointing every layer keeps all of that; with it each keeps only its input (hidden)
     and one layer at a time is recomputed with its gradients (twice one layer's set). The ViT
-    keeps the same kind of set (6 x hidden + 2 x intermediate per patch) only if something in
-    or before it trains; else it runs as in inference (`activation_bytes`, a transient peak
-    before the decoder starts). The logits take 14 bytes per vocabulary entry per token:
+    keeps the same kind of set (6 x hidden + 2 x intermediate per patch, for each frame of a
+    video model's clip, `images_per_prompt`) only if something in or before it trains; else it
+    runs as in inference (`activation_bytes`, a transient peak before the decoder starts). The logits take 14 bytes per vocabulary entry per token:
     bf16 out of the head, the fp32 copy, the fp32 log-softmax cross-entropy keeps and its
     gradient."""
     if mode not in ("lora", "full"):
@@ -499,7 +499,7 @@ def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], boo
             else config.num_layers * t * per_token)
     v = config.vision
     if any(n.startswith("model.vision.") for n in trained_names):
-        patches = batch * v.num_positions
+        patches = batch * images_per_prompt(config, max_length) * v.num_positions  # a video model: every frame
         vit_token = (6 * v.hidden_size + 2 * v.intermediate_size) * size
         kept += (v.num_layers * patches * v.hidden_size * size + 2 * patches * vit_token if checkpointing
                  else v.num_layers * patches * vit_token)

@@ -11,10 +11,10 @@ The sampling rules are pure functions of those facts, testable without a decoder
 
 from __future__ import annotations
 
-import contextlib
 import io
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
@@ -167,15 +167,34 @@ def container_format(data: bytes, name: str) -> str:
 def decode_video(data: bytes, strategy: str = "chat", num_frames: int = NUM_FRAMES,
                  limits: VideoLimits | None = None, name: str = "the given bytes") -> torch.Tensor:
     """`load_video` on the encoded bytes: scan the packets, pick the frames, decode up to the last."""
+    with _scanned(data, limits or VideoLimits(), name) as (stream, index, packets):
+        indices = frame_indices(index, strategy, num_frames)
+        frames = _decode(stream, packets, index, sorted(set(indices)), name)
+    return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(3, 0, 1, 2)
+
+
+def sampled_frame_count(source: VideoInput, strategy: str = "chat", num_frames: int = NUM_FRAMES,
+                        limits: VideoLimits | None = None) -> int:
+    """How many frames `load_video` gives for this clip, from a scan of its packets without
+    decoding one: what fine-tuning needs to lay a record out (and find a broken container)
+    before the epoch that decodes it."""
+    check_request(strategy, num_frames)  # before the file is read
     limits = limits or VideoLimits()
+    data, name = read_video(source, limits.max_bytes)
+    with _scanned(data, limits, name) as (_, index, _packets):
+        return len(frame_indices(index, strategy, num_frames))
+
+
+@contextmanager
+def _scanned(data: bytes, limits: VideoLimits, name: str) -> Iterator[tuple[Any, ClipIndex, list[Any]]]:
+    """The open clip's video stream, its scanned frame index and packets, within `limits`; what
+    FFmpeg raises on a damaged file (inside the block too) becomes a VideoError naming it."""
     _within(data, name, limits.max_bytes)
     with _opened(data, name) as container:
         stream = _video_stream(container, name)
         _check_header(container, stream, limits, name)
         index, packets = _scan(container, stream, limits, name)
-        indices = frame_indices(index, strategy, num_frames)
-        frames = _decode(stream, packets, index, sorted(set(indices)), name)
-    return torch.from_numpy(np.stack([frames[i] for i in indices])).permute(3, 0, 1, 2)
+        yield stream, index, packets
 
 
 @dataclass(frozen=True)
@@ -196,7 +215,7 @@ def probe_video(data: bytes, name: str = "the given bytes") -> ClipHeader:
         return ClipHeader(stream.codec_context.width, stream.codec_context.height, seconds)
 
 
-@contextlib.contextmanager
+@contextmanager
 def _opened(data: bytes, name: str) -> Iterator[Any]:
     """The container of `data`, opened by its one demuxer; whatever FFmpeg raises on the way is a
     VideoError naming the clip."""

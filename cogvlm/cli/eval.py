@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..caption import DECODERS
 from ..errors import UsageError
 from ..eval.tasks import TASKS
 from ..jobs import share_items
@@ -70,10 +71,15 @@ def _score_predictions(args: argparse.Namespace) -> int:
 
 
 def _eval_jsonl(args: argparse.Namespace) -> int:
+    from ..data.records import is_video_set
     from ..eval.jsonl import evaluate, format_table, write_json
 
     if args.data is None:
         raise UsageError("give a JSONL file, or --task NAME --annotations FILE(S) (see cogvlm eval --help)")
+    if not Path(args.data).is_file():
+        raise UsageError(f"data file not found: {args.data}")
+    if is_video_set(args.data):
+        return _eval_videos(args)
     task_only = [f"--{k}" for k in ("annotations", "images", "split", "out", "prompt", "scorer", "predictions")
                  if getattr(args, k)]
     if task_only:
@@ -84,6 +90,32 @@ def _eval_jsonl(args: argparse.Namespace) -> int:
     if args.output:
         write_json(result, args.output)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _eval_videos(args: argparse.Namespace) -> int:
+    """A video set ({"id", "video", "question", "answer(s)"} lines): batched, resumable in --out,
+    data parallel under torchrun, as a benchmark is."""
+    from ..eval.video_jsonl import evaluate_videos, format_report
+
+    task_only = [f"--{k}" for k in ("annotations", "images", "split", "prompt", "scorer", "predictions", "output")
+                 if getattr(args, k)]
+    if task_only:
+        raise UsageError(f"{', '.join(task_only)} do not apply to a video set (its report is --out DIR/report.json)")
+    if args.decoders < 1:
+        raise UsageError(f"--decoders must be >= 1, not {args.decoders}")
+    sampling = sampling_flags(args)
+    rank, size, options = share_items(load_options(args))
+    vlm = load_model(options, sampling)
+    report = evaluate_videos(vlm, args.data, args.out, args.template, args.batch_size, sampling, args.limit,
+                             args.decoders, args.model, progress_every=args.progress_every,
+                             data_parallel=options.world == 1)
+    if rank == 0:
+        print(format_report(report))
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -119,5 +151,7 @@ def add_eval_verb(verbs: Any) -> None:
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                    help="print two report.json files side by side and exit")
     p.add_argument("--output", help="JSONL mode: write metrics and predictions to this JSON file")
+    p.add_argument("--decoders", type=int, default=DECODERS, metavar="N",
+                   help=f"video sets: threads decoding the next batches' clips while the model works (default {DECODERS})")
     add_model_flags(p)
     p.set_defaults(func=cmd_eval)

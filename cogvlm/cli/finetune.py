@@ -16,7 +16,10 @@ FINETUNE_HELP = {
     "init_config": "start from random weights with this config.json (needs --tokenizer)",
     "tokenizer": "sentencepiece tokenizer.model (default: the one next to the weights)",
     "eval_data": "held-out JSONL for periodic evaluation loss",
-    "train": "what trains: 'all' or a comma list of vision_expert, adapter, vit, language",
+    "train": "what trains: 'all' or a comma list of vision_expert, adapter, vit, language (default: vision_expert,adapter; "
+             "language for a model without a visual expert, CogVLM2-Video)",
+    "template": "video sets: the template their questions are asked in, which also picks the frame sampling rule "
+                "(default: the model's; the published CogVLM2-Video folders say base, their chat models use chat)",
     "lora": "train LoRA adapters (peft) on the chosen parts instead of the weights themselves",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
     "steps": "optimizer steps", "batch_size": "examples per micro-batch per process",

@@ -53,7 +53,7 @@ def finetune_plan_of(config: Any, args: argparse.Namespace, max_length: int, dty
     --train's parts are, so the plan counts exactly what `cogvlm finetune` would train."""
     import re
 
-    from ..finetune import LORA_TARGETS, PARTS, TrainingError, parse_parts
+    from ..finetune import LORA_TARGETS, PARTS, TrainingError, parts_for
     from ..plan import finetune_plan
 
     if args.fsdp < 1 or args.lora_r < 1:
@@ -61,7 +61,7 @@ def finetune_plan_of(config: Any, args: argparse.Namespace, max_length: int, dty
     if args.tp != 1:
         raise UsageError("--finetune plans data-parallel or FSDP training (--fsdp N), not --tp")
     try:
-        parts = parse_parts(args.train or FINETUNE_DEFAULT_PARTS[args.finetune])
+        parts = parts_for(args.train, config, FINETUNE_DEFAULT_PARTS[args.finetune])
     except TrainingError as e:
         raise UsageError(str(e)) from None
     if args.finetune == "lora":
@@ -98,7 +98,8 @@ def add_plan_verb(verbs: Any) -> None:
                     help="plan training instead of inference: weights, fp32 trainables, gradients, AdamW states and "
                          "activations per GPU; with --quant, QLoRA")
     ft.add_argument("--train", metavar="PARTS", help="what trains, as finetune --train takes it (default: "
-                    + "; ".join(f"{k}: {v}" for k, v in FINETUNE_DEFAULT_PARTS.items()) + ")")
+                    + "; ".join(f"{k}: {v}" for k, v in FINETUNE_DEFAULT_PARTS.items())
+                    + "; language for a model without a visual expert, CogVLM2-Video)")
     ft.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
     ft.add_argument("--fsdp", type=int, default=1, metavar="N", help="GPUs FSDP shards the run over (default 1)")
     ft.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

@@ -106,3 +106,83 @@ def _image_problem(path: Path) -> str | None:
     except Exception as e:  # PIL raises many types for bad files
         return f"unreadable image {path}: {type(e).__name__}: {e}"
     return None
+
+
+# ---- video sets (docs/data-format.md "Video records"): one question about one clip per line ----
+
+VIDEO_KEYS = ("id", "video", "question")
+
+
+@dataclass
+class VideoRecord:
+    id: str  # unique in the file: keys an evaluation's predictions journal
+    video: Path  # resolved against the JSONL file's folder, as an image is; decoded when used
+    question: str
+    answers: list[str]  # "answer" (one) or "answers" (several annotators'); training takes the first
+    line: int
+
+
+def is_video_set(path: str | Path) -> bool:
+    """Whether the JSONL file holds video records: its first JSON object has a "video" key."""
+    with Path(path).open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return False
+                return isinstance(obj, dict) and "video" in obj
+    return False
+
+
+def read_video_records(path: str | Path, max_answer_chars: int | None = None) -> tuple[list[VideoRecord], list[RecordError]]:
+    """Parse every non-blank line of a video set; the good records and one error per bad line.
+    Clips are not opened here: a clip that does not decode is found where it is used (an
+    evaluation records it as an error row; fine-tuning skips it when it counts the frames)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    records: list[VideoRecord] = []
+    errors: list[RecordError] = []
+    seen: dict[str, int] = {}
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                if not text.strip():
+                    continue
+                record = _parse_video(text, number, path.parent, max_answer_chars)
+                if record.id in seen:
+                    raise ValueError(f"id {record.id!r} is already used on line {seen[record.id]}")
+                seen[record.id] = number
+                records.append(record)
+            except UnicodeDecodeError as e:
+                errors.append(RecordError(number, f"invalid UTF-8 at byte {e.start}"))
+            except ValueError as e:
+                errors.append(RecordError(number, str(e)))
+    return records, errors
+
+
+def _parse_video(text: str, line: int, root: Path, max_answer_chars: int | None) -> VideoRecord:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"invalid record: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in VIDEO_KEYS if k not in obj] + ([] if "answer" in obj or "answers" in obj else ["answer"])
+    if missing:
+        raise ValueError(f"missing key(s): {', '.join(missing)} (a video record is "
+                         f'{{"id", "video", "question", "answer" or "answers"}})')
+    if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool) or not str(obj["id"]).strip():
+        raise ValueError("'id' must be a non-empty string or an integer")
+    if not isinstance(obj["video"], str) or not obj["video"].strip():
+        raise ValueError("'video' must be a non-empty path string")
+    if not isinstance(obj["question"], str):
+        raise ValueError("'question' must be a string")
+    answers = [obj["answer"]] if "answer" in obj else obj["answers"]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError("'answer' must be a string ('answers': a non-empty list of strings)")
+    if max_answer_chars is not None and len(answers[0]) > max_answer_chars:
+        raise ValueError(f"answer of {len(answers[0])} characters is over the limit of {max_answer_chars}")
+    return VideoRecord(str(obj["id"]), root / obj["video"], obj["question"], answers, line)

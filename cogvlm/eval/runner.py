@@ -170,12 +170,12 @@ def score_file(job: Job, predictions_file: Path, out: Path | None = None) -> dic
     report = score_job(job, preds, {"task": job.task.name, "split": job.split, "scorer": job.scorer.name},
                        f"answers from {Path(predictions_file).name}", check, predictions_file)
     if out is not None:
-        _make_out(Path(out))
+        make_out(Path(out))
         write_report(report, Path(out))
     return report
 
 
-def _make_out(out: Path) -> None:
+def make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -191,7 +191,7 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
     ranks all serve rank 0's calls instead."""
     task, items, prompt = job.task, job.items, job.prompt
     out = Path(out or Path("eval-results") / f"{task.name}-{job.split}")
-    _make_out(out)
+    make_out(out)
     rank, size = torchrun_group() if data_parallel else (0, 1)
     settings = {"task": task.name, "split": job.split, "model": str(model), "template": prompt.template,
                 "prompt": prompt.query, "sampling": {"top_k": 1, "max_new_tokens": task.max_new_tokens, **(sampling or {})}}
