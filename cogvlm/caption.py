@@ -37,7 +37,7 @@ from .data.shards import IMAGE_EXTENSIONS, Columns, Result, Sample, ShardError, 
 from .errors import ImageError, UsageError, WriteError
 from .files import write_text
 from .generate import SamplingParams
-from .image import ImageInput, load_image
+from .image import MAX_IMAGE_BYTES, ImageInput, load_image
 from .jobs import Journal, parse_jsonl, read_journal
 from .progress import Progress
 from .prompt import build_prompt
@@ -261,20 +261,21 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         stop.set()
 
 
-def _load(source: ImageInput, name: str | Path) -> Loaded:
+def _load(source: ImageInput, name: str | Path, max_bytes: int | None = None) -> Loaded:
     """The decoded image, or why it cannot be read (ImageError messages name the file)."""
     try:
-        return load_image(source)
+        return load_image(source, max_bytes=max_bytes)
     except ImageError as e:
         return str(e)
     except OSError as e:
         return f"cannot read {name}: {e.strerror or e}"
 
 
-def load_sample(shard: Path, sample: Sample) -> Loaded:
+def load_sample(shard: Path, sample: Sample, max_bytes: int = MAX_IMAGE_BYTES) -> Loaded:
+    """A sample's image, or why not; a path or URL is read up to `max_bytes` (Columns.max_bytes)."""
     if sample.image is None:
         return sample.error or f"sample {sample.key} of {shard} has no image"
-    loaded = _load(sample.image, sample.image if isinstance(sample.image, str) else shard)
+    loaded = _load(sample.image, sample.image if isinstance(sample.image, str) else shard, max_bytes)
     if isinstance(loaded, str) and isinstance(sample.image, bytes):  # name the sample, not "the given bytes"
         return f"{shard} sample {sample.key} {loaded.removeprefix('the given bytes ')}"
     return loaded
@@ -337,7 +338,7 @@ def _shard_batches(shards: Sequence[Path], columns: Columns,
         batch: list[tuple[str, Loaded]] = []
         try:
             for sample in samples(shard, columns):
-                batch.append((sample.key, load_sample(shard, sample)))
+                batch.append((sample.key, load_sample(shard, sample, columns.max_bytes)))
                 if len(batch) == batch_size:
                     yield shard, batch
                     batch = []

@@ -222,6 +222,23 @@ def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
     return peft.get_peft_model(model, config)
 
 
+# numeric flags and their lower bounds (a bound in the set: inclusive); checked before anything loads,
+# where peft, AdamW and the batch layout would otherwise fail with their own tracebacks
+AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "lora_r": 1, "lora_alpha": 1, "group_size": 1,
+            "warmup": 0, "eval_every": 0, "save_every": 0, "max_length": 0, "weight_decay": 0.0, "min_lr_ratio": 0.0}
+
+
+def check_numbers(args: TrainArgs) -> None:
+    """Each number in its range: finite, at least its AT_LEAST bound; lr > 0, min_lr_ratio <= 1."""
+    for name, low in {**AT_LEAST, "lr": 0.0}.items():
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low or (name == "lr" and value == 0):
+            bound = "> 0" if name == "lr" else f">= {low}"
+            raise TrainingError(f"--{name.replace('_', '-')} must be a finite number {bound}, not {value}")
+    if args.min_lr_ratio > 1:
+        raise TrainingError(f"--min-lr-ratio must be between 0 and 1, not {args.min_lr_ratio}")
+
+
 def check_quant_args(args: TrainArgs) -> None:
     """QLoRA's constraints, checked before anything loads: the packed weights take no gradient
     (only adapters beside them train) and compute in bf16."""
@@ -286,6 +303,7 @@ class Trainer:
         self.parts = parse_parts(args.train)
         check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
         check_quant_args(args)
+        check_numbers(args)
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)

@@ -19,9 +19,7 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
-import stat
 import threading
 import time
 import urllib.error
@@ -36,9 +34,10 @@ from PIL import Image
 
 from .api import CogVLM
 from .config import TEMPLATES
-from .errors import CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TensorParallelError, TokenizerError
+from .errors import (CogVLMError, ContextLengthError, ImageError, ImageRequiredError, ImageTooLargeError,
+                     TensorParallelError, TokenizerError)
 from .generate import SamplingParams
-from .image import load_image, open_image
+from .image import MAX_IMAGE_BYTES, load_image, open_image, read_file
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
 
@@ -76,7 +75,7 @@ class ServeOptions:
     api_key: str | None = None
     allow_remote_images: bool = False
     allow_local_files: bool = False
-    max_image_bytes: int = 20 * 2**20
+    max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = 40_000_000
     max_image_memory: int = 2**30  # decoded image bytes in flight, all requests together
     template: str | None = None  # None: the model's own
@@ -342,24 +341,13 @@ def _download(url: str, where: str, limit: int, seconds: float = DOWNLOAD_SECOND
 
 
 def _read_local(name: str, where: str, limit: int) -> bytes:
-    """A regular file's first `limit` + 1 bytes. Anything else is refused before it is read:
-    `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read (O_NONBLOCK
-    keeps the open from waiting if a FIFO takes the file's place after the stat)."""
+    """A regular file's bytes (`image.read_file`: /dev/zero, FIFOs and folders are refused unread)."""
     try:
-        path = Path(name).expanduser()
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise APIError(f"{_quote(name)} is not a regular file", where, "image_not_found")
-            if info.st_size > limit:
-                raise _too_big(f"{_quote(name)} is {info.st_size} bytes", where, "--max-image-bytes")
-            return f.read(limit + 1)
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the name
-        why = getattr(e, "strerror", None) or "not a usable file name"
-        raise APIError(f"could not read the image {_quote(name)}: {why}", where, "image_not_found") from None
+        return read_file(Path(name).expanduser(), limit)
+    except ImageTooLargeError:
+        raise _too_big(f"{_quote(name)} is over {limit} bytes", where, "--max-image-bytes") from None
+    except ImageError as e:
+        raise APIError(f"could not read the image: {str(e)[:300]}", where, "image_not_found") from None
 
 
 MAX_ASPECT = 50  # longer side / shorter side: see _decoded_size

@@ -13,6 +13,7 @@ from ..data.shards import (IMAGE_COLUMNS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS
                            count_samples, expand, find_shards, is_shard, output_path, parquet_columns)
 from ..errors import ContextLengthError, UsageError
 from ..files import temp_path
+from ..image import MAX_IMAGE_BYTES
 from ..jobs import share_items
 from .flags import add_model_flags, load_model, load_options, sampling_flags
 
@@ -59,6 +60,8 @@ def _mode(args: argparse.Namespace) -> None:
         raise UsageError("--gpus-per-replica must be >= 0 and --cpus-per-replica > 0")
     if not args.caption_key or "/" in args.caption_key or args.caption_key == "error":
         raise UsageError(f"--caption-key must be a file extension such as txt or cogvlm.txt, not {args.caption_key!r}")
+    if args.max_image_bytes < 1:
+        raise UsageError(f"--max-image-bytes must be >= 1, not {args.max_image_bytes}")
     if (args.ray_address or args.replicas != 1 or args.gpus_per_replica) and not args.ray:
         raise UsageError("--ray-address, --replicas and --gpus-per-replica go with --ray")
 
@@ -76,7 +79,7 @@ def _dataset_writer(args: argparse.Namespace, shards: Sequence[Path]) -> ShardWr
                                  f"(use --format parquet)")
             if output_path(shard, args.output, "wds").resolve() == shard.resolve():
                 raise UsageError(f"--output {args.output} would overwrite the input shard {shard}; pick another folder")
-    return ShardWriter(args.output, args.format, args.caption_key)
+    return ShardWriter(args.output, args.format, args.caption_key, max_bytes=args.max_image_bytes)
 
 
 def _dry_run(shards: Sequence[Path], writer: ShardWriter, columns: Columns) -> int:
@@ -108,7 +111,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if dataset:
         shards = find_shards(dataset)
         writer = _dataset_writer(args, shards)
-        columns = Columns(args.image_column, args.id_column)
+        columns = Columns(args.image_column, args.id_column, args.max_image_bytes, args.allow_local_files)
         for shard in shards:
             if shard.suffix.lower() == ".parquet":
                 try:
@@ -198,6 +201,12 @@ def add_caption_verb(verbs: Any) -> None:
                         f"{', '.join(IMAGE_COLUMNS)})")
     d.add_argument("--id-column", metavar="NAME", help="Parquet: the sample id column (default: key or id, else "
                                                       "the row number)")
+    d.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
+                   help=f"the largest image a sample or a Parquet cell may hold, checked on the tar header or "
+                        f"the Parquet metadata before reading (default {MAX_IMAGE_BYTES}, as cogvlm serve); "
+                        f"larger samples become error rows")
+    d.add_argument("--allow-local-files", action="store_true",
+                   help="Parquet: paths may name any file (default: only files in the Parquet file's folder)")
     r = p.add_argument_group("Ray (pip install 'cogvlm[ray]')")
     r.add_argument("--ray", action="store_true", help="caption shards with Ray Data on an actor pool of model replicas")
     r.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (default: start a local Ray instance)")

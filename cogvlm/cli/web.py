@@ -24,7 +24,7 @@ from PIL import Image
 from ..config import TEMPLATES
 from ..errors import ImageRequiredError, UsageError
 from ..grounding import draw_boxes, drawable, turn_boxes
-from .flags import add_model_flags, load_model, load_options, sampling_flags
+from .flags import add_model_flags, load_model, load_options, port, sampling_flags
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -237,7 +237,7 @@ def add_web_verb(verbs: Any) -> None:
     p.add_argument("--english", action="store_true",
                    help="accepted, as by the authors' web_demo.py (the page is in English)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--port", type=port, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--examples", type=Path, default=EXAMPLES, metavar="DIR",
                    help="folder with examples.json and its images, shown as one-click examples "
