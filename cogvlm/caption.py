@@ -35,7 +35,7 @@ from PIL import Image
 
 from .data.shards import IMAGE_EXTENSIONS, Columns, Result, Sample, ShardError, ShardWriter, samples, sampling_json
 from .errors import ImageError, UsageError, WriteError
-from .files import write_text
+from .files import printable, write_text
 from .generate import SamplingParams
 from .image import MAX_IMAGE_BYTES, ImageInput, load_image
 from .jobs import Journal, parse_jsonl, read_journal
@@ -68,8 +68,10 @@ def _writing(path: Path) -> Iterator[None]:
     """A folder the user cannot write to is their mistake to fix: one line, no traceback."""
     try:
         yield
+    except WriteError as e:  # it names the file already
+        raise WriteError(f"{e} (--output FILE writes elsewhere)") from None
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
+        raise WriteError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -77,7 +79,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         write_text(path, text)
     except WriteError as e:  # it names the file already
-        raise UsageError(f"{e} (--output FILE writes elsewhere)") from None
+        raise WriteError(f"{e} (--output FILE writes elsewhere)") from None
 
 
 class Sink(Protocol):
@@ -137,11 +139,12 @@ class RecordFile:
         return records
 
     def done(self, image: Path) -> bool:
-        return str(image) in self.records
+        return printable(str(image)) in self.records
 
     def write(self, results: Sequence[tuple[Path, str]]) -> None:
+        """Records name images as `printable` text: a non-UTF-8 file name as \\xNN escapes."""
         with _writing(self.journal):
-            self._journal.write({"image": str(p), "caption": c} for p, c in results)
+            self._journal.write({"image": printable(str(p)), "caption": c} for p, c in results)
 
     def close(self) -> None:
         self._journal.close()

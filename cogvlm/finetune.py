@@ -293,6 +293,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: to
 class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         self.args = args
+        check_numbers(args)  # before anything is made or loaded
         args.out.mkdir(parents=True, exist_ok=True)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -303,7 +304,6 @@ class Trainer:
         self.parts = parse_parts(args.train)
         check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
         check_quant_args(args)
-        check_numbers(args)
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.examples, self.errors = self._load(args.data)

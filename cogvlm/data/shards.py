@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import ShardError, UsageError, WriteError
-from ..files import atomic_path
+from ..files import atomic_path, printable
 from ..image import MAX_IMAGE_BYTES
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -167,12 +167,6 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     if not info.isfile():
         return f"member {printable(info.name)} is not a regular file"
     return None
-
-
-def printable(name: str) -> str:
-    """A name from a file system or an archive as text: bytes that were not UTF-8 (kept by
-    surrogateescape) as \\xNN escapes, so a result can hold it and a report print it."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _safe_key(key: str) -> str:
