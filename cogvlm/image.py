@@ -28,6 +28,9 @@ FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # An image file's size limit where others choose the file: `cogvlm serve --max-image-bytes`, the
 # samples and paths of `cogvlm caption`'s shards, the web demo's uploads.
 MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000  # the same places' limit on width x height, read from the header
+MAX_ASPECT = 50  # longer side / shorter side: see decoded_bytes
+MAX_IMAGE_MEMORY = 2**30  # what decoding and resizing images may take (decoded_bytes): serve, all requests together
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -83,6 +86,32 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
     if limit is not None and len(data) > limit:  # it grew after the stat
         raise ImageTooLargeError(f"{path} is over {limit} bytes, the limit")
     return data
+
+
+def decoded_bytes(data: bytes, max_pixels: int, side: int) -> int:
+    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
+    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
+    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
+    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
+    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
+    MAX_ASPECT:1 are refused first (ImageError): the model sees a square, so a 50:1 image is
+    squeezed 50x along its long side (nothing of it survives), while panoramas and scanned
+    receipts stay under ~20:1. Over `max_pixels`: ImageTooLargeError. 0 for data that is not an
+    image (decoding says why). `cogvlm serve` and `cogvlm web` check every image with it."""
+    try:
+        with open_image(data) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e).split(" could")[0]) from None
+    except Exception:  # not an image we read, or a header a decoder chokes on: decoding says which
+        return 0
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"the image is {width}x{height} pixels")
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise ImageError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
+                         f"square input cannot show")
+    return width * height * (bands + 3) + max(side * height, width * side) * 3
 
 
 def _decode(data: bytes, name: str) -> Image.Image:

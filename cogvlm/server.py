@@ -37,7 +37,7 @@ from .config import TEMPLATES
 from .errors import (CogVLMError, ContextLengthError, ImageError, ImageRequiredError, ImageTooLargeError,
                      TensorParallelError, TokenizerError)
 from .generate import SamplingParams
-from .image import MAX_IMAGE_BYTES, load_image, open_image, read_file
+from .image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
 from .prompt import PromptTokens
 from .scheduler import Job, Scheduler
 
@@ -76,8 +76,8 @@ class ServeOptions:
     allow_remote_images: bool = False
     allow_local_files: bool = False
     max_image_bytes: int = MAX_IMAGE_BYTES
-    max_image_pixels: int = 40_000_000
-    max_image_memory: int = 2**30  # decoded image bytes in flight, all requests together
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_memory: int = MAX_IMAGE_MEMORY  # decoded image bytes in flight, all requests together
     template: str | None = None  # None: the model's own
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header names; "*": any
     docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json (never behind the API key)
@@ -350,32 +350,14 @@ def _read_local(name: str, where: str, limit: int) -> bytes:
         raise APIError(f"could not read the image: {str(e)[:300]}", where, "image_not_found") from None
 
 
-MAX_ASPECT = 50  # longer side / shorter side: see _decoded_size
-
-
 def _decoded_size(data: bytes, where: str, max_pixels: int, side: int) -> int:
-    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
-    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
-    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
-    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
-    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
-    MAX_ASPECT:1 are refused first: the model sees a square, so a 50:1 image is squeezed 50x
-    along its long side (nothing of it survives), while panoramas and scanned receipts stay
-    under ~20:1. 0 for data that is not an image (`_decode` says why)."""
+    """`image.decoded_bytes` (the header's size and shape, before decoding) as the API's errors."""
     try:
-        with open_image(data) as img:
-            width, height = img.size
-            bands = len(img.getbands())
-    except Image.DecompressionBombError as e:
-        raise _too_big(str(e).split(" could")[0], where, "--max-image-pixels") from None
-    except Exception:  # not an image we read, or a header a decoder chokes on: `_decode` says which
-        return 0
-    if width * height > max_pixels:
-        raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
-    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
-        raise APIError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
-                       f"square input cannot show", where, "invalid_image")
-    return width * height * (bands + 3) + max(side * height, width * side) * 3
+        return decoded_bytes(data, max_pixels, side)
+    except ImageTooLargeError as e:
+        raise _too_big(str(e), where, "--max-image-pixels") from None
+    except ImageError as e:
+        raise APIError(str(e), where, "invalid_image") from None
 
 
 def _decode(data: bytes, where: str) -> Image.Image:
