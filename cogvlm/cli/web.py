@@ -303,7 +303,10 @@ def uploads_folder() -> Iterator[Path]:
     """A folder of this run for Gradio's uploads and drawn images (GRADIO_TEMP_DIR, inside the
     one the user set, if any), removed when the demo stops: on Ctrl-C and on SIGTERM, which is
     turned into the same KeyboardInterrupt so that this runs."""
-    folder = Path(tempfile.mkdtemp(prefix="cogvlm-web-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    parent = os.environ.get("GRADIO_TEMP_DIR")
+    if parent:
+        os.makedirs(parent, exist_ok=True)  # Gradio makes it too, when it is first used
+    folder = Path(tempfile.mkdtemp(prefix="cogvlm-web-", dir=parent))
     before = os.environ.get("GRADIO_TEMP_DIR"), signal.getsignal(signal.SIGTERM)
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
