@@ -74,10 +74,6 @@ class Columns:
     max_bytes: int = MAX_IMAGE_BYTES
     any_path: bool = False
 
-    @property
-    def max_sample_bytes(self) -> int:
-        return self.max_bytes + TEXT_BYTES
-
 
 def is_shard(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES)
