@@ -185,3 +185,19 @@ def test_crafted_tsv_rows_are_named(tmp_path, text, message):
         return
     with pytest.raises(UsageError, match=re.escape(message)):
         read_tsv([path], "vqa", None)
+
+
+def test_crafted_annotation_records_are_named(tmp_path):
+    """Every publisher reader indexes records directly (VQAv2's questions and annotations here):
+    a record without its fields was a KeyError traceback; now one UsageError naming the files."""
+    import json
+
+    from cogvlm.eval.runner import read_benchmark
+    from cogvlm.eval.tasks import TASKS
+
+    paths = F.vqa_files(tmp_path)
+    questions = json.loads(paths[0].read_text())
+    questions["questions"][0].pop("question_id")
+    paths[0].write_text(json.dumps(questions))
+    with pytest.raises(UsageError, match="a record: no 'question_id' field"):
+        read_benchmark(TASKS["vqav2"], paths, tmp_path / "images", None)
