@@ -16,7 +16,11 @@ decoder's shape. Best of several repeats, contenders in turns (this machine is s
 on an oversubscribed machine `--cpu-time --threads 1` times the CPU time the process used instead
 of the wall clock, which the other processes barely move.
 
-    pip install -e '.[bench]' && python benchmarks/prefill.py [--repeats 5] [--cpu-time --threads 1]
+`--plain-rows N ...` times the default (packed) model's fp32 prefills with `PLAIN_ROWS` set to each N in
+turn (0: never plain), and `--layers` times each fp32 linear shape of the model alone, packed (oneDNN) against plain (MKL), at the
+row counts a prefill meets: the table `PLAIN_ROWS` in cogvlm/quantize.py is chosen from.
+
+    pip install -e '.[bench]' && python benchmarks/prefill.py [--repeats 5] [--cpu-time --threads 1] [--layers | --plain-rows 128 192 256 0]
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from generate import CONFIG, PROMPT_LEN, hf_peer, random_model
 
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompt import PromptTokens, layout_batch
-from cogvlm.quantize import prepack_model
+from cogvlm import quantize
+from cogvlm.quantize import PackedLinear, prepack_model
 
 
 def best_times(runs: dict, repeats: int, clock) -> dict[str, float]:
@@ -70,12 +75,79 @@ def prefill_flops(model: CogVLMForCausalLM, tokens: int, patches: int) -> int:
     return 2 * work
 
 
+LAYER_ROWS = (16, 32, 64, 96, 128, 192, 256, 384)
+
+
+def linear_shapes(model: CogVLMForCausalLM) -> dict[tuple[int, int], str]:
+    """Each distinct (in, out) of the model's fp32 linears as `prepack_model` leaves them (gate and up
+    fused), named by the first layer that has it."""
+    shapes: dict[tuple[int, int], str] = {}
+    for name, m in prepack_model(model).named_modules():
+        if isinstance(m, PackedLinear):
+            shapes.setdefault((m.in_features, m.out_features), name.replace(".0.", ".N.").replace(".1.", ".N."))
+    return shapes
+
+
+def layer_table(repeats: int, clock) -> None:
+    """Packed / plain time per linear shape and row count (below 1: packed is faster), and from how many
+    rows on plain stays no slower (the crossover `PLAIN_ROWS` should sit at)."""
+    model = random_model(torch.float32)
+    print("| layer | in x out | " + " | ".join(f"{r} rows" for r in LAYER_ROWS) + " | plain from |")
+    print("|---|---|" + "---|" * len(LAYER_ROWS) + "---|")
+    for (n_in, n_out), name in linear_shapes(model).items():
+        weight = torch.randn(n_out, n_in) * 0.02
+        packed = PackedLinear(weight)
+        ratios = []
+        for rows in LAYER_ROWS:
+            x = torch.randn(rows, n_in)
+            pw = packed.weight
+            best = best_times({"packed": lambda: torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], ""),
+                               "plain": lambda: torch.nn.functional.linear(x, weight)}, repeats, clock)
+            ratios.append(best["plain"] / best["packed"])
+        wins = [r for r, ratio in zip(LAYER_ROWS, ratios) if ratio > 1.0]  # rows where plain is slower
+        cross = next((r for r in LAYER_ROWS if not [w for w in wins if w >= r]), None)
+        print(f"| {name} | {n_in} x {n_out} | " + " | ".join(f"{q:.2f}" for q in ratios) + f" | {cross or '-'} |")
+
+
+def image_and_text_prompts() -> dict[str, PromptTokens]:
+    """An image with 16 text tokens, and a text-only prompt of the same length."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, CONFIG.vocab_size, (CONFIG.image_tokens + PROMPT_LEN,), generator=g).tolist()
+    return {"image + 16 text": PromptTokens(torch.randn(3, 224, 224, generator=g), text[:PROMPT_LEN]),
+            "text only": PromptTokens(None, text)}
+
+
+def plain_rows_sweep(thresholds: list[int], repeats: int, clock) -> None:
+    """Whole fp32 prefills of the packed model with each `PLAIN_ROWS` in turns (0: plain weights for
+    single rows only)."""
+    model = prepack_model(random_model(torch.float32))
+
+    def prefill(chunk, threshold: int):
+        def run() -> None:
+            quantize.PLAIN_ROWS = threshold or 1 << 62
+            model(chunk, model.new_cache(1, chunk.input_ids.shape[1]), last_only=True)
+        return run
+    print("| prompt | " + " | ".join(f"PLAIN_ROWS {t or 'off'} ms" for t in thresholds) + " |")
+    print("|---|" + "---|" * len(thresholds))
+    default = quantize.PLAIN_ROWS
+    try:
+        for label, prompt in image_and_text_prompts().items():
+            chunk = layout_batch([prompt], CONFIG)
+            best = best_times({t: prefill(chunk, t) for t in thresholds}, repeats, clock)
+            print(f"| {label} | " + " | ".join(f"{best[t] * 1e3:.0f}" for t in thresholds) + " |")
+    finally:
+        quantize.PLAIN_ROWS = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5, help="best of this many, taken in turns (default 5)")
     ap.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time, not the wall clock")
+    ap.add_argument("--layers", action="store_true", help="per-layer packed/plain table (fp32) instead of prefills")
+    ap.add_argument("--plain-rows", type=int, nargs="+", metavar="N",
+                    help="fp32 prefills of the packed model at each PLAIN_ROWS (0: off) instead of the contenders")
     args = ap.parse_args()
     import transformers
 
@@ -84,6 +156,10 @@ def main() -> None:
     clock = time.process_time if args.cpu_time else time.perf_counter
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"batch 1, best of {args.repeats}, {'CPU' if args.cpu_time else 'wall'} time\n")
+    if args.layers:
+        return layer_table(args.repeats, clock)
+    if args.plain_rows:
+        return plain_rows_sweep(args.plain_rows, args.repeats, clock)
     print("| dtype | prompt | tokens | GEMM GFLOP/s | bound ms | packed ms (default) | plain ms (= compile's) "
           "| HF Llama ms | HF / packed | packed, % of bound | plain, % of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -92,11 +168,7 @@ def main() -> None:
         packed = prepack_model(random_model(dtype))
         peer = hf_peer(plain).requires_grad_(False)
         rate = gemm_flops(dtype, clock)
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(3, CONFIG.vocab_size, (CONFIG.image_tokens + PROMPT_LEN,), generator=g).tolist()
-        prompts = {"image + 16 text": PromptTokens(torch.randn(3, 224, 224, generator=g), text[:PROMPT_LEN]),
-                   "text only": PromptTokens(None, text)}
-        for label, prompt in prompts.items():
+        for label, prompt in image_and_text_prompts().items():
             chunk = layout_batch([prompt], CONFIG)
             n = chunk.input_ids.shape[1]
             runs = {name: (lambda m=m: m(chunk, m.new_cache(1, n), last_only=True))

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_model, read_config, read_quant, resolve
+from .checkpoint import load_model, read_config, read_quant, registry_template, resolve
 from .config import DEFAULT_MODEL, LLAMA3_VOCAB, CogVLMConfig
 from .generate import BatchDecoder, ContextLengthError, SamplingParams, TextStream, final_text
 from .errors import TensorParallelError, TrainingError, UsageError
@@ -17,13 +18,17 @@ from .image import ImageInput
 from .model import CogVLMForCausalLM, KVCache
 from .options import TP_TIMEOUT, LoadOptions
 from .plan import check_fits
-from .prompt import History, PromptTokens, build_prompt, continuation_chunk, image_pixels, layout_batch
+from .prompt import (History, PromptTokens, VideoInput, build_prompt, continuation_chunk, layout_batch, prompt_length,
+                     visual_input)
 from .quantize import QuantConfig, can_prepack, check_cuda_capability, prepack_model, register_lora_layers
 from .sharding import check_split
 from .tp import load_parallel
 from .tokenizer import BPE_FILE, TOKENIZER_FILE, VICUNA_REPO, Tokenizer, TokenizerError, tokenizer_file
 
-Request = tuple[ImageInput | None, str, History | None]
+# (image or None, query, history or None), optionally with a video fourth: (None, query, history, clip)
+Request = tuple[ImageInput | None, str, History | None] | tuple[ImageInput | None, str, History | None, VideoInput | None]
+# CogVideoX's captioner asks this, in the chat template (docs/spec/cogvlm2-video.md section 8)
+VIDEO_CAPTION_PROMPT = "Please describe this video in detail."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -192,8 +197,9 @@ class CogVLM:
         check_fits(config, tp, dtype, quantized, config.max_position_embeddings, device)  # the default max_length
         if tp > 1:
             model, folder = load_parallel(folder, tp, dtype, device, prepack, wanted, config, options.tp_timeout)
-            return cls(model, _find_tokenizer(folder, options.tokenizer, config))
+            return cls(_with_template(model, options.model), _find_tokenizer(folder, options.tokenizer, config))
         model, folder = load_model(folder, dtype=dtype, device=device, quant=wanted)
+        model = _with_template(model, options.model)
         if options.adapter is not None:  # before prepacking, which would hide the Linears from peft
             model = apply_adapter(model, options.adapter).get_base_model()
         if prepack:
@@ -212,15 +218,27 @@ class CogVLM:
     def sampling(self, **overrides: Any) -> SamplingParams:
         return SamplingParams.build(self.defaults, **overrides)
 
+    def visual_input(self, image: ImageInput | None, video: VideoInput | None = None,
+                     template: str | None = None) -> PromptTokens:
+        """The picture or clip of a conversation, preprocessed, with no text yet; a video (a file,
+        its bytes or a uint8 (3, T, H, W) frame tensor) only for a video model, and not with an
+        image (`VideoError`). A file is sampled by the rule of the template (docs/spec/cogvlm2-video.md section 8)."""
+        return visual_input(image, video, self.config, self.tokenizer, template or self.config.template)
+
     def prompt_tokens(self, image: ImageInput | None, query: str, history: History | None = None,
-                      template: str | None = None) -> PromptTokens:
-        text = build_prompt(query, history or (), template or self.config.template,
-                            image=image is not None or not self.config.vicuna_frame)
-        pixels, cross = image_pixels(image, self.config)
-        return PromptTokens(pixels, self.tokenizer.encode(text), cross)
+                      template: str | None = None, video: VideoInput | None = None) -> PromptTokens:
+        template = template or self.config.template
+        visual = self.visual_input(image, video, template)
+        return self._with_text(visual, query, history or (), template)
+
+    def _with_text(self, visual: PromptTokens, query: str, history: History, template: str) -> PromptTokens:
+        shown = visual.pixels is not None or visual.frames is not None
+        text = build_prompt(query, history, template, image=shown or not self.config.vicuna_frame)
+        return replace(visual, text_ids=self.tokenizer.encode(text))
 
     def prompt_length(self, prompt: PromptTokens) -> int:
-        return 1 + (self.config.image_tokens if prompt.pixels is not None else 0) + len(prompt.text_ids)
+        """Slots the prompt takes: bos, image or frame slots (and frame labels), text."""
+        return prompt_length(prompt, self.config)
 
     def generation_budget(self, prompt_len: int, params: SamplingParams) -> int:
         """How many tokens a prompt of `prompt_len` may generate; raises `ContextLengthError` (no
@@ -232,7 +250,7 @@ class CogVLM:
         room = params.max_length - prompt_len
         if room < 1:
             raise ContextLengthError(
-                f"the prompt takes {prompt_len} tokens (image slots included) and max_length is "
+                f"the prompt takes {prompt_len} tokens (image or frame slots included) and max_length is "
                 f"{params.max_length}: no room to generate. Shorten the prompt or history, or raise "
                 f"max_length.")
         return room if params.max_new_tokens is None else min(room, params.max_new_tokens)
@@ -251,10 +269,11 @@ class CogVLM:
 
     def generate(self, requests: Sequence[Request], template: str | None = None,
                  params: SamplingParams | None = None, **sampling: Any) -> list[str]:
-        """Answers for a batch of (image or None, query, history) in one batched decode, sampled
-        with `params` (default: the model's defaults) and the keyword overrides."""
+        """Answers for a batch of (image or None, query, history), each with an optional video
+        fourth (video models), in one batched decode, sampled with `params` (default: the
+        model's defaults) and the keyword overrides."""
         params = SamplingParams.build(params or self.defaults, **sampling)
-        prompts = [self.prompt_tokens(img, q, h, template) for img, q, h in requests]
+        prompts = [self.prompt_tokens(img, q, h, template, *video) for img, q, h, *video in requests]
         if not prompts:
             return []
         decoder = self.decoder(prompts, [params] * len(prompts))
@@ -264,41 +283,50 @@ class CogVLM:
         return [final_text(self.tokenizer, ids, params.stop) for ids in decoder.generated]
 
     def chat(self, image: ImageInput | None, query: str, history: History | None = None,
-             template: str | None = None, **sampling: Any) -> tuple[str, list[tuple[str, str]]]:
-        answer = self.generate([(image, query, history)], template, **sampling)[0]
+             template: str | None = None, video: VideoInput | None = None,
+             **sampling: Any) -> tuple[str, list[tuple[str, str]]]:
+        answer = self.generate([(image, query, history, video)], template, **sampling)[0]
         return answer, [*(history or []), (query, answer)]
 
     def stream(self, image: ImageInput | None, query: str, history: History | None = None,
-               template: str | None = None, **sampling: Any) -> Iterator[str]:
+               template: str | None = None, video: VideoInput | None = None, **sampling: Any) -> Iterator[str]:
         params = self.sampling(**sampling)
-        decoder = self.decoder([self.prompt_tokens(image, query, history, template)], [params])
+        decoder = self.decoder([self.prompt_tokens(image, query, history, template, video)], [params])
         for _, piece in decoder.run([TextStream(self.tokenizer, params.stop)]):
             yield piece
 
-    def caption(self, image: ImageInput, **sampling: Any) -> str:
-        """The base template with an empty query: plain captioning."""
-        return self.generate([(image, "", None)], template="base", **sampling)[0]
+    def caption(self, image: ImageInput | None = None, *, video: VideoInput | None = None, query: str | None = None,
+                template: str | None = None, **sampling: Any) -> str:
+        """An image: the base template with an empty query, plain captioning. A video: what
+        CogVideoX's captioner asks, `Please describe this video in detail.` in the chat template
+        (docs/spec/cogvlm2-video.md section 8). `query` and `template` replace those defaults."""
+        if image is None and video is None:
+            raise UsageError("caption needs an image or a video")
+        if video is None:
+            return self.generate([(image, query or "", None)], template=template or "base", **sampling)[0]
+        query = VIDEO_CAPTION_PROMPT if query is None else query
+        return self.generate([(image, query, None, video)], template=template or "chat", **sampling)[0]
 
     def session(self, image: ImageInput | None = None, template: str | None = None,
-                **sampling: Any) -> ChatSession:
-        return ChatSession(self, image, template, self.sampling(**sampling))
+                video: VideoInput | None = None, **sampling: Any) -> ChatSession:
+        return ChatSession(self, image, template, self.sampling(**sampling), video)
 
 
 class ChatSession:
-    """A multi-turn conversation about one image that keeps its KV cache between turns.
+    """A multi-turn conversation about one image (or one video) that keeps its KV cache between turns.
 
     Each turn builds the full prompt with history (so answers equal a fresh `chat` call),
     reuses the cached tokens it shares with the previous turn, and prefills only the rest: the
-    image is encoded once per session (CogAgent's high-resolution tower too: its cross-attention
-    keys/values stay with the cache, and move to a bigger one if a turn needs it).
+    image or clip is decoded and encoded once per session (CogAgent's high-resolution tower too: its
+    cross-attention keys/values stay with the cache, and move to a bigger one if a turn needs it).
     """
 
     def __init__(self, vlm: CogVLM, image: ImageInput | None = None, template: str | None = None,
-                 params: SamplingParams | None = None) -> None:
+                 params: SamplingParams | None = None, video: VideoInput | None = None) -> None:
         self.vlm = vlm
         self.template = template or vlm.config.template
         self.params = params or vlm.defaults
-        self.pixels, self.cross_pixels = image_pixels(image, vlm.config)
+        self.visual = vlm.visual_input(image, video, self.template)  # the prompt without its text
         self.history: list[tuple[str, str]] = []
         self.cache: KVCache | None = None
         self._tokens: list[int] = []  # token ids in the cache, image placeholders included
@@ -313,9 +341,7 @@ class ChatSession:
         """Answer pieces as they are generated; the turn joins the history when it completes."""
         vlm, cfg = self.vlm, self.vlm.config
         params = SamplingParams.build(self.params, **sampling)
-        text = build_prompt(query, self.history, self.template, image=self.pixels is not None or not cfg.vicuna_frame)
-        prompt = PromptTokens(self.pixels, vlm.tokenizer.encode(text), self.cross_pixels)
-        full = layout_batch([prompt], cfg)
+        full = layout_batch([vlm._with_text(self.visual, query, self.history, self.template)], cfg)
         ids, positions = full.input_ids[0].tolist(), full.position_ids[0].tolist()
         budget = vlm.generation_budget(len(ids), params)
         if self.cache is None or self.cache.max_len < min(params.max_length, len(ids) + budget):
@@ -345,10 +371,19 @@ class ChatSession:
         self.history.append((query, final_text(vlm.tokenizer, generated, params.stop)))
 
     def clear(self) -> None:
-        """Forget the history (the image and its cached encoding stay)."""
+        """Forget the history (the image or clip and its cached encoding stay)."""
         self.history = []
-        keep = 1 + (self.vlm.config.image_tokens if self.pixels is not None else 0)
-        self._tokens = self._tokens[:keep]
+        self._tokens = self._tokens[:self.vlm.prompt_length(self.visual)]
+
+
+def _with_template(model: CogVLMForCausalLM, name: str | Path) -> CogVLMForCausalLM:
+    """A registry model talks in the template its authors use it with, where its config.json says
+    otherwise (the three CogVLM2-Video files all say base, docs/spec/cogvlm2-video.md section 3); a
+    folder keeps its config.json's."""
+    template = registry_template(name)
+    if template is not None and template != model.config.template:
+        model.config = replace(model.config, template=template)
+    return model
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

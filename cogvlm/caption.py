@@ -13,7 +13,12 @@ Why it is built this way:
 - Datasets are written one output shard per input shard, atomically (data/shards.py): a rerun skips
   the shards done and redoes the rest.
 - Decoding goes through `CogVLM.generate` (batched); this module only finds, loads and records.
-  Images are read and decoded in a background thread, a batch or two ahead of the model.
+  A background thread gathers the next batches, a batch or two ahead of the model, and a pool of
+  decoder threads reads and decodes their images or clips (PyAV and Pillow let go of the GIL
+  while they decode), so the model waits on the decoders only when they cannot keep up:
+  `Summary.waited` says how long.
+- Video models caption clips (docs/video.md): folders by VIDEO_EXTENSIONS, tar members and Parquet
+  columns likewise; each clip is sampled by the rule of the template it is captioned with.
 """
 
 from __future__ import annotations
@@ -22,39 +27,46 @@ import csv
 import glob
 import io
 import json
+import os
 import queue
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
 
+import torch
 from PIL import Image
 
-from .data.shards import IMAGE_EXTENSIONS, Columns, Result, Sample, ShardError, ShardWriter, samples, sampling_json
-from .errors import ImageError, UsageError, WriteError
+from .data.shards import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Columns, Result, Sample, ShardError, ShardWriter, samples,
+                          sampling_json)
+from .errors import ImageError, UsageError, VideoError, WriteError
 from .files import printable, write_text
 from .generate import SamplingParams
 from .image import MAX_IMAGE_BYTES, ImageInput, load_image
 from .jobs import Journal, parse_jsonl, read_journal
 from .progress import Progress
 from .prompt import build_prompt
+from .video import VideoLimits, load_video, strategy_for
 
 if TYPE_CHECKING:
     from .api import CogVLM
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
+DECODERS = min(8, os.cpu_count() or 1)  # decoder threads: a clip takes a core for about a second
 
 
-def find_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files under the given folders (recursive, by extension, hidden names skipped) plus the
-    files given by name, sorted: every process of a run computes the same list."""
+def find_files(paths: Iterable[str | Path], extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Files with one of `extensions` under the given folders (recursive, hidden names skipped)
+    plus the files given by name, sorted: every process of a run computes the same list."""
     found: set[Path] = set()
+    extensions = frozenset(extensions)
     for given in map(Path, paths):
         if given.is_dir():
-            found.update(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+            found.update(p for p in given.rglob("*") if p.suffix.lower() in extensions
                          and not p.name.startswith(".") and p.is_file())
         elif given.is_file():
             found.add(given)
@@ -116,16 +128,17 @@ class TextFiles:
 
 
 class RecordFile:
-    """One JSONL or CSV file of {"image", "caption"} records, built from per-rank journals."""
+    """One JSONL or CSV file of {"image", "caption"} records ({"video", "caption"} for clips),
+    built from per-rank journals."""
 
-    def __init__(self, output: Path, rank: int) -> None:
+    def __init__(self, output: Path, rank: int, field: str = "image") -> None:
         if output.suffix.lower() not in OUTPUT_FORMATS:
             raise UsageError(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, not {output.name!r}")
         with _writing(output):
             output.parent.mkdir(parents=True, exist_ok=True)
-        self.output = output
+        self.output, self.field = output, field
         self.journal = output.with_name(f"{output.name}.rank{rank}.part")
-        self._journal = Journal(self.journal, RECORD)
+        self._journal = Journal(self.journal, record_name(field))
         self.records = self.read_all()
 
     def journals(self) -> list[Path]:
@@ -133,9 +146,9 @@ class RecordFile:
 
     def read_all(self) -> dict[str, str]:
         """Records of the output file and of every journal, from this run or an interrupted one."""
-        records = read_output(self.output) if self.output.exists() else {}
+        records = read_output(self.output, self.field) if self.output.exists() else {}
         for journal in self.journals():
-            records.update(_captions(read_journal(journal, RECORD)[0], journal))
+            records.update(_captions(read_journal(journal, record_name(self.field))[0], journal, self.field))
         return records
 
     def done(self, image: Path) -> bool:
@@ -144,7 +157,7 @@ class RecordFile:
     def write(self, results: Sequence[tuple[Path, str]]) -> None:
         """Records name images as `printable` text: a non-UTF-8 file name as \\xNN escapes."""
         with _writing(self.journal):
-            self._journal.write({"image": printable(str(p)), "caption": c} for p, c in results)
+            self._journal.write({self.field: printable(str(p)), "caption": c} for p, c in results)
 
     def close(self) -> None:
         self._journal.close()
@@ -155,53 +168,86 @@ class RecordFile:
         if self.output.suffix.lower() == ".csv":
             text = io.StringIO()
             writer = csv.writer(text)
-            writer.writerow(["image", "caption"])
+            writer.writerow([self.field, "caption"])
             writer.writerows(records)
             write_atomic(self.output, text.getvalue())
         else:
-            write_atomic(self.output, "".join(json.dumps({"image": i, "caption": c}, ensure_ascii=False) + "\n"
+            write_atomic(self.output, "".join(json.dumps({self.field: i, "caption": c}, ensure_ascii=False) + "\n"
                                               for i, c in records))
         for journal in self.journals():
             journal.unlink()
 
 
-RECORD = 'caption record ({"image", "caption"})'
+def record_name(field: str = "image") -> str:
+    return f'caption record ({{"{field}", "caption"}})'
 
 
-def read_output(path: Path) -> dict[str, str]:
+def read_output(path: Path, field: str = "image") -> dict[str, str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".csv":
-        return _captions(parse_jsonl(text, path, RECORD), path)
+        return _captions(parse_jsonl(text, path, record_name(field)), path, field)
     rows = csv.DictReader(io.StringIO(text, newline=""))
-    if not {"image", "caption"} <= set(rows.fieldnames or ()):
-        raise UsageError(f"{path} has no image and caption columns; is it a caption file? Move it away or "
+    if not {field, "caption"} <= set(rows.fieldnames or ()):
+        raise UsageError(f"{path} has no {field} and caption columns; is it a caption file? Move it away or "
                          f"pick another --output")
-    return {row["image"]: row["caption"] for row in rows}
+    return {row[field]: row["caption"] for row in rows}
 
 
-def _captions(records: list[dict[str, Any]], path: Path) -> dict[str, str]:
+def _captions(records: list[dict[str, Any]], path: Path, field: str) -> dict[str, str]:
     try:
-        return {r["image"]: r["caption"] for r in records}
+        return {r[field]: r["caption"] for r in records}
     except (KeyError, TypeError):
-        n = next(n for n, r in enumerate(records, 1) if not ("image" in r and "caption" in r))
-        raise UsageError(f"{path} line {n} is not a {RECORD}; fix or delete it") from None
+        n = next(n for n, r in enumerate(records, 1) if not (field in r and "caption" in r))
+        raise UsageError(f"{path} line {n} is not a {record_name(field)}; fix or delete it") from None
 
 
 # ---- captioning -------------------------------------------------------------------------------
 
-Loaded = Union[Image.Image, str]  # a decoded image, or why it could not be read
+Loaded = Union[Image.Image, torch.Tensor, str]  # a decoded image or clip (uint8 (3, T, H, W)), or why not
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Media:
+    """What a run captions: images, or video clips sampled by `strategy` (the rule paired with the
+    template, docs/video.md) within `limits`."""
+
+    video: bool = False
+    strategy: str = "chat"
+    limits: VideoLimits = VideoLimits()
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        return VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS
+
+    @property
+    def field(self) -> str:
+        """The key of a record's file name in --output FILE: image or video."""
+        return "video" if self.video else "image"
+
+    def for_template(self, template: str) -> Media:
+        return replace(self, strategy=strategy_for(template)) if self.video else self
+
+    def load(self, source: ImageInput, max_bytes: int | None = None) -> Image.Image | torch.Tensor:
+        """`max_bytes` (a shard's limit, Columns.max_bytes) caps the file further than `limits`."""
+        if self.video:
+            limits = self.limits if max_bytes is None else replace(
+                self.limits, max_bytes=min(self.limits.max_bytes, max_bytes))
+            return load_video(source, self.strategy, limits=limits)  # type: ignore[arg-type]
+        return load_image(source, max_bytes=max_bytes)
 
 
 @dataclass
 class Summary:
-    """What a run did. `seconds` is wall time; `replicas` (Ray) holds [images, busy seconds] per replica."""
+    """What a run did. `seconds` is wall time; `waited` the part of it the model spent waiting for
+    decoded inputs; `replicas` (Ray) holds [images, busy seconds] per replica."""
 
     done: int = 0
     skipped: int = 0  # already done by an earlier run
     failed: list[str] = field(default_factory=list)  # why each unreadable image was skipped
     tokens: int = 0  # caption tokens (the captions encoded again)
     seconds: float = 0.0
+    waited: float = 0.0
     shards_written: int = 0
     shards_skipped: int = 0
     shards_failed: list[str] = field(default_factory=list)
@@ -213,9 +259,9 @@ class Summary:
         return {"tokens/s": f"{self.tokens / max(self.seconds, 1e-9):.1f}", "failed": len(self.failed), **more}
 
 
-def progress_bar(total: int | None, progress: bool | None, every: float) -> Progress:
+def progress_bar(total: int | None, progress: bool | None, every: float, unit: str = "img") -> Progress:
     """A bar on a terminal, a line every `every` seconds elsewhere; none on ranks other than 0."""
-    return Progress(total, "cogvlm caption", "img", enabled=progress is not False, every=every)
+    return Progress(total, "cogvlm caption", unit, enabled=progress is not False, every=every)
 
 
 def say(bar: Progress, message: str) -> None:
@@ -264,21 +310,53 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         stop.set()
 
 
-def _load(source: ImageInput, name: str | Path, max_bytes: int | None = None) -> Loaded:
-    """The decoded image, or why it cannot be read (ImageError messages name the file)."""
+@contextmanager
+def decoder_pool(workers: int) -> Iterator[Callable[..., Future]]:
+    """`submit(fn, *args)` running on `workers` threads; what is still queued when the run ends
+    (an error, a kill) is dropped, not decoded."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cogvlm-decode")
     try:
-        return load_image(source, max_bytes=max_bytes)
-    except ImageError as e:
+        yield pool.submit
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Waiting:
+    """Adds to `summary.waited` the time the model's thread spends waiting for its inputs."""
+
+    def __init__(self, summary: Summary) -> None:
+        self.summary = summary
+
+    def next(self, items: Iterator[T]) -> T | None:
+        start = time.monotonic()
+        try:
+            return next(items, None)
+        finally:
+            self.summary.waited += time.monotonic() - start
+
+    def results(self, futures: Sequence[Future]) -> list[Any]:
+        start = time.monotonic()
+        try:
+            return [f.result() for f in futures]
+        finally:
+            self.summary.waited += time.monotonic() - start
+
+
+def _load(source: ImageInput, name: str | Path, media: Media = Media(), max_bytes: int | None = None) -> Loaded:
+    """The decoded image or clip, or why it cannot be read (the messages name the file)."""
+    try:
+        return media.load(source, max_bytes)
+    except (ImageError, VideoError) as e:
         return str(e)
     except OSError as e:
         return f"cannot read {name}: {e.strerror or e}"
 
 
-def load_sample(shard: Path, sample: Sample, max_bytes: int = MAX_IMAGE_BYTES) -> Loaded:
-    """A sample's image, or why not; a path or URL is read up to `max_bytes` (Columns.max_bytes)."""
+def load_sample(shard: Path, sample: Sample, media: Media = Media(), max_bytes: int = MAX_IMAGE_BYTES) -> Loaded:
+    """A sample's image or clip, or why not; a path or URL is read up to `max_bytes` (Columns.max_bytes)."""
     if sample.image is None:
-        return sample.error or f"sample {sample.key} of {shard} has no image"
-    loaded = _load(sample.image, sample.image if isinstance(sample.image, str) else shard, max_bytes)
+        return sample.error or f"sample {sample.key} of {shard} has no {media.field}"
+    loaded = _load(sample.image, sample.image if isinstance(sample.image, str) else shard, media, max_bytes)
     if isinstance(loaded, str) and isinstance(sample.image, bytes):  # name the sample, not "the given bytes"
         return f"{shard} sample {sample.key} {loaded.removeprefix('the given bytes ')}"
     return loaded
@@ -286,10 +364,11 @@ def load_sample(shard: Path, sample: Sample, max_bytes: int = MAX_IMAGE_BYTES) -
 
 def caption_batch(vlm: CogVLM, loaded: Sequence[Loaded], query: str, template: str | None,
                   sampling: SamplingParams | None = None) -> tuple[list[str | None], int]:
-    """Captions of the readable images in one `CogVLM.generate` call (None for the others), and
-    how many tokens they are. `sampling` None: the model's defaults."""
-    answers = iter(vlm.generate([(img, query, None) for img in loaded if not isinstance(img, str)], template,
-                                params=sampling))
+    """Captions of the readable images or clips (uint8 (3, T, H, W)) in one `CogVLM.generate` call
+    (None for the others), and how many tokens they are. `sampling` None: the model's defaults."""
+    requests = [(None, query, None, x) if isinstance(x, torch.Tensor) else (x, query, None)
+                for x in loaded if not isinstance(x, str)]
+    answers = iter(vlm.generate(requests, template, params=sampling))
     captions = [None if isinstance(img, str) else next(answers) for img in loaded]
     return captions, sum(len(vlm.tokenizer.encode(c)) for c in captions if c is not None)
 
@@ -313,35 +392,45 @@ def run_meta(vlm: CogVLM, model: str, query: str, template: str | None,
 
 def caption_images(vlm: CogVLM, images: Sequence[Path], sink: Sink, query: str = "", template: str | None = "base",
                    batch_size: int = 8, sampling: SamplingParams | None = None,
-                   progress: bool | None = None, log_every: float = 30.0) -> Summary:
-    """Caption the images `sink` has not recorded yet, `batch_size` at a time. The next batch is
-    decoded from disk in a thread while the model works on the current one."""
+                   progress: bool | None = None, log_every: float = 30.0, media: Media = Media(),
+                   decoders: int = DECODERS) -> Summary:
+    """Caption the images (or clips) `sink` has not recorded yet, `batch_size` at a time. The next
+    batches are read and decoded by `decoders` threads while the model works on the current one."""
     todo = [p for p in images if not sink.done(p)]
     summary = Summary(skipped=len(images) - len(todo))
-    bar, start = progress_bar(len(todo), progress, log_every), time.monotonic()
-    batches = (todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
+    media = media.for_template(template or vlm.config.template)
+    bar, start = progress_bar(len(todo), progress, log_every, "clip" if media.video else "img"), time.monotonic()
+    wait = Waiting(summary)
     try:
-        for batch, loaded in prefetch((b, [_load(p, p) for p in b]) for b in batches):
-            captions, tokens = caption_batch(vlm, loaded, query, template, sampling)
-            _count(summary, bar, loaded, captions, tokens)
-            if any(c is not None for c in captions):
-                sink.write([(path, c) for path, c in zip(batch, captions) if c is not None])
-            bar.update(len(batch), **summary.postfix(start))
+        with decoder_pool(decoders) as submit:
+            batches = prefetch((b, [submit(_load, p, p, media) for p in b])
+                               for b in (todo[i:i + batch_size] for i in range(0, len(todo), batch_size)))
+            while (item := wait.next(batches)) is not None:
+                batch, futures = item
+                loaded = wait.results(futures)
+                captions, tokens = caption_batch(vlm, loaded, query, template, sampling)
+                _count(summary, bar, loaded, captions, tokens)
+                if any(c is not None for c in captions):
+                    sink.write([(path, c) for path, c in zip(batch, captions) if c is not None])
+                bar.update(len(batch), **summary.postfix(start))
     finally:
         summary.seconds = time.monotonic() - start
         bar.close()
     return summary
 
 
-def _shard_batches(shards: Sequence[Path], columns: Columns,
-                   batch_size: int) -> Iterator[tuple[Path, list[tuple[str, Loaded]] | ShardError | None]]:
-    """Per shard: (shard, batch of (key, image or why not)) ..., then (shard, None) at its end, or
-    (shard, ShardError) where the shard itself is damaged."""
+ShardItem = Union[list[tuple[str, Future]], ShardError, None]
+
+
+def _shard_batches(shards: Sequence[Path], columns: Columns, batch_size: int, submit: Callable[..., Future],
+                   media: Media) -> Iterator[tuple[Path, ShardItem]]:
+    """Per shard: (shard, batch of (key, future image or clip, or why not)) ..., then (shard, None)
+    at its end, or (shard, ShardError) where the shard itself is damaged."""
     for shard in shards:
-        batch: list[tuple[str, Loaded]] = []
+        batch: list[tuple[str, Future]] = []
         try:
             for sample in samples(shard, columns):
-                batch.append((sample.key, load_sample(shard, sample, columns.max_bytes)))
+                batch.append((sample.key, submit(load_sample, shard, sample, media, columns.max_bytes)))
                 if len(batch) == batch_size:
                     yield shard, batch
                     batch = []
@@ -356,31 +445,37 @@ def _shard_batches(shards: Sequence[Path], columns: Columns,
 def caption_shards(vlm: CogVLM, shards: Sequence[Path], writer: ShardWriter, columns: Columns = Columns(),
                    query: str = "", template: str | None = "base", batch_size: int = 8,
                    sampling: SamplingParams | None = None, progress: bool | None = None,
-                   log_every: float = 30.0) -> Summary:
+                   log_every: float = 30.0, media: Media = Media(), decoders: int = DECODERS) -> Summary:
     """Caption every shard `writer` has no output for, writing each output shard when its last
-    sample is done; samples are read and decoded in a thread while the model works."""
+    sample is done; samples are read in a thread and decoded by `decoders` more while the model works."""
     todo = [s for s in shards if not writer.done(s)]
     summary = Summary(shards_skipped=len(shards) - len(todo))
-    bar, start = progress_bar(None, progress, log_every), time.monotonic()
+    media = media.for_template(template or vlm.config.template)
+    bar, start = progress_bar(None, progress, log_every, "clip" if media.video else "img"), time.monotonic()
+    wait = Waiting(summary)
     results: list[Result] = []
     try:
-        for shard, item in prefetch(_shard_batches(todo, columns, batch_size)):
-            if isinstance(item, ShardError):
-                summary.shards_failed.append(str(item))
-                say(bar, f"cogvlm caption: shard not written (a rerun tries it again): {item}")
-                results = []
-            elif item is None:
-                writer.write(shard, results)
-                summary.shards_written += 1
-                results = []
-            else:
-                keys, loaded = zip(*item)
-                captions, tokens = caption_batch(vlm, loaded, query, template, sampling)
-                _count(summary, bar, loaded, captions, tokens)
-                results += [Result(k, c, img if isinstance(img, str) else None)
-                            for k, c, img in zip(keys, captions, loaded)]
-                finished = summary.shards_written + len(summary.shards_failed)
-                bar.update(len(item), **summary.postfix(start, shard=f"{finished + 1}/{len(todo)}"))
+        with decoder_pool(decoders) as submit:
+            items = prefetch(_shard_batches(todo, columns, batch_size, submit, media))
+            while (next_item := wait.next(items)) is not None:
+                shard, item = next_item
+                if isinstance(item, ShardError):
+                    summary.shards_failed.append(str(item))
+                    say(bar, f"cogvlm caption: shard not written (a rerun tries it again): {item}")
+                    results = []
+                elif item is None:
+                    writer.write(shard, results)
+                    summary.shards_written += 1
+                    results = []
+                else:
+                    keys, futures = zip(*item)
+                    loaded = wait.results(futures)
+                    captions, tokens = caption_batch(vlm, loaded, query, template, sampling)
+                    _count(summary, bar, loaded, captions, tokens)
+                    results += [Result(k, c, img if isinstance(img, str) else None)
+                                for k, c, img in zip(keys, captions, loaded)]
+                    finished = summary.shards_written + len(summary.shards_failed)
+                    bar.update(len(item), **summary.postfix(start, shard=f"{finished + 1}/{len(todo)}"))
     finally:
         summary.seconds = time.monotonic() - start
         bar.close()

@@ -79,6 +79,15 @@ def resolve(name_or_path: str | Path) -> Path:
     return _download(repo)
 
 
+def registry_template(name_or_path: str | Path) -> str | None:
+    """The template of the registry model `name_or_path` names (None for a folder, or a name the
+    registry lacks): what a load by name talks in, whatever its config.json's `template_version`."""
+    if Path(name_or_path).expanduser().exists():
+        return None
+    entry = registry_entry(str(name_or_path))
+    return None if entry is None or entry.config is None else entry.config.template
+
+
 def _download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

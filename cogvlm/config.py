@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class CogVLMConfig:
     options: grouped-query attention (`num_key_value_heads`), a bias on the vision expert's
     QKV, a 2x2 conv after the ViT (`vision.downsample`), RoPE base 500000 whose inverse
     frequencies are checkpoint buffers (`rope_freqs_in_weights`), and a second stop id.
+    CogVLM2-Video is CogVLM2 at 224 px with two more: no visual expert (`visual_expert`) and
+    clips for input (`video`; docs/spec/cogvlm2-video.md section 4).
     """
 
     vocab_size: int = 32000
@@ -93,6 +95,12 @@ class CogVLMConfig:
     num_heads: int = 32
     num_key_value_heads: int | None = None  # None: as many as query heads (no GQA)
     vision_qkv_bias: bool = False
+    # False: the decoder layers hold only the language weights, and every token (image slot or
+    # text) goes through them (CogVLM2-Video, docs/spec/cogvlm2-video.md section 5.4)
+    visual_expert: bool = True
+    # the input is a clip: each frame through the tower as an image, image_tokens slots per frame
+    # (chat: the frame's index as text after it), docs/spec/cogvlm2-video.md section 6
+    video: bool = False
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # CogVLM2: every layer keeps RoPE's inverse frequencies as a checkpoint buffer (bf16 in the
@@ -133,6 +141,9 @@ class CogVLMConfig:
             raise ConfigError("vision hidden_size must be a multiple of vision num_heads")
         if self.vision.image_size % self.vision.patch_size:
             raise ConfigError("vision image_size must be a multiple of patch_size")
+        if self.video and (self.visual_expert or self.cross_vision is not None):
+            raise ConfigError("a video model has no visual expert and no cross-attention tower "
+                              "(its frame runs are not one column range in a batch)")
         if self.template == "inst" and self.cross_vision is None:
             raise ConfigError("the inst template is CogAgent's; this config has no cross_vision")
         cv = self.cross_vision
@@ -170,7 +181,7 @@ class CogVLMConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         v = self.vision
         d = {
-            "architectures": ["CogAgentForCausalLM" if self.cross_vision else "CogVLMForCausalLM"],
+            "architectures": [_architecture(self)],
             "model_type": "cogagent" if self.cross_vision else "cogvlm",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -179,6 +190,7 @@ class CogVLMConfig:
             "num_attention_heads": self.num_heads,
             "num_multi_query_heads": self.num_key_value_heads,  # the authors' name for it
             "vision_qkv_bias": self.vision_qkv_bias,
+            "visual_expert": self.visual_expert,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
@@ -216,18 +228,41 @@ class CogVLMConfig:
 
 
 LLAMA3_VOCAB = 128256  # a config with this vocabulary is a CogVLM2 (Llama-3 decoder)
+VIDEO_ARCHITECTURE = "CogVLMVideoForCausalLM"  # CogVLM2-Video (docs/spec/cogvlm2-video.md section 3)
+
+
+def _architecture(config: CogVLMConfig) -> str:
+    if config.video:
+        return VIDEO_ARCHITECTURE
+    return "CogAgentForCausalLM" if config.cross_vision else "CogVLMForCausalLM"
+
 
 # config.json keys the published files may leave out, and their values: CogVLM2's come from the
 # defaults of the authors' config class and constants hard-coded in their code (cogvlm2.md
 # section 2), v1's from docs/spec/cogvlm.md section 2
 _HF_DEFAULTS = {
-    "v1": {"num_multi_query_heads": None, "vision_qkv_bias": False, "rope_theta": 10000.0,
+    "v1": {"num_multi_query_heads": None, "vision_qkv_bias": False, "visual_expert": True, "rope_theta": 10000.0,
            "rope_freqs_in_weights": False, "vicuna_frame": True, "max_position_embeddings": 2048, "bos_token_id": 1,
-           "eos_token_id": 2, "pad_token_id": 0, "downsample": 1},
-    "cogvlm2": {"num_multi_query_heads": 8, "vision_qkv_bias": True, "rope_theta": 500000.0,
+           "eos_token_id": 2, "pad_token_id": 0, "downsample": 1, "template_version": "chat"},
+    "cogvlm2": {"num_multi_query_heads": 8, "vision_qkv_bias": True, "visual_expert": True, "rope_theta": 500000.0,
                 "rope_freqs_in_weights": True, "vicuna_frame": False, "max_position_embeddings": 8192,
-                "bos_token_id": 128000, "eos_token_id": [128001, 128009], "pad_token_id": 128002, "downsample": 2},
+                "bos_token_id": 128000, "eos_token_id": [128001, 128009], "pad_token_id": 128002, "downsample": 2,
+                "template_version": "chat"},
+    # CogVLM2-Video (docs/spec/cogvlm2-video.md section 3): the published files state every key but
+    # those the authors hard-code (RoPE base, the merge); the rest are their config class's defaults
+    "cogvlm2-video": {"num_multi_query_heads": 8, "vision_qkv_bias": False, "visual_expert": False,
+                      "rope_theta": 500000.0, "rope_freqs_in_weights": True, "vicuna_frame": False,
+                      "max_position_embeddings": 2048, "bos_token_id": 128000, "eos_token_id": 128001,
+                      "pad_token_id": 128002, "downsample": 2, "template_version": "base"},
 }
+
+
+def _family(d: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the family a config.json belongs to: its architecture names CogVLM2-Video,
+    its vocabulary Llama-3's (CogVLM2) or not (v1)."""
+    if VIDEO_ARCHITECTURE in (d.get("architectures") or ()):
+        return _HF_DEFAULTS["cogvlm2-video"]
+    return _HF_DEFAULTS["cogvlm2" if int(d["vocab_size"]) == LLAMA3_VOCAB else "v1"]
 
 
 def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
@@ -235,10 +270,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
     published checkpoints' values for its family (CogVLM2 when the vocabulary is Llama-3's)."""
     d = _read_json(source) if not isinstance(source, dict) else source
     try:
-        if "CogVLMVideoForCausalLM" in d.get("architectures", ()):
-            raise ConfigError("CogVLM2-Video checkpoints (CogVLMVideoForCausalLM) are not supported: "
-                              "they have no visual expert and take video frames")
-        family = _HF_DEFAULTS["cogvlm2" if int(d["vocab_size"]) == LLAMA3_VOCAB else "v1"]
+        family = _family(d)
 
         def get(key: str) -> Any:
             return d.get(key, family[key])
@@ -281,6 +313,8 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             num_heads=int(d["num_attention_heads"]),
             num_key_value_heads=None if kv_heads is None else int(kv_heads),
             vision_qkv_bias=bool(get("vision_qkv_bias")),
+            visual_expert=bool(get("visual_expert")),
+            video=family is _HF_DEFAULTS["cogvlm2-video"],
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             rope_theta=float(get("rope_theta")),
             rope_freqs_in_weights=bool(get("rope_freqs_in_weights")),
@@ -290,7 +324,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             eos_token_id=int(eos[0]),
             stop_token_ids=tuple(int(i) for i in eos[1:]),
             pad_token_id=int(get("pad_token_id")),
-            template=_template_name(d.get("template_version", "chat"), cross is not None),
+            template=_template_name(get("template_version"), cross is not None),
             vision=vision,
             cross_vision=cross,
             cross_compute_hidden_size=int(d.get("cross_compute_hidden_size", 1024)),
@@ -482,6 +516,21 @@ COGVLM2 = CogVLMConfig(
     vision=VisionConfig(image_size=1344, downsample=2))
 
 
+# CogVLM2-Video (docs/spec/cogvlm2-video.md section 3): CogVLM2's decoder and tower at 224 px per
+# frame (257 ViT positions, 64 + 2 slots a frame), no visual expert, 2K positions, one stop id.
+# The published config.json says template "base" for all three models; the registry gives each
+# the template its authors' demo passes (section 1)
+COGVLM2_VIDEO = CogVLMConfig(
+    vocab_size=LLAMA3_VOCAB, intermediate_size=14336, num_key_value_heads=8, visual_expert=False, video=True,
+    rope_theta=500000.0, rope_freqs_in_weights=True, vicuna_frame=False, max_position_embeddings=2048,
+    bos_token_id=128000, eos_token_id=128001, pad_token_id=128002, template="base",
+    vision=VisionConfig(image_size=224, downsample=2))
+
+
+def _video(template: str) -> CogVLMConfig:
+    return replace(COGVLM2_VIDEO, template=template)
+
+
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
@@ -509,6 +558,12 @@ REGISTRY: dict[str, ModelEntry] = {
                    "bitsandbytes fp4 copy of cogvlm2-llama3-chat-19B (unpacked on load)"),
         ModelEntry("cogvlm2-llama3-chinese-chat-19B-int4", "THUDM/cogvlm2-llama3-chinese-chat-19B-int4", COGVLM2,
                    "bitsandbytes fp4 copy of cogvlm2-llama3-chinese-chat-19B (unpacked on load)"),
+        ModelEntry("cogvlm2-video-llama3-chat", "THUDM/cogvlm2-video-llama3-chat", _video("chat"),
+                   "CogVLM2-Video: video question answering (1 frame a second, up to 24), 2K context"),
+        ModelEntry("cogvlm2-video-llama3-base", "THUDM/cogvlm2-video-llama3-base", _video("base"),
+                   "CogVLM2-Video base: video captioning (24 frames over the first 60 s)"),
+        ModelEntry("cogvlm2-llama3-caption", "THUDM/cogvlm2-llama3-caption", _video("chat"),
+                   "CogVideoX's video captioner (CogVLM2-Video weights): detailed clip captions"),
         ModelEntry("cogvlm-tiny", None, None,
                    "9 M-parameter CogVLM trained on synthetic shapes; ships with the package (the default)"),
     )

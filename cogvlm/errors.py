@@ -81,3 +81,8 @@ class WriteError(CogVLMError, OSError):
 
 class GenerationError(CogVLMError, RuntimeError):
     """The engine failed for this request (the server log has the traceback)."""
+
+
+class VideoError(CogVLMError, ValueError):
+    """A video that cannot be read or used (a clip of the wrong shape, a video for a model that
+    takes none, a video with an image); the message says which and why."""

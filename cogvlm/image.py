@@ -1,8 +1,10 @@
-"""Image loading and CogVLM preprocessing (docs/spec/cogvlm.md section 3), with PIL only: no torchvision."""
+"""Image loading and CogVLM preprocessing (docs/spec/cogvlm.md section 3), with PIL only: no
+torchvision; and CogVLM2-Video's frame preprocessing (docs/spec/cogvlm2-video.md section 5.1), in torch."""
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import urllib.error
@@ -12,9 +14,10 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, ImageTooLargeError
+from .errors import ImageError, ImageTooLargeError, VideoError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,10 +65,11 @@ def load_image(source: ImageInput, timeout: float = 20.0, max_bytes: int | None 
     return _decode(read_file(path, max_bytes), str(path))
 
 
-def read_file(path: Path, limit: int | None = None) -> bytes:
+def read_file(path: Path, limit: int | None = None, kind: str = "image") -> bytes:
     """The bytes of a regular file, at most `limit` of them. Anything else is refused before it
     is read: `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read
-    (O_NONBLOCK keeps the open from waiting if a FIFO takes the file's place after the stat)."""
+    (O_NONBLOCK keeps the open from waiting if a FIFO takes the file's place after the stat).
+    `kind` (image, video) names the file in the messages."""
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             raise ImageError(f"not a file: {path}")
@@ -79,10 +83,10 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"image file not found: {path}") from None
+        raise ImageError(f"{kind} file not found: {path}") from None
     except (OSError, ValueError) as e:  # a name too long, a folder we may not read, a NUL byte in the name
         why = getattr(e, "strerror", None) or "not a usable file name"
-        raise ImageError(f"cannot read image {str(path)[:200]}: {why}") from None
+        raise ImageError(f"cannot read {kind} {str(path)[:200]}: {why}") from None
     if limit is not None and len(data) > limit:  # it grew after the stat
         raise ImageTooLargeError(f"{path} is over {limit} bytes, the limit")
     return data
@@ -142,3 +146,24 @@ def preprocess(source: ImageInput, image_size: int) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def preprocess_frames(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """A clip (3, T, H, W) uint8 RGB, the authors' layout → the tower's input (T, 3, S, S) float32,
+    exactly as the video models' `build_conversation_input_ids` (docs/spec/cogvlm2-video.md section 5.1):
+    /255, CLIP normalisation, *then* pytorchvideo's short-side scale (bilinear, no antialiasing,
+    align_corners False, the (3, T) axes as batch and channels), then torchvision's video
+    centre crop, whose offsets round half to even (Python's `round`: an excess of 5 gives 2)."""
+    if clip.dtype != torch.uint8 or clip.ndim != 4 or clip.shape[0] != 3 or 0 in clip.shape:
+        raise VideoError(f"a clip must be a uint8 tensor (3, frames, height, width), not "
+                         f"{str(clip.dtype).removeprefix('torch.')} {tuple(clip.shape)}")
+    x = clip / 255.0
+    x = (x - torch.tensor(MEAN).view(3, 1, 1, 1)) / torch.tensor(STD).view(3, 1, 1, 1)
+    h, w = x.shape[-2:]
+    if w < h:
+        new_h, new_w = int(math.floor(float(h) / w * size)), size
+    else:
+        new_h, new_w = size, int(math.floor(float(w) / h * size))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    i, j = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return x[..., i:i + size, j:j + size].transpose(0, 1).contiguous()

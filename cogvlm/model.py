@@ -7,7 +7,9 @@ Expert routing (docs/spec/cogvlm.md section 3): a token uses the visual expert i
 token are image tokens, i.e. `boi` and the patches. Our input layout (`prompt.layout_batch`) puts
 that run at the same columns in every row of a batch, so routing is one `(start, end)` column
 range: the visual expert runs on `x[:, start:end]` and the language expert on the rest: two dense
-matmuls, no boolean-mask scatter.
+matmuls, no boolean-mask scatter. CogVLM2-Video has no visual expert (`visual_expert` off):
+every token takes the language weights, and its frames' embeddings are scattered into the
+slots a mask marks, wherever each row's clip sits.
 """
 
 from __future__ import annotations
@@ -320,9 +322,10 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def routed(x: torch.Tensor, language: nn.Module, vision: nn.Module,
+def routed(x: torch.Tensor, language: nn.Module, vision: nn.Module | None,
            span: tuple[int, int] | None) -> torch.Tensor:
-    """Apply `vision` to columns `span` of every row and `language` to all other columns."""
+    """Apply `vision` to columns `span` of every row and `language` to all other columns (a
+    model without the visual expert always passes span None)."""
     if span is None:
         return on_rows(language, x)
     start, end = span
@@ -332,10 +335,12 @@ def routed(x: torch.Tensor, language: nn.Module, vision: nn.Module,
 
 
 class VisionExpertMLP(nn.Module):
+    """Both experts' MLPs; without the visual expert (CogVLM2-Video) only `language_mlp`."""
+
     def __init__(self, cfg: CogVLMConfig) -> None:
         super().__init__()
         self.language_mlp = GatedMLP(cfg)
-        self.vision_mlp = GatedMLP(cfg)
+        self.vision_mlp = GatedMLP(cfg) if cfg.visual_expert else None
 
     def forward(self, x: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
         return routed(x, self.language_mlp, self.vision_mlp, span)
@@ -611,10 +616,11 @@ class VisionExpertAttention(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_key_value_heads
+        expert = cfg.visual_expert  # CogVLM2-Video: the language weights alone
         self.language_expert_query_key_value = nn.Linear(h, cfg.qkv_size, bias=False)
-        self.vision_expert_query_key_value = nn.Linear(h, cfg.qkv_size, bias=cfg.vision_qkv_bias)
+        self.vision_expert_query_key_value = nn.Linear(h, cfg.qkv_size, bias=cfg.vision_qkv_bias) if expert else None
         self.language_expert_dense = nn.Linear(h, h, bias=False)
-        self.vision_expert_dense = nn.Linear(h, h, bias=False)
+        self.vision_expert_dense = nn.Linear(h, h, bias=False) if expert else None
         if cfg.rope_freqs_in_weights:
             self.rotary_emb = RotaryFrequencies(cfg)
 
@@ -714,6 +720,10 @@ class Chunk:
       P+2 embeddings replace the placeholders at columns `image_start : image_start + P + 2`.
       The batch layout (`prompt.layout_batch`) keeps those columns padding in text-only rows.
     - `cross_images`: CogAgent's high-resolution pixels of the same pictures (R, 3, S', S').
+    - `frames`: video frames (F, 3, S, S), every clip of the batch, row by row in frame order;
+      their P+2 embeddings each fill the slots `frame_slots` (B, N) marks, in row-major order
+      (docs/spec/cogvlm2-video.md section 5.3). The rows' clips may differ in length and sit at
+      different columns: a video model has no visual expert to route.
     """
 
     input_ids: torch.Tensor
@@ -723,6 +733,8 @@ class Chunk:
     image_rows: torch.Tensor | None = None
     image_start: int = 1
     cross_images: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+    frame_slots: torch.Tensor | None = None
 
 
 class CogVLMModel(nn.Module):
@@ -775,7 +787,8 @@ class CogVLMForCausalLM(nn.Module):
         return KVCache(batch, max_len, self.config, self.dtype, self.device, bucketed=self.decode_buckets)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels → (B, P+2, hidden) embeddings, in the model's dtype."""
+        """(B, 3, S, S) pixels → (B, P+2, hidden) embeddings, in the model's dtype (video frames
+        too: each frame is an image to the tower, docs/spec/cogvlm2-video.md section 5.2)."""
         return self.model.vision(images.to(self.device, self.dtype))
 
     def cross_kv(self, images: torch.Tensor) -> list[CrossKV]:
@@ -853,7 +866,10 @@ class CogVLMForCausalLM(nn.Module):
             start, end = chunk.image_start, chunk.image_start + img.shape[1]
             rows = slice(None) if chunk.image_rows is None else chunk.image_rows.to(self.device)
             x[rows, start:end] = img
-            span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
+            if self.config.visual_expert:
+                span = (start, end - 1)  # boi + patches; eoi is routed to the language expert
+        if chunk.frames is not None:
+            x[chunk.frame_slots.to(self.device)] = self.encode_images(chunk.frames).flatten(0, 1)
         cross = self._cross(chunk, cache)
         rope = self._rope(chunk.position_ids)
         mask = self._mask(chunk, cache)

@@ -183,15 +183,35 @@ def attention_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, b
     return elements + bias + max(elements, padded)  # the inverted mask is freed before padding
 
 
+def images_per_prompt(config: CogVLMConfig, max_length: int) -> int:
+    """Pictures the tower encodes at once for one prompt: one image, or for a video model as many
+    frames as fit in `max_length` slots (image_tokens each; the API takes any count that fits)."""
+    return max(1, (max_length - 1) // config.image_tokens) if config.video else 1
+
+
+def vit_bytes(config: CogVLMConfig, images: int, world: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The vision tower's peak encoding `images` pictures at once (a clip's frames are a batch of
+    them): per ViT token, the residual and a norm's output whole on every rank, the attention's
+    and the MLP's tensors split across `world` ranks."""
+    v, size = config.vision, torch.finfo(dtype).bits // 8
+    s = v.num_positions  # ViT tokens: patches + CLS
+    return images * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
+
+
+def embedding_bytes(config: CogVLMConfig, images: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The tower's output for `images` pictures, held until it is scattered into the sequence."""
+    return images * config.image_tokens * config.hidden_size * (torch.finfo(dtype).bits // 8)
+
+
 def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = torch.bfloat16,
                      batch: int = 1, max_length: int = 2048) -> int:
-    """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each,
-    besides the attention mask (`attention_bytes`, counted on top: a conservative sum, since the
-    decoder layer's tensors are the largest whenever the mask matters)."""
+    """Estimated peak of the prefill: `batch` prompts of `max_length` tokens, one image each (a
+    video model: a clip of `images_per_prompt` frames each), besides the attention mask
+    (`attention_bytes`, counted on top: a conservative sum, since the decoder layer's tensors are
+    the largest whenever the mask matters)."""
     size = torch.finfo(dtype).bits // 8
-    v = config.vision
-    s = v.num_positions  # ViT tokens: patches + CLS
-    vit = batch * s * (2 * v.hidden_size + (7 * v.hidden_size + 2 * v.intermediate_size) // world) * size
+    images = batch * images_per_prompt(config, max_length)
+    vit = vit_bytes(config, images, world, dtype)
     t, h = max_length, config.hidden_size
     lm = batch * t * (4 * h + (10 * h + 3 * config.intermediate_size) // world) * size
     logits = batch * config.vocab_size * 4 * 2  # fp32 logits, gathered from the ranks' parts
@@ -200,7 +220,7 @@ def activation_bytes(config: CogVLMConfig, world: int = 1, dtype: torch.dtype = 
         c = config.cross_vision
         tokens = c.num_patches + 1
         cross = batch * tokens * (6 * c.hidden_size + 3 * c.intermediate_size) * size
-    return max(vit, lm, cross) + batch * config.image_tokens * h * size + logits
+    return max(vit, lm, cross) + embedding_bytes(config, images, dtype) + logits
 
 
 @dataclass(frozen=True)
@@ -307,7 +327,8 @@ def describe(config: CogVLMConfig, p: Plan, memory: int | None, dtype: torch.dty
     lines = [f"per device ({what}, batch {batch}, max length {max_length}):",
              f"  weights      {p.weights:>16,} bytes  {gb(p.weights)}",
              f"  KV cache     {p.kv_cache:>16,} bytes  {gb(p.kv_cache)}",
-             f"  activations  {p.activations:>16,} bytes  {gb(p.activations)}  (estimate: prefill with one image)",
+             f"  activations  {p.activations:>16,} bytes  {gb(p.activations)}  (estimate: prefill with "
+             + (f"a clip of {images_per_prompt(config, max_length)} frames)" if config.video else "one image)"),
              f"  attention    {p.attention:>16,} bytes  {gb(p.attention)}  "
              + (f"(a padded batch's prefill mask and SDPA's {str(dtype).removeprefix('torch.')} bias, "
                 f"{max_length}x{max_length} per row)" if batch > 1 else "(none: one prompt prefills with is_causal)"),

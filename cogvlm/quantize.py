@@ -34,7 +34,9 @@ from .model import CogVLMForCausalLM, GatedMLP
 
 log = logging.getLogger(__name__)
 
-PLAIN_ROWS = 256  # fp32 inputs with at least this many rows use MKL's GEMM on the plain weight
+# fp32 inputs with at least this many rows use MKL's GEMM on the plain weight: one threshold for
+# every layer shape, chosen from whole prefills (docs/speed.md, benchmarks/prefill.py --plain-rows)
+PLAIN_ROWS = 256
 
 
 class PackedLinear(nn.Module):

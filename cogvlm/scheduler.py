@@ -37,6 +37,7 @@ from .api import CogVLM
 from .errors import ContextLengthError, GenerationError, TensorParallelError
 from .generate import BatchDecoder, SamplingParams, TextStream, final_text
 from .model import DECODE_WINDOW, row_bucket
+from .plan import embedding_bytes, vit_bytes
 from .prompt import PromptTokens
 
 _DONE = object()
@@ -109,11 +110,14 @@ class Scheduler:
             raise self.failure
         length = self.vlm.prompt_length(prompt)
         budget = self.vlm.generation_budget(length, params)  # validate now, in the caller's thread
-        need, free = cache_bytes(self.vlm, 1, length + budget), free_memory(self.vlm.model.device) + self._held
+        cache, tower = cache_bytes(self.vlm, 1, length + budget), visual_bytes(self.vlm, [prompt])
+        need, free = cache + tower, free_memory(self.vlm.model.device) + self._held
         if need > free:  # it could not run even once the running batch has drained
+            frames = f" and its pictures' encoding ({tower / 2**20:.0f} MiB)" if tower else ""
             raise ContextLengthError(
-                f"this request's KV cache ({length} prompt + {budget} new tokens) takes {need / 2**20:.0f} MiB "
-                f"and this server has {free / 2**20:.0f} MiB for caches: lower max_tokens")
+                f"this request's KV cache ({length} prompt + {budget} new tokens, {cache / 2**20:.0f} MiB){frames} "
+                f"take {need / 2**20:.0f} MiB and this server has {free / 2**20:.0f} MiB for them: lower max_tokens"
+                f"{' or send fewer frames' if self.vlm.config.video else ''}")
         job = Job(prompt, params, length)
         self._pending.put(job)
         self._wake.set()
@@ -248,12 +252,14 @@ class Scheduler:
         return decoder
 
     def _join_bytes(self, decoder: BatchDecoder | None, newcomers: list[Job]) -> int:
-        """Bytes the newcomers' prefill cache takes, plus, when they join a running batch whose
-        buffers lack the room, the grown cache `KVCache.concat` allocates (the old one is freed
-        only as the new one fills, so both count)."""
+        """Bytes the newcomers' prefill cache takes and the tower's peak encoding their pictures
+        together (a clip: all its frames), plus, when they join a running batch whose buffers lack
+        the room, the grown cache `KVCache.concat` allocates (the old one is freed only as the new
+        one fills, so both count)."""
         budgets = [self.vlm.generation_budget(j.prompt_tokens, j.params) for j in newcomers]
         longest = max(j.prompt_tokens for j in newcomers)
         need = cache_bytes(self.vlm, len(newcomers), longest + max(budgets))
+        need += visual_bytes(self.vlm, [j.prompt for j in newcomers])
         if decoder is None or decoder.done:
             self._held = 0
             return need
@@ -284,6 +290,17 @@ def cache_bytes(vlm: CogVLM, rows: int, slots: int) -> int:
     kv_heads = cfg.num_key_value_heads // getattr(model, "world", 1)  # tensor parallel: this rank's share
     per_slot = 2 * cfg.num_layers * kv_heads * cfg.head_dim * model.dtype.itemsize + 1
     return rows * slots * per_slot
+
+
+def visual_bytes(vlm: CogVLM, prompts: list[PromptTokens]) -> int:
+    """The prefill's peak for the pictures of `prompts`, encoded as one batch: an image each, a
+    clip's every frame (plan.vit_bytes and plan.embedding_bytes; the slots they fill are in the
+    KV cache's count already: 1 + 67 T for a chat clip of T frames)."""
+    pictures = sum(len(p.frames) if p.frames is not None else int(p.pixels is not None) for p in prompts)
+    if not pictures:
+        return 0
+    world, dtype = getattr(vlm.model, "world", 1), vlm.model.dtype
+    return vit_bytes(vlm.config, pictures, world, dtype) + embedding_bytes(vlm.config, pictures, dtype)
 
 
 def free_memory(device: torch.device) -> int:

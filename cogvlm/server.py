@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`) behind `cogvlm serve`
-(cli/serve.py holds the flags): request schema and checks, image fetching, the FastAPI app.
+(cli/serve.py holds the flags): request schema and checks, image and video fetching, the FastAPI app.
 
 Every request goes through one `Scheduler`, so concurrent requests decode together in one batch
 instead of queueing. Client mistakes get OpenAI-style error bodies with 4xx codes, so that
@@ -35,17 +35,18 @@ from PIL import Image
 from .api import CogVLM
 from .config import TEMPLATES
 from .errors import (CogVLMError, ContextLengthError, ImageError, ImageRequiredError, ImageTooLargeError,
-                     TensorParallelError, TokenizerError)
+                     TensorParallelError, TokenizerError, VideoError)
 from .generate import SamplingParams
 from .image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
-from .prompt import PromptTokens
+from .prompt import PromptTokens, check_takes_video
 from .scheduler import Job, Scheduler
+from .video import NUM_FRAMES, VideoLimits, decode_video, probe_video, strategy_for
 
 if TYPE_CHECKING:
+    import torch
     from fastapi import FastAPI, Request
 
-IMAGE_SOURCES_HINT = ("send the image inline as a data: URL (data:image/png;base64,...); "
-                      "http(s) URLs need --allow-remote-images, local paths need --allow-local-files")
+MIME = {"image": "image/png", "video": "video/mp4"}  # the example a message shows for each kind
 API_NAMES = {"max_new_tokens": "max_tokens"}  # engine name -> OpenAI request field
 # The request fields: what we use; what we accept and ignore (they change nothing about an answer,
 # or only at the value given here); what we refuse when set (ignoring them would mislead the
@@ -67,6 +68,12 @@ MAX_JSON_TOKENS = 100_000
 PARSE_SECONDS = 2.0  # parsing and checking a body, in a worker thread
 
 
+# What one clip from a client may make the server (and the web demo) do: the file, its whole length
+# (every packet is read to sample it), its frames (each indexed before sampling; 10 minutes at 60
+# fps) and one frame's width x height (a sampled 1080p frame takes 62 MB until preprocessed)
+VIDEO_LIMITS = VideoLimits(max_bytes=50 * 2**20, max_seconds=600.0, max_frames=36_000, max_pixels=1920 * 1080)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """What the server accepts; the defaults are the safe ones (no remote or local file reads)."""
@@ -78,14 +85,21 @@ class ServeOptions:
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_image_memory: int = MAX_IMAGE_MEMORY  # decoded image bytes in flight, all requests together
+    video: VideoLimits = VIDEO_LIMITS
+    max_video_memory: int = 4 * 2**30  # decoded frames in flight, all requests together
     template: str | None = None  # None: the model's own
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header names; "*": any
     docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json (never behind the API key)
 
-    @property
-    def max_body_bytes(self) -> int:
-        """A base64 image grows by 4/3; 1 MiB on top is ample for the text of a conversation."""
-        return self.max_image_bytes * 4 // 3 + 2**20
+    def max_body_bytes(self, video: bool) -> int:
+        """A base64 image (a clip, for a `video` model: it takes no images) grows by 4/3; 1 MiB on
+        top is ample for the text of a conversation."""
+        return (self.video.max_bytes if video else self.max_image_bytes) * 4 // 3 + 2**20
+
+    def limit(self, kind: str) -> tuple[int, str]:
+        """The largest file of `kind` ("image" or "video") and the flag that sets it."""
+        return (self.video.max_bytes, "--max-video-bytes") if kind == "video" else \
+            (self.max_image_bytes, "--max-image-bytes")
 
 
 class APIError(CogVLMError):
@@ -112,9 +126,9 @@ class Prepared:
     include_usage: bool
 
 
-def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory") -> Prepared:
+def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory", videos: "ImageMemory") -> Prepared:
     """Check a chat completion request and turn it into prompt tokens and sampling parameters.
-    Blocking (image download and decoding): call it in a worker thread."""
+    Blocking (image or video download and decoding): call it in a worker thread."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     check_fields(body)
@@ -129,21 +143,62 @@ def prepare(vlm: CogVLM, opts: ServeOptions, body: Any, images: "ImageMemory") -
         raise APIError(f"template must be one of {', '.join(TEMPLATES)}, not {_quote(template)}", "template",
                        "invalid_value")
     params = sampling_params(vlm, body)
-    image_url, query, history = parse_messages(body.get("messages"))
+    visual, query, history = parse_messages(body.get("messages"))
     stream = bool(_field(body, "stream", bool, "true or false"))
     stream_options = _field(body, "stream_options", dict, "an object") or {}
+    if visual is None:
+        prompt = _prompt(vlm, None, None, query, history, template)
+    elif visual.kind == "video":
+        prompt = _video_prompt(vlm, opts, visual, query, history, template, videos)
+    else:
+        prompt = _image_prompt(vlm, opts, visual, query, history, template, images)
+    return Prepared(prompt, params, stream, stream and bool(stream_options.get("include_usage")))
+
+
+def _image_prompt(vlm: CogVLM, opts: ServeOptions, visual: "Visual", query: str, history: list[tuple[str, str]],
+                  template: str | None, images: "ImageMemory") -> PromptTokens:
+    """The prompt of a conversation about an image, fetched and decoded within the image limits."""
+    if vlm.config.video:
+        raise APIError("this model takes videos, not images: send the clip as a "
+                       "{\"type\": \"video_url\", \"video_url\": {\"url\": ...}} part", visual.where,
+                       "image_not_supported")
     cross = vlm.config.cross_vision
     side = max(vlm.config.vision.image_size, 0 if cross is None else cross.image_size)
-    fetched = None if image_url is None else fetch_image(image_url[0], image_url[1], opts, side)
-    with images.reserve(fetched, image_url and image_url[1]):
-        image = None if fetched is None else _decode(fetched[0], image_url[1])
+    fetched = fetch_image(visual.url, visual.where, opts, side)
+    with images.reserve(fetched, visual.where):
+        return _prompt(vlm, _decode(fetched[0], visual.where), None, query, history, template)
+
+
+def _video_prompt(vlm: CogVLM, opts: ServeOptions, visual: "Visual", query: str, history: list[tuple[str, str]],
+                  template: str | None, videos: "ImageMemory") -> PromptTokens:
+    """The prompt of a conversation about a clip: fetched, checked from its header, then decoded
+    and sampled by the template's rule (docs/spec/cogvlm2-video.md section 8) within the video
+    limits; its decoded frames are reserved from `--max-video-memory` until they are preprocessed."""
+    try:
+        check_takes_video(vlm.config)
+    except VideoError as e:
+        raise APIError(str(e), visual.where, "video_not_supported") from None
+    strategy = strategy_for(template or vlm.config.template)
+    fetched = fetch_video(visual.url, visual.where, opts, strategy)
+    with videos.reserve(fetched, visual.where):
         try:
-            prompt = vlm.prompt_tokens(image, query, history, template)
-        except TokenizerError as e:
-            raise APIError(str(e), "messages", "invalid_text") from None
-        except ImageRequiredError as e:  # CogAgent has no text-only mode
-            raise APIError(str(e), "messages", "image_required") from None
-    return Prepared(prompt, params, stream, stream and bool(stream_options.get("include_usage")))
+            frames = decode_video(fetched[0], strategy, limits=opts.video, name="the video")
+        except VideoError as e:
+            raise APIError(str(e), visual.where, "invalid_video") from None
+        return _prompt(vlm, None, frames, query, history, template)
+
+
+def _prompt(vlm: CogVLM, image: Image.Image | None, frames: "torch.Tensor | None", query: str,
+            history: list[tuple[str, str]], template: str | None) -> PromptTokens:
+    """`vlm.prompt_tokens`, its named errors as 400s."""
+    try:
+        return vlm.prompt_tokens(image, query, history, template, video=frames)
+    except TokenizerError as e:
+        raise APIError(str(e), "messages", "invalid_text") from None
+    except ImageRequiredError as e:  # CogAgent has no text-only mode
+        raise APIError(str(e), "messages", "image_required") from None
+    except VideoError as e:
+        raise APIError(str(e), "messages", "invalid_video") from None
 
 
 def check_fields(body: dict) -> None:
@@ -213,15 +268,25 @@ def sampling_params(vlm: CogVLM, body: dict) -> SamplingParams:
         raise APIError(message, api, "invalid_value") from None
 
 
-def parse_messages(messages: Any) -> tuple[tuple[str, str] | None, str, list[tuple[str, str]]]:
-    """OpenAI messages -> ((image URL, its param path) or None, query, history pairs).
+@dataclass(frozen=True)
+class Visual:
+    """A conversation's picture or clip: its URL, the param path errors name, "image" or "video"."""
+
+    url: str
+    where: str
+    kind: str
+
+
+def parse_messages(messages: Any) -> tuple[Visual | None, str, list[tuple[str, str]]]:
+    """OpenAI messages -> (the image or video, if any; query; history pairs).
 
     CogVLM has no system prompt, so system/developer messages are ignored; the rest must
-    alternate user/assistant and end with the user's question. One image per conversation."""
+    alternate user/assistant and end with the user's question. One image or one video per
+    conversation, in any user message (the model sees it before the first turn either way)."""
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty list", "messages")
     turns: list[tuple[str, str]] = []
-    images: list[tuple[str, str]] = []
+    visuals: list[Visual] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -232,10 +297,10 @@ def parse_messages(messages: Any) -> tuple[tuple[str, str] | None, str, list[tup
         if role not in ("user", "assistant"):
             raise APIError(f"{where} has role {_quote(role)}; CogVLM takes user and assistant messages "
                            f"(system messages are ignored)", f"{where}.role")
-        text, urls = _content(message.get("content"), f"{where}.content")
-        if role == "assistant" and urls:
-            raise APIError("images go in user messages", f"{where}.content")
-        images += urls
+        text, found = _content(message.get("content"), f"{where}.content")
+        if role == "assistant" and found:
+            raise APIError("images and videos go in user messages", f"{where}.content")
+        visuals += found
         turns.append((role, text))
     if not any(role == "user" for role, _ in turns):
         raise APIError("the request has no user message", "messages", "missing_user_message")
@@ -243,15 +308,19 @@ def parse_messages(messages: Any) -> tuple[tuple[str, str] | None, str, list[tup
     if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
         raise APIError("messages must alternate user and assistant, starting and ending with a user "
                        "message", "messages", "invalid_message_order")
-    if len(images) > 1:
-        raise APIError(f"CogVLM takes one image per conversation; this request has {len(images)}",
-                       images[1][1], "too_many_images")
+    kinds = {v.kind for v in visuals}
+    if len(kinds) > 1:
+        raise APIError("a conversation holds an image or a video, not both", visuals[1].where, "image_and_video")
+    if len(visuals) > 1:
+        kind = visuals[0].kind
+        raise APIError(f"CogVLM takes one {kind} per conversation; this request has {len(visuals)}",
+                       visuals[1].where, f"too_many_{kind}s")
     history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-    return (images[0] if images else None), turns[-1][1], history
+    return (visuals[0] if visuals else None), turns[-1][1], history
 
 
-def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
-    """A message's text (parts joined by newlines) and its image URLs with their param paths."""
+def _content(content: Any, where: str) -> tuple[str, list[Visual]]:
+    """A message's text (parts joined by newlines) and its image or video URLs."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -262,65 +331,105 @@ def _content(content: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url"):
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise APIError(f"{at}.image_url must be {{\"url\": \"...\"}}", f"{at}.image_url")
-            urls.append((url, f"{at}.image_url"))
+                raise APIError(f"{at}.{kind} must be {{\"url\": \"...\"}}", f"{at}.{kind}")
+            urls.append(Visual(url, f"{at}.{kind}", kind.removesuffix("_url")))
         else:
-            raise APIError(f"{at} must be {{\"type\": \"text\", \"text\": ...}} or "
-                           f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", at)
+            raise APIError(f"{at} must be {{\"type\": \"text\", \"text\": ...}}, "
+                           f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} or "
+                           f"{{\"type\": \"video_url\", \"video_url\": {{\"url\": ...}}}}", at)
     return "\n".join(texts), urls
 
 
 def fetch_image(url: str, where: str, opts: ServeOptions, side: int) -> tuple[bytes, int]:
     """The image file behind a data:, http(s) or local URL, within the size limits, and the bytes
     decoding it and resizing it to `side` x `side` will take."""
-    limit = opts.max_image_bytes
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise APIError("image data URLs must be base64: data:image/png;base64,...", where, "invalid_image_url")
-        payload = "".join(payload.split())
-        if len(payload) // 4 * 3 > limit + 3:
-            raise _too_big(f"the image is about {len(payload) // 4 * 3} bytes", where, "--max-image-bytes")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError("the image data URL is not valid base64", where, "invalid_base64") from None
-    elif url.startswith(("http://", "https://")):
-        if not opts.allow_remote_images:
-            raise APIError(f"remote image URLs are off on this server: {IMAGE_SOURCES_HINT}", where,
-                           "image_url_not_allowed")
-        data = _download(url, where, limit)
-    else:
-        if not opts.allow_local_files:
-            raise APIError(f"local image paths are off on this server: {IMAGE_SOURCES_HINT}", where,
-                           "image_url_not_allowed")
-        data = _read_local(url.removeprefix("file://"), where, limit)
-    if len(data) > limit:
-        raise _too_big(f"the image is {len(data)} bytes", where, "--max-image-bytes")
+    data = fetch(url, where, opts, "image")
     return data, _decoded_size(data, where, opts.max_image_pixels, side)
 
 
-def _too_big(what: str, where: str | None, flag: str) -> APIError:
-    return APIError(f"{what}, over this server's limit ({flag})", where, "image_too_large", status=413)
+def fetch_video(url: str, where: str, opts: ServeOptions, strategy: str) -> tuple[bytes, int]:
+    """The clip behind a data:, http(s) or local URL, within the byte limit, its header within the
+    pixel and duration limits, and the bytes decoding and preprocessing its sampled frames take."""
+    data = fetch(url, where, opts, "video")
+    try:
+        header = probe_video(data, "the video")
+    except VideoError as e:
+        raise APIError(str(e), where, "invalid_video") from None
+    pixels = header.width * header.height
+    if pixels > opts.video.max_pixels:
+        raise _too_big(f"the video is {header.width}x{header.height} pixels a frame", where, "--max-video-pixels",
+                       "video")
+    if header.seconds is not None and header.seconds > opts.video.max_seconds:
+        raise APIError(f"the video lasts {header.seconds:.1f} s, over this server's limit of "
+                       f"{opts.video.max_seconds:g} s (--max-video-seconds)", where, "video_too_long")
+    return data, frames_memory(header.seconds, strategy) * pixels * DECODED_BYTES_PER_PIXEL
+
+
+# A sampled frame's bytes per pixel until preprocessing is done: the decoded RGB frame and its
+# copy in the stacked clip (3 + 3, uint8), the clip / 255 and its normalised copy (12 + 12, float32)
+DECODED_BYTES_PER_PIXEL = 30
+
+
+def frames_memory(seconds: float | None, strategy: str) -> int:
+    """Frames a clip of `seconds` yields: the chat rule one a second (ends included), at most
+    NUM_FRAMES; the base rule always NUM_FRAMES (docs/spec/cogvlm2-video.md section 8)."""
+    if strategy == "base" or seconds is None:
+        return NUM_FRAMES
+    return min(NUM_FRAMES, int(seconds) + 2)
+
+
+def fetch(url: str, where: str, opts: ServeOptions, kind: str) -> bytes:
+    """The file of `kind` ("image" or "video") behind a data:, http(s) or local URL, within its
+    byte limit; remote and local sources only where the server allows them."""
+    limit, flag = opts.limit(kind)
+    hint = (f"send the {kind} inline as a data: URL (data:{MIME[kind]};base64,...); http(s) URLs need "
+            f"--allow-remote-images, local paths need --allow-local-files")
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise APIError(f"{kind} data URLs must be base64: data:{MIME[kind]};base64,...", where,
+                           f"invalid_{kind}_url")
+        payload = "".join(payload.split())
+        if len(payload) // 4 * 3 > limit + 3:
+            raise _too_big(f"the {kind} is about {len(payload) // 4 * 3} bytes", where, flag, kind)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(f"the {kind} data URL is not valid base64", where, "invalid_base64") from None
+    elif url.startswith(("http://", "https://")):
+        if not opts.allow_remote_images:
+            raise APIError(f"remote {kind} URLs are off on this server: {hint}", where, f"{kind}_url_not_allowed")
+        data = _download(url, where, limit, kind)
+    else:
+        if not opts.allow_local_files:
+            raise APIError(f"local {kind} paths are off on this server: {hint}", where, f"{kind}_url_not_allowed")
+        data = _read_local(url.removeprefix("file://"), where, limit, kind)
+    if len(data) > limit:
+        raise _too_big(f"the {kind} is {len(data)} bytes", where, flag, kind)
+    return data
+
+
+def _too_big(what: str, where: str | None, flag: str, kind: str = "image") -> APIError:
+    return APIError(f"{what}, over this server's limit ({flag})", where, f"{kind}_too_large", status=413)
 
 
 DOWNLOAD_SECONDS = 10.0  # a whole image download, connection included: a byte every second must not beat it
 READ_SECONDS = 2.0  # one socket read: how far past DOWNLOAD_SECONDS a silent server can take a download
-MAX_DOWNLOADS = 8  # remote images fetched at once: the rest get a 429, not a worker thread each
+MAX_DOWNLOADS = 8  # remote images and videos fetched at once: the rest get a 429, not a worker thread each
 _downloads = threading.BoundedSemaphore(MAX_DOWNLOADS)
 
 
-def _download(url: str, where: str, limit: int, seconds: float = DOWNLOAD_SECONDS) -> bytes:
+def _download(url: str, where: str, limit: int, kind: str = "image", seconds: float = DOWNLOAD_SECONDS) -> bytes:
     """At most `limit` + 1 bytes of `url` within `seconds` in all. urllib's timeout bounds each
     socket read, not the whole: a server dripping one byte a second never trips it, and each
     such request held a worker thread for as long as the drip lasted (40 of them, every worker)."""
     if not _downloads.acquire(blocking=False):
-        raise APIError(f"this server is downloading {MAX_DOWNLOADS} images already; retry shortly", where,
-                       "image_downloads_busy", status=429)
+        raise APIError(f"this server is downloading {MAX_DOWNLOADS} files already; retry shortly", where,
+                       f"{kind}_downloads_busy", status=429)
     deadline = time.monotonic() + seconds
     try:
         with urllib.request.urlopen(url, timeout=min(seconds, READ_SECONDS)) as response:
@@ -335,19 +444,19 @@ def _download(url: str, where: str, limit: int, seconds: float = DOWNLOAD_SECOND
                 data += part
             return bytes(data)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise APIError(f"could not download the image {_quote(url)}: {e}", where, "image_download_failed") from None
+        raise APIError(f"could not download the {kind} {_quote(url)}: {e}", where, f"{kind}_download_failed") from None
     finally:
         _downloads.release()
 
 
-def _read_local(name: str, where: str, limit: int) -> bytes:
+def _read_local(name: str, where: str, limit: int, kind: str = "image") -> bytes:
     """A regular file's bytes (`image.read_file`: /dev/zero, FIFOs and folders are refused unread)."""
     try:
-        return read_file(Path(name).expanduser(), limit)
+        return read_file(Path(name).expanduser(), limit, kind)
     except ImageTooLargeError:
-        raise _too_big(f"{_quote(name)} is over {limit} bytes", where, "--max-image-bytes") from None
+        raise _too_big(f"{_quote(name)} is over {limit} bytes", where, f"--max-{kind}-bytes", kind) from None
     except ImageError as e:
-        raise APIError(f"could not read the image: {str(e)[:300]}", where, "image_not_found") from None
+        raise APIError(f"could not read the {kind}: {str(e)[:300]}", where, f"{kind}_not_found") from None
 
 
 def _decoded_size(data: bytes, where: str, max_pixels: int, side: int) -> int:
@@ -368,23 +477,25 @@ def _decode(data: bytes, where: str) -> Image.Image:
 
 
 class ImageMemory:
-    """Admission control for decoding: the bytes that decoded images of concurrent requests may
-    take together (`--max-image-memory`). The per-image limits alone let 40 concurrent large
-    images take gigabytes; here a request waits (up to `wait` seconds, then 429) for room."""
+    """Admission control for decoding: the bytes that decoded images (or, a second budget, the
+    decoded frames of videos) of concurrent requests may take together (`--max-image-memory`,
+    `--max-video-memory`). The per-file limits alone let 40 concurrent large images take
+    gigabytes; here a request waits (up to `wait` seconds, then 429) for room."""
 
-    def __init__(self, limit: int, wait: float = 10.0) -> None:
-        self.limit, self.wait, self.used = limit, wait, 0
+    def __init__(self, limit: int, wait: float = 10.0, kind: str = "image") -> None:
+        self.limit, self.wait, self.used, self.kind = limit, wait, 0, kind
         self._room = threading.Condition()
 
     @contextlib.contextmanager
-    def reserve(self, image: tuple[bytes, int] | None, where: str | None) -> Iterator[None]:
-        need = 0 if image is None else image[1]
+    def reserve(self, fetched: tuple[bytes, int] | None, where: str | None) -> Iterator[None]:
+        """Hold `fetched`'s decoded bytes (its second item) of the budget for the block."""
+        need, kind = 0 if fetched is None else fetched[1], self.kind
         if need > self.limit:
-            raise _too_big(f"decoding the image takes about {need} bytes", where, "--max-image-memory")
+            raise _too_big(f"decoding the {kind} takes about {need} bytes", where, f"--max-{kind}-memory", kind)
         with self._room:
             if not self._room.wait_for(lambda: self.used + need <= self.limit, timeout=self.wait):
-                raise APIError("the server is decoding too many images at once (--max-image-memory); retry "
-                               "shortly", where, "image_memory_busy", status=429)
+                raise APIError(f"the server is decoding too many {kind}s at once (--max-{kind}-memory); retry "
+                               "shortly", where, f"{kind}_memory_busy", status=429)
             self.used += need
         try:
             yield
@@ -571,6 +682,7 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
     scheduler = Scheduler(vlm, max_batch, on_failure)
     requests = RequestLog()
     images = ImageMemory(opts.max_image_memory)
+    videos = ImageMemory(opts.max_video_memory, kind="video")
 
     def require_key(request: Request) -> None:
         if opts.api_key is None:
@@ -634,8 +746,8 @@ def create_app(vlm: CogVLM, opts: ServeOptions, max_batch: int = 16,
 
     @app.post("/v1/chat/completions", dependencies=protected, response_model=None)
     async def chat_completions(request: Request) -> Any:
-        body = await _read_json(request, opts.max_body_bytes)
-        ready = await run_in_threadpool(prepare, vlm, opts, body, images)
+        body = await _read_json(request, opts.max_body_bytes(vlm.config.video))
+        ready = await run_in_threadpool(prepare, vlm, opts, body, images, videos)
         try:
             job = scheduler.submit(ready.prompt, ready.params)
         except ContextLengthError as e:
@@ -704,7 +816,8 @@ async def _read_json(request: "Request", limit: int) -> Any:
         raise APIError(f"the request body must be sent as Content-Type: application/json, not "
                        f"{_quote(media_type or 'none')}", code="unsupported_media_type", status=415)
     declared = request.headers.get("content-length", "")
-    too_big = APIError(f"the request body is over {limit} bytes (raise --max-image-bytes for bigger images)",
+    too_big = APIError(f"the request body is over {limit} bytes (raise --max-image-bytes or --max-video-bytes for "
+                       f"bigger images or videos)",
                        code="request_too_large", status=413)
     if declared.isdigit() and int(declared) > limit:
         raise too_big

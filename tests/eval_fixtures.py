@@ -207,7 +207,11 @@ def _b64(image) -> str:
 
 
 def tsv_file(root: Path, kind: str) -> list[Path]:
-    """VLMEvalKit's layout: index, image (base64; a repeated image holds its first row's index), ..."""
+    """VLMEvalKit's layout: index, image (base64; a repeated image holds its first row's index), ...
+    `kind` "vqa" (TextVQA_VAL), "choice" (ScienceQA_TEST) or "yesno" (POPE: Yes/No answers, one
+    row's category naming all three settings, comma-joined, as VLMEvalKit's file has them)."""
+    if kind == "yesno":
+        return [_pope_tsv(root)]
     rows = []
     for i in range(3):
         s = scene(i // 2)
@@ -220,7 +224,25 @@ def tsv_file(root: Path, kind: str) -> list[Path]:
             rows.append({"index": str(i), "image": image, "question": "Which color is in the picture?",
                          "hint": "nan" if i else "Look.", "A": o.colour, "B": "black", "answer": "A",
                          "category": "colors"})
-    path = root / ("TextVQA_VAL.tsv" if kind == "vqa" else "ScienceQA_TEST.tsv")
+    return [_write_tsv(root / ("TextVQA_VAL.tsv" if kind == "vqa" else "ScienceQA_TEST.tsv"), rows)]
+
+
+POPE_TSV_CATEGORIES = ["adversarial,popular,random", "adversarial", "popular", "random"]
+
+
+def _pope_tsv(root: Path) -> Path:
+    rows = []
+    for i, category in enumerate(POPE_TSV_CATEGORIES):
+        s = scene(i // 2)
+        image = _b64(s.image) if i % 2 == 0 else str(i - 1)
+        there = i % 2 == 0
+        thing = s.objects[0].name if there else "black hexagon"
+        rows.append({"index": str(i), "image": image, "question": f"Is there a {thing} in the image?",
+                     "answer": "Yes" if there else "No", "category": category})
+    return _write_tsv(root / "POPE.tsv", rows)
+
+
+def _write_tsv(path: Path, rows: list[dict]) -> Path:
     cols = list(rows[0])
     path.write_text("\t".join(cols) + "\n" + "".join("\t".join(r[c] for c in cols) + "\n" for r in rows))
-    return [path]
+    return path

@@ -7,6 +7,8 @@ step in every layer, present when the state dict has them.
 CogVLM2 (cogvlm2.md) is read off the weights present: the 2x2 conv (patch by patch), the vision
 QKV bias, [q | k | v] with fewer KV heads (query head h reads KV head h // group), and RoPE with
 each layer's stored `rotary_emb.inv_freq`.
+CogVLM2-Video (cogvlm2-video.md) has no visual expert: `reference_decoder` runs every token through
+the language weights when the state dict has no vision-expert weights.
 """
 
 from __future__ import annotations
@@ -172,12 +174,26 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
         x[1:1 + img.shape[0]] = img
     n = len(ids)
     vision_mask = torch.tensor([types[t] == V and t + 1 < n and types[t + 1] == V for t in range(n)])
+    return reference_decoder(sd, cfg, x, positions, vision_mask, enc if cross else None)
+
+
+def reference_decoder(sd, cfg, x, positions, vision_mask, enc=None) -> torch.Tensor:
+    """float64 logits of the decoder over input embeddings `x` (L, hidden) at `positions`;
+    tokens in `vision_mask` take the visual expert. A model without one (CogVLM2-Video: no
+    `vision_expert_*` / `vision_mlp` weights) runs every token through the language weights."""
+    w = {k: v.double() for k, v in sd.items()}
+    cross = enc is not None
+    n = x.shape[0]
+    if "model.layers.0.self_attn.vision_expert_dense.weight" not in w:
+        assert not vision_mask.any()
+        vision_mask = torch.zeros(n, dtype=torch.bool)
     hd = cfg.hidden_size // cfg.num_heads
     kv_heads = cfg.num_key_value_heads
 
     def expert(h, lang_w, vis_w, vis_b=None):
         out = torch.zeros(h.shape[0], lang_w.shape[0], dtype=h.dtype)
-        out[vision_mask] = h[vision_mask] @ vis_w.T + (0 if vis_b is None else vis_b)
+        if vision_mask.any():
+            out[vision_mask] = h[vision_mask] @ vis_w.T + (0 if vis_b is None else vis_b)
         out[~vision_mask] = h[~vision_mask] @ lang_w.T
         return out
 
@@ -196,7 +212,7 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
         p = f"model.layers.{i}."
         h = _rms(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         qkv = expert(h, w[p + "self_attn.language_expert_query_key_value.weight"],
-                     w[p + "self_attn.vision_expert_query_key_value.weight"],
+                     w.get(p + "self_attn.vision_expert_query_key_value.weight"),
                      w.get(p + "self_attn.vision_expert_query_key_value.bias"))
         q = qkv[:, :cfg.num_heads * hd].view(n, cfg.num_heads, hd).transpose(0, 1)
         k, v = (qkv[:, (cfg.num_heads + j * kv_heads) * hd:(cfg.num_heads + (j + 1) * kv_heads) * hd]
@@ -207,7 +223,7 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
         a = torch.stack([_attention(q[h:h + 1], k[h // group:h // group + 1], v[h // group:h // group + 1],
                                     causal=True)[0] for h in range(cfg.num_heads)])
         a = a.transpose(0, 1).reshape(n, -1)
-        x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w[p + "self_attn.vision_expert_dense.weight"])
+        x = x + expert(a, w[p + "self_attn.language_expert_dense.weight"], w.get(p + "self_attn.vision_expert_dense.weight"))
         if cross:  # docs/spec/cogagent.md section 8: every token attends to all image features, no RoPE, no mask
             h = _rms(x, w[p + "post_cross_attention_layernorm.weight"], cfg.rms_norm_eps)
             inner = w[p + "cross_attn.query.weight"].shape[0]
@@ -221,6 +237,8 @@ def reference_logits(sd, cfg, text_ids: list[int], pixels=None, cross_pixels=Non
         h = _rms(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         out = torch.zeros_like(x)
         for name, sel in (("language_mlp", ~vision_mask), ("vision_mlp", vision_mask)):
+            if not sel.any():
+                continue
             hs = h[sel]
             g = hs @ w[f"{p}mlp.{name}.gate_proj.weight"].T
             u = hs @ w[f"{p}mlp.{name}.up_proj.weight"].T

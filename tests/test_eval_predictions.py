@@ -145,3 +145,28 @@ def test_visual7w_answers_without_images_are_refused_not_misscaled(tmp_path, no_
     answers.write_text('{"question_id": 7000, "answer": "[[0,0,999,999]]"}\n')
     assert main(["eval", "--task", "visual7w", "--annotations", *map(str, paths), "--predictions", str(answers)]) == 2
     assert "give --images (only their sizes are read)" in capsys.readouterr().err
+
+
+def test_vlmevalkit_pope_tsv_scored_from_answers(tmp_path, no_model, capsys):
+    """VLMEvalKit's POPE.tsv (labels Yes/No, a row whose category names all three settings) through
+    `--predictions`, keyed by the TSV's index. By POPE's evaluate.py: row 0 yes/Yes (TP), row 1
+    no/No (TN), row 2 "There is no dog." -> no / Yes (FN), row 3 yes / No (FP)."""
+    tsv = F.tsv_file(tmp_path, "yesno")[0]
+    answers = tmp_path / "answers.jsonl"
+    rows = [("0", "Yes, there is a shape."), ("1", "No."), ("2", "There is no dog."), ("3", "yes")]
+    answers.write_text("".join(json.dumps({"question_id": k, "answer": a}) + "\n" for k, a in rows))
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "pope", "--annotations", str(tsv), "--predictions", str(answers),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    scores = {r["metric"]: r["score"] for r in report["rows"]}
+    assert report["split"] == "POPE" and report["n"] == 4 and report["scorer"]["name"] == "pope"
+    assert (scores["accuracy"], scores["precision"], scores["recall"], scores["f1"], scores["yes_ratio"]) == (
+        50.0, 50.0, 50.0, 50.0, 50.0)  # TP = TN = FP = FN = 1
+    assert (scores["accuracy/adversarial"], scores["f1/adversarial"]) == (100.0, 100.0)  # rows 0, 1
+    assert (scores["accuracy/popular"], scores["f1/popular"]) == (50.0, 66.67)  # rows 0, 2: P 1, R 1/2
+    assert (scores["accuracy/random"], scores["f1/random"]) == (50.0, 66.67)  # rows 0, 3: P 1/2, R 1
+    adversarial = next(r for r in report["rows"] if r["metric"] == "accuracy/adversarial")
+    assert (adversarial["published"], adversarial["gap"]) == (87.6, 12.4)  # the setting's published number
+    assert "accuracy/adversarial" in printed and all(v["count"] == 0 for v in report["check"].values())

@@ -180,3 +180,39 @@ def test_prompts_follow_the_model_family_and_overrides():
     assert prompt_for("rec", "cogagent-chat").query.startswith("Where is {expression}?")  # no CogAgent variant
     custom = prompt_for("short_answer", "cogvlm-tiny", query="{question} One word.", template="chat")
     assert (custom.template, custom.query) == ("chat", "{question} One word.")
+
+
+def _pope_official(answers: list[str], labels: list[str]) -> dict[str, float]:
+    """RUCAIBox/POPE evaluate.py, literally: the first sentence, commas dropped, 'No'/'not'/'no' as a
+    word means no; a label is positive unless it is 'no' (VLMEvalKit's 'No' lower-cased first)."""
+    preds = []
+    for text in answers:
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        preds.append(0 if ("No" in words or "not" in words or "no" in words) else 1)
+    gold = [0 if label.lower() == "no" else 1 for label in labels]
+    tp = sum(p == 1 and g == 1 for p, g in zip(preds, gold))
+    tn = sum(p == 0 and g == 0 for p, g in zip(preds, gold))
+    return {"accuracy": (tp + tn) / len(gold), "yes_ratio": preds.count(1) / len(preds)}
+
+
+def test_vlmevalkit_pope_tsv_through_the_runner(vlm, tmp_path):
+    """POPE.tsv asked and scored by the runner: one item per row (a repeated image shared), the
+    scores equal POPE's rule applied to the answers the run saved, and every setting a row of its own."""
+    paths = F.tsv_file(tmp_path, "yesno")
+    bench = read_benchmark(TASKS["pope"], paths, None, None)
+    assert [it.answers for it in bench.items] == [["Yes"], ["No"], ["Yes"], ["No"]]
+    assert [it.meta["category"] for it in bench.items] == F.POPE_TSV_CATEGORIES
+    assert bench.items[1].image == bench.items[0].image
+    report = run_task(vlm, "pope", paths, None, out=tmp_path / "out", progress=False)
+    saved = {json.loads(line)["id"]: json.loads(line)["prediction"]
+             for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()}
+    official = _pope_official([saved[str(i)] for i in range(4)], ["Yes", "No", "Yes", "No"])
+    scores = {r["metric"]: r["score"] for r in report["rows"]}
+    assert report["n"] == 4 and report["split"] == "POPE"
+    assert scores["accuracy"] == round(100 * official["accuracy"], 2)
+    assert scores["yes_ratio"] == round(100 * official["yes_ratio"], 2)
+    assert {m.split("/")[1] for m in scores if "/" in m} == {"adversarial", "popular", "random"}
+    adversarial = _pope_official([saved["0"], saved["1"]], ["Yes", "No"])["accuracy"]
+    assert scores["accuracy/adversarial"] == round(100 * adversarial, 2)

@@ -176,8 +176,8 @@ def test_paths_are_read_as_regular_files_within_the_limit(tmp_path):
     from cogvlm.data.shards import Sample
 
     (tmp_path / "big.png").write_bytes(bytes(2000))
-    assert "over the limit of 1000" in load_sample(tmp_path, Sample("a", str(tmp_path / "big.png")), 1000)
-    assert load_sample(tmp_path, Sample("z", "/dev/zero"), 1000) == "not a file: /dev/zero"
+    assert "over the limit of 1000" in load_sample(tmp_path, Sample("a", str(tmp_path / "big.png")), max_bytes=1000)
+    assert load_sample(tmp_path, Sample("z", "/dev/zero"), max_bytes=1000) == "not a file: /dev/zero"
 
 
 def test_the_caption_cli_takes_the_limit_and_the_path_policy(talkative, tmp_path):

@@ -191,18 +191,24 @@ def test_api_key(open_server, talkative):
 def test_remote_and_local_images_when_allowed(open_server, talkative, talkative_vlm, tmp_path):
     image = scene(4)
     (tmp_path / "scene.png").write_bytes(image)
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with serving_files(tmp_path) as files:
+        urls = [f"{files}/scene.png", str(tmp_path / "scene.png"), f"file://{tmp_path / 'scene.png'}"]
+        answers = [client(open_server, KEY).chat.completions.create(
+            model=str(talkative), messages=[user("What is it?", url)], temperature=0, max_tokens=8,
+        ).choices[0].message.content for url in urls]
+    assert answers == [reference(talkative_vlm, image, "What is it?", max_new_tokens=8)] * 3
+
+
+@contextmanager
+def serving_files(folder: Path) -> Iterator[str]:
+    """An http server for `folder` on a free loopback port; yields its URL."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as files:
         threading.Thread(target=files.serve_forever, daemon=True).start()
         try:
-            urls = [f"http://127.0.0.1:{files.server_address[1]}/scene.png", str(tmp_path / "scene.png"),
-                    f"file://{tmp_path / 'scene.png'}"]
-            answers = [client(open_server, KEY).chat.completions.create(
-                model=str(talkative), messages=[user("What is it?", url)], temperature=0, max_tokens=8,
-            ).choices[0].message.content for url in urls]
+            yield f"http://127.0.0.1:{files.server_address[1]}"
         finally:
             files.shutdown()
-    assert answers == [reference(talkative_vlm, image, "What is it?", max_new_tokens=8)] * 3
 
 
 def _request(**overrides) -> dict:

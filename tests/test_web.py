@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -160,12 +162,11 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
+@contextmanager
+def web_server(checkpoint: Path, log: Path, *flags: str) -> Iterator[str]:
     """`cogvlm web` on a free loopback port, greedy, one conversation kept; yields its URL."""
     pytest.importorskip("gradio", reason="pip install 'cogvlm[web]'")
     port = free_port()
-    log = tmp_path_factory.mktemp("web") / "server.log"
     env = dict(os.environ, GRADIO_TEMP_DIR=str(log.parent / "gradio"))
 
     def listening() -> bool:
@@ -175,12 +176,30 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
         except OSError:
             return False
 
-    with running(["web", "--model", str(tiny_checkpoint), "--port", str(port), "--top_k", "1",
-                  "--max_new_tokens", "8", "--max-sessions", "1"], log, listening, timeout=90, env=env):
+    with running(["web", "--model", str(checkpoint), "--port", str(port), "--top_k", "1",
+                  "--max_new_tokens", "8", "--max-sessions", "1", *flags], log, listening, timeout=90, env=env):
         yield f"http://127.0.0.1:{port}"
     output = log.read_text()
     assert f"cogvlm web: running on http://127.0.0.1:{port}" in output
     assert "restart with --share" in output and "share=True" not in output
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
+    with web_server(tiny_checkpoint, tmp_path_factory.mktemp("web") / "server.log") as url:
+        yield url
+
+
+def offline(server: str, outside: list[str]):
+    """A Playwright route handler: the page's own server only; anything else is aborted and noted."""
+    def route_to(route):
+        url = route.request.url
+        if url.startswith((server, "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+    return route_to
 
 
 @pytest.mark.slow
@@ -194,14 +213,7 @@ def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
     expected_example = vlm.session(count.image, count.template, **GREEDY).ask(count.prompt)
     outside: list[str] = []
 
-    def loopback_only(route):
-        url = route.request.url
-        if url.startswith((server, "data:", "blob:")):
-            route.continue_()
-        else:
-            outside.append(url)
-            route.abort()
-
+    loopback_only = offline(server, outside)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
@@ -247,3 +259,81 @@ def test_chat_in_the_browser(chromium, server, tiny_checkpoint):
         finally:
             browser.close()
     assert outside == [], "the page must work offline"
+
+
+# ---- a video model (CogVLM2-Video): a video upload, video examples, the server's limits ---------------
+
+@pytest.fixture(scope="module")
+def video_web(video_checkpoint, tmp_path_factory) -> Iterator[str]:
+    pytest.importorskip("av")
+    with web_server(video_checkpoint, tmp_path_factory.mktemp("web") / "server.log", "--template", "chat",
+                    "--max-video-seconds", "10") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_a_clip_in_the_browser(chromium, video_web, video_checkpoint, tmp_path):
+    """Upload a clip and ask twice: the answers equal a `ChatSession` on the same file's frames; a
+    clip over --max-video-seconds gets the limit's message, not an answer; a video example answers
+    as the API does."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install 'cogvlm[test]'")
+    from tests.test_video import cfr, make_clip
+
+    vlm = CogVLM.from_pretrained(video_checkpoint)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_clip(range(10), Fraction(1, 4), 4, first=5))
+    session = vlm.session(None, "chat", video=clip, **GREEDY)
+    expected = [session.ask("What happens?"), session.ask("And then?")]
+    long = tmp_path / "long.mp4"
+    long.write_bytes(cfr(14, 2)[0])
+    example = next(e for e in load_examples(EXAMPLES) if e.label == "What changes?")
+    expected_example = vlm.session(None, example.template, video=example.video, **GREEDY).ask(example.prompt)
+    outside: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.route("**/*", offline(video_web, outside))
+            page.goto(video_web)
+            page.locator("#video input[type=file]").wait_for(state="attached", timeout=60_000)
+            assert page.locator("#image").count() == 0  # a video model shows no image input
+            bot = page.locator('#chat [data-testid="bot"]')
+            query = page.locator("#query textarea")
+            page.locator("#video input[type=file]").set_input_files(str(clip))
+            page.locator("#video video").wait_for()
+            for i, question in enumerate(["What happens?", "And then?"]):
+                query.fill(question)
+                page.locator("#send").click()
+                sync_api.expect(bot).to_have_count(i + 1, timeout=30_000)
+                sync_api.expect(bot.nth(i)).to_have_text(expected[i], timeout=30_000)
+
+            page.get_by_role("button", name="What changes?").click()
+            sync_api.expect(bot).to_have_text([expected_example], timeout=30_000)
+
+            (ROOT / "test-artifacts").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "test-artifacts" / "web-video.png"), full_page=True)
+
+            other = browser.new_page()  # a fresh tab: its upload is empty
+            other.route("**/*", offline(video_web, outside))
+            other.goto(video_web)
+            other.locator("#video input[type=file]").set_input_files(str(long))
+            other.locator("#video video").wait_for()
+            other.locator("#query textarea").fill("What happens?")
+            other.locator("#send").click()
+            sync_api.expect(other.get_by_text("the clip lasts 14.0 s, over the limit of 10 s")).to_be_visible(
+                timeout=30_000)
+            sync_api.expect(other.locator('#chat [data-testid="bot"]')).to_have_count(0)
+        finally:
+            browser.close()
+    assert outside == [], "the page must work offline"
+
+
+def test_video_examples_are_shown_to_video_models_only(tmp_path, capsys):
+    examples = load_examples(EXAMPLES)
+    videos = [e for e in examples if e.video is not None]
+    assert videos and all(e.image is None and e.video.suffix == ".mp4" for e in videos)
+    assert all(e.template == "chat" for e in videos)  # the template the authors' demos use with clips
+    (tmp_path / "examples.json").write_text('[{"image": "a.png", "video": "a.mp4", "prompt": "", '
+                                            '"template": "base", "label": "x"}]')
+    assert main(["web", "--examples", str(tmp_path)]) == 2
+    assert "image or video" in capsys.readouterr().err

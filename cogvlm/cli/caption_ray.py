@@ -23,18 +23,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..caption import Summary, caption_batch, load_sample, progress_bar, run_meta, say
+from ..caption import DECODERS, Media, Summary, caption_batch, load_sample, progress_bar, run_meta, say
 from ..data.shards import Columns, Result, Sample, ShardError, ShardWriter, samples
 from ..generate import SamplingParams
+from ..image import MAX_IMAGE_BYTES
 from ..options import LoadOptions
 
 ROWS_PER_BLOCK = 32  # samples per block out of the read stage: a few MB of encoded images
+CLIPS_PER_BLOCK = 4  # or of encoded clips, which weigh some MB each
 
 
 @dataclass(frozen=True)
 class RayOptions:
     """Where and how wide to run: the cluster (None: a local instance), the replicas and what each
-    takes, images per batch, seconds between progress lines off a terminal."""
+    takes, images per batch, seconds between progress lines off a terminal, decoder threads per replica."""
 
     address: str | None = None
     replicas: int = 1
@@ -42,6 +44,7 @@ class RayOptions:
     cpus_per_replica: float = 1
     batch_size: int = 8
     log_every: float = 30.0
+    decoders: int = DECODERS
 
 
 def _schema():
@@ -61,13 +64,14 @@ def read_shards(batch: dict[str, Any], columns: Columns) -> Iterator[Any]:
 
     for name in batch["shard"]:
         shard, rows, count, error = Path(str(name)), [], 0, None
+        per_block = CLIPS_PER_BLOCK if columns.video else ROWS_PER_BLOCK
         try:
             for sample in samples(shard, columns):
                 rows.append({"shard": str(shard), "index": count, "key": sample.key, "error": sample.error,
                              "image": sample.image if isinstance(sample.image, bytes) else None,
                              "source": sample.image if isinstance(sample.image, str) else None})
                 count += 1
-                if len(rows) == ROWS_PER_BLOCK:
+                if len(rows) == per_block:
                     yield block(rows)
                     rows = []
         except ShardError as e:
@@ -76,11 +80,13 @@ def read_shards(batch: dict[str, Any], columns: Columns) -> Iterator[Any]:
 
 
 class Captioner:
-    """One model replica: loads the model once, then captions every batch Ray hands it. Marker
-    rows pass through."""
+    """One model replica: loads the model once, then captions every batch Ray hands it, its
+    images or clips decoded by `decoders` threads at once. Marker rows pass through."""
 
     def __init__(self, options: LoadOptions, sampling: SamplingParams, query: str, template: str | None,
-                 threads: int) -> None:
+                 threads: int, media: Media = Media(), decoders: int = 1, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
         from ..api import CogVLM
@@ -89,6 +95,9 @@ class Captioner:
         self.vlm = CogVLM.from_pretrained(options)
         self.vlm.defaults = sampling
         self.query, self.template = query, template
+        self.media = media.for_template(template or self.vlm.config.template)
+        self.pool = ThreadPoolExecutor(max(1, decoders), thread_name_prefix="cogvlm-decode")
+        self.max_bytes = max_bytes  # Columns.max_bytes: a path or URL is read up to it
         self.meta = dict(run_meta(self.vlm, str(options.model), query, template))
         self.replica = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -98,7 +107,11 @@ class Captioner:
         rows = batch.to_pylist()
         start = time.perf_counter()
         work = [r for r in rows if r["index"] >= 0]
-        loaded = [load_sample(Path(r["shard"]), Sample(r["key"], r["image"] or r["source"], r["error"])) for r in work]
+        def load(r: dict[str, Any]) -> Any:
+            sample = Sample(r["key"], r["image"] or r["source"], r["error"])
+            return load_sample(Path(r["shard"]), sample, self.media, self.max_bytes)
+
+        loaded = list(self.pool.map(load, work))
         captions, _ = caption_batch(self.vlm, loaded, self.query, self.template)
         seconds = (time.perf_counter() - start) / max(len(work), 1)
         for row, img, caption in zip(work, loaded, captions):
@@ -128,7 +141,8 @@ def _init_ray(address: str | None) -> None:
 
 
 def caption_on_ray(options: LoadOptions, sampling: dict[str, Any], ray_options: RayOptions, shards: Sequence[Path],
-                   writer: ShardWriter, columns: Columns, query: str, template: str | None) -> Summary:
+                   writer: ShardWriter, columns: Columns, query: str, template: str | None,
+                   media: Media = Media()) -> Summary:
     """Caption the shards without output in `writer`'s folder on a pool of `ray_options.replicas`
     actors; `sampling` holds the sampling flags, over the model's defaults."""
     import ray
@@ -156,7 +170,8 @@ def caption_on_ray(options: LoadOptions, sampling: dict[str, Any], ray_options: 
         compute=ray.data.ActorPoolStrategy(size=ray_options.replicas),
         num_cpus=ray_options.cpus_per_replica, num_gpus=gpus or None,
         fn_constructor_kwargs={"options": options, "sampling": params, "query": query, "template": template,
-                               "threads": max(1, int(ray_options.cpus_per_replica))})
+                               "threads": max(1, int(ray_options.cpus_per_replica)), "media": media,
+                               "decoders": ray_options.decoders, "max_bytes": columns.max_bytes})
     results: dict[str, dict[int, Result]] = {str(s): {} for s in todo}
     counts: dict[str, int] = {}
     bar, start = progress_bar(None, None, ray_options.log_every), time.monotonic()

@@ -1,5 +1,5 @@
 """`cogvlm chat`: the seed's command-line chat (interactive, answers streamed) plus a one-shot
-mode for scripts (`--image X --query Q`, `--json`).
+mode for scripts (`--image X --query Q`, `--json`); `--video CLIP` for the video models.
 
 Prompting and decoding stay in the API (`CogVLM.session`); this module is only the surface:
 flags, the prompts in two languages, Ctrl-C handling and saving grounding drawings.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from PIL import Image
 
-from ..errors import ContextLengthError, ImageError, ImageRequiredError, TokenizerError, UsageError
+from ..errors import ContextLengthError, ImageError, ImageRequiredError, TokenizerError, UsageError, VideoError
 from ..files import atomic_path
 from ..grounding import GroundedPhrase, draw_boxes, drawable, parse_boxes, parse_operations, turn_boxes
 from ..image import load_image
@@ -68,6 +68,7 @@ class Strings:
 
     welcome: str
     image: str
+    video: str
     query: str
     answer: str
     drawn: str
@@ -79,11 +80,13 @@ STRINGS = {
     "en": Strings(
         welcome="Type 'clear' to start over with a new image, 'stop' to quit. Ctrl-C stops an answer.",
         image="Please enter the image path or URL (press Enter for plain text chat): ",
+        video="Please enter the video path (press Enter for plain text chat): ",
         query="Human: ", answer="CogVLM: ", drawn="(boxes drawn: {})", stopped="[stopped]",
         need_image="--no_prompt writes captions: enter an image path or URL, or 'stop'."),
     "zh": Strings(
         welcome="输入 clear 换一张图像重新开始，输入 stop 退出。按 Ctrl-C 可中止当前回答。",
         image="请输入图像路径或URL（回车进入纯文本对话）：",
+        video="请输入视频路径（回车进入纯文本对话）：",
         query="用户：", answer="CogVLM：", drawn="（已画出框：{}）", stopped="[已中止]",
         need_image="--no_prompt 用于图像描述：请输入图像路径或URL，或输入 stop 退出。"),
 }
@@ -130,34 +133,47 @@ def _turn(args: argparse.Namespace, text: Strings, session: ChatSession, query: 
             print(text.drawn.format(drawn))
 
 
+def open_session(vlm: CogVLM, args: argparse.Namespace, source: str | None,
+                 image: Image.Image | None = None) -> tuple[ChatSession, str]:
+    """The session about `image`, or the video `source` for a video model (decoded once, here),
+    and --no_prompt's caption query: an image's is empty in the base template, a video's the
+    captioner's question in the chat template (as `CogVLM.caption`)."""
+    from ..api import VIDEO_CAPTION_PROMPT
+
+    video = source if vlm.config.video and source else None
+    if args.no_prompt:
+        return vlm.session(image, "chat" if video else "base", video=video), VIDEO_CAPTION_PROMPT if video else ""
+    return vlm.session(image, args.template, video=video), args.query or ""
+
+
 def interactive(vlm: CogVLM, args: argparse.Namespace) -> int:
-    """The seed's loop: an image (or none), then questions until `clear` (new image) or `stop`."""
+    """The seed's loop: an image or a video (or none), then questions until `clear` (a new one)
+    or `stop`."""
     try:
         import readline  # noqa: F401 -- gives input() line editing and history
     except ImportError:
         pass
     text = STRINGS[args.lang]
     print(text.welcome)
-    first = args.image  # `--image X` without `--query`: the first conversation is about X
+    first = args.image or args.video  # `--image X` without `--query`: the first conversation is about X
     while True:
-        source, first = (first, None) if first else (_read(text.image), None)
+        given = first is not None
+        source, first = (first, None) if first else (_read(text.video if vlm.config.video else text.image), None)
         if source is None or source == "stop":
             return 0
         if args.no_prompt and not source:
             print(text.need_image)
             continue
         try:
-            image = load_image(source) if source else None
-        except ImageError as e:
+            image = load_image(source) if source and not vlm.config.video else None
+            session, query = open_session(vlm, args, source, image)
+        except (ImageError, ImageRequiredError, VideoError) as e:  # CogAgent: no text-only chat
+            if given:  # the flags' image or video: one line and exit 2
+                raise
             print(e)
             continue
         if args.no_prompt:
-            _turn(args, text, vlm.session(image, "base"), "", image, source)
-            continue
-        try:
-            session = vlm.session(image, args.template)
-        except ImageRequiredError as e:  # CogAgent: no text-only chat
-            print(e)
+            _turn(args, text, session, query, image, source)
             continue
         while True:
             query = _read(text.query)
@@ -173,8 +189,7 @@ def interactive(vlm: CogVLM, args: argparse.Namespace) -> int:
 
 def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None) -> int:
     """Answer --query (or caption with --no_prompt), print it or a JSON record, and exit."""
-    query = "" if args.no_prompt else args.query
-    session = vlm.session(image, "base" if args.no_prompt else args.template)
+    session, query = open_session(vlm, args, args.video, image)
     start = time.perf_counter()
     try:
         for piece in session.stream(query):
@@ -202,12 +217,20 @@ def one_shot(vlm: CogVLM, args: argparse.Namespace, image: Image.Image | None) -
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.query is not None and args.no_prompt:
         raise UsageError("--no_prompt captions with an empty query; drop --query")
-    oneshot = args.query is not None or (args.image is not None and args.no_prompt)
+    if args.image is not None and args.video is not None:
+        raise UsageError("give --image or --video, not both: a conversation holds one of them")
+    oneshot = args.query is not None or ((args.image or args.video) is not None and args.no_prompt)
     if args.json and not oneshot:
-        raise UsageError("--json needs --query, or --image with --no_prompt")
+        raise UsageError("--json needs --query, or --image / --video with --no_prompt")
+    if args.video is not None and not Path(args.video).is_file():  # before the slow load
+        raise VideoError(f"video file not found: {args.video}")
     sampling, options = sampling_flags(args), load_options(args)
     image = load_image(args.image) if args.image else None  # a bad path fails before the slow load
     vlm = load_model(options, sampling)
+    if args.video is not None:
+        from ..prompt import check_takes_video
+
+        check_takes_video(vlm.config)
     return one_shot(vlm, args, image) if oneshot else interactive(vlm, args)
 
 
@@ -225,6 +248,10 @@ def add_chat_verb(verbs: Any) -> None:
                    help="captioning: the base template with an empty query, one caption per image")
     p.add_argument("--image", metavar="PATH_OR_URL",
                    help="the image to ask about: with --query one answer and exit, else chat about it")
+    p.add_argument("--video", metavar="PATH",
+                   help="the clip to ask about (CogVLM2-Video models): sampled as the template's demo does "
+                        "(chat: a frame a second, up to 24; base: 24 over the first 60 s); with --no_prompt "
+                        "the captioner's question 'Please describe this video in detail.'")
     p.add_argument("--query", help="one-shot mode: the question; prints the answer and exits")
     p.add_argument("--json", action="store_true",
                    help='one-shot mode: print {"answer", "boxes", "operations", "drawn", "seconds"} '

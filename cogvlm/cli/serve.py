@@ -7,8 +7,26 @@ import sys
 from typing import Any, MutableMapping
 
 from ..errors import UsageError
-from ..server import ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
-from .flags import add_model_flags, load_model, load_options, port, positive_int, sampling_flags
+from ..server import VIDEO_LIMITS, ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
+from ..video import VideoLimits, pyav
+from .flags import add_model_flags, load_model, load_options, port, positive_float, positive_int, sampling_flags
+
+
+def add_video_limit_flags(p: argparse.ArgumentParser) -> None:
+    """The limits on one clip from a client (`cogvlm serve` and `cogvlm web`); `video_limits` reads them."""
+    p.add_argument("--max-video-bytes", type=positive_int, default=VIDEO_LIMITS.max_bytes, metavar="N",
+                   help=f"largest video file (default {VIDEO_LIMITS.max_bytes})")
+    p.add_argument("--max-video-seconds", type=positive_float, default=VIDEO_LIMITS.max_seconds, metavar="S",
+                   help="longest video; all its frames are indexed to sample it "
+                        f"(default {VIDEO_LIMITS.max_seconds:g})")
+    p.add_argument("--max-video-frames", type=positive_int, default=VIDEO_LIMITS.max_frames, metavar="N",
+                   help=f"most frames in a video (default {VIDEO_LIMITS.max_frames})")
+    p.add_argument("--max-video-pixels", type=positive_int, default=VIDEO_LIMITS.max_pixels, metavar="N",
+                   help=f"largest video frame, width x height (default {VIDEO_LIMITS.max_pixels})")
+
+
+def video_limits(args: argparse.Namespace) -> VideoLimits:
+    return VideoLimits(args.max_video_bytes, args.max_video_seconds, args.max_video_frames, args.max_video_pixels)
 
 
 def add_serve_verb(verbs: Any) -> None:
@@ -27,8 +45,10 @@ def add_serve_verb(verbs: Any) -> None:
                         "an empty key is refused)")
     p.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
                    help="most requests decoded together (default 16)")
-    p.add_argument("--allow-remote-images", action="store_true", help="let requests name http(s) image URLs")
-    p.add_argument("--allow-local-files", action="store_true", help="let requests name image files on this machine")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let requests name http(s) URLs of images and videos")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="let requests name image and video files on this machine")
     p.add_argument("--max-image-bytes", type=positive_int, default=ServeOptions.max_image_bytes, metavar="N",
                    help=f"largest image file (default {ServeOptions.max_image_bytes})")
     p.add_argument("--max-image-pixels", type=positive_int, default=ServeOptions.max_image_pixels, metavar="N",
@@ -36,6 +56,10 @@ def add_serve_verb(verbs: Any) -> None:
     p.add_argument("--max-image-memory", type=positive_int, default=ServeOptions.max_image_memory, metavar="N",
                    help="bytes that images being decoded may take together, all requests at once; more wait "
                         f"(default {ServeOptions.max_image_memory})")
+    add_video_limit_flags(p)
+    p.add_argument("--max-video-memory", type=positive_int, default=ServeOptions.max_video_memory, metavar="N",
+                   help="bytes that the sampled frames of videos being decoded may take together, all requests at "
+                        f"once; more wait (default {ServeOptions.max_video_memory})")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="comma list of names the Host header may carry, or '*' (default: 127.0.0.1,localhost,[::1] "
                         "on a loopback --host, else '*')")
@@ -61,7 +85,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     docs = loopback and args.api_key is None if args.docs is None else args.docs
     return ServeOptions(args.served_model_name or args.model, args.api_key, args.allow_remote_images,
                         args.allow_local_files, args.max_image_bytes, args.max_image_pixels, args.max_image_memory,
-                        args.template, hosts, docs)
+                        video_limits(args), args.max_video_memory, args.template, hosts, docs)
 
 
 ALLOC_CONF = "expandable_segments:True"
@@ -89,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sampling, options = sampling_flags(args), load_options(args)
     opts = serve_options(args)
     vlm = load_model(options, sampling)
+    if vlm.config.video:
+        pyav()  # a video model's requests need PyAV: say so now, not at the first request
     if not is_loopback(args.host) and opts.api_key is None:
         print(f"cogvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)

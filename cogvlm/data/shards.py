@@ -36,11 +36,15 @@ from ..files import atomic_path, printable
 from ..image import MAX_IMAGE_BYTES
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi"})  # the containers cogvlm.video reads
 SHARD_SUFFIXES = (".tar", ".parquet")
 OUTPUT_FORMATS = ("parquet", "wds")
 # --image-column's default: the first of these a table has (img2dataset, Hugging Face datasets, plain tables)
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes", "path", "image_path", "file",
                  "url", "image_url")
+# --image-column's default for a video model's datasets
+VIDEO_COLUMNS = ("video", "mp4", "webm", "mkv", "mov", "avi", "video_bytes", "bytes", "path", "video_path", "file",
+                 "url", "video_url")
 ID_COLUMNS = ("key", "id")
 RESULT_COLUMNS = ("id", "caption", "model", "prompt", "sampling", "error")
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key.ext split
@@ -49,7 +53,7 @@ TEXT_BYTES = 2**20  # what a sample's text members (json, txt) may add to its im
 
 @dataclass
 class Sample:
-    """One image of a shard: encoded bytes or a path/URL (None when missing: `error` says why)."""
+    """One image (or clip) of a shard: encoded bytes or a path/URL (None when missing: `error` says why)."""
 
     key: str
     image: bytes | str | None
@@ -66,13 +70,29 @@ class Result:
 @dataclass(frozen=True)
 class Columns:
     """How shards are read: which Parquet columns hold the image and the sample id (None: find
-    them by name), the largest image file (`--max-image-bytes`; a sample's members together may
-    add TEXT_BYTES), and whether Parquet paths may name files outside the Parquet file's folder."""
+    them by name), the largest image or clip file (`--max-image-bytes`, `--max-video-bytes` for a
+    video model; a sample's members together may add TEXT_BYTES), whether Parquet paths may name
+    files outside the Parquet file's folder, and whether the samples are video clips (tar members
+    by VIDEO_EXTENSIONS, columns by VIDEO_COLUMNS)."""
 
     image: str | None = None
     id: str | None = None
     max_bytes: int = MAX_IMAGE_BYTES
     any_path: bool = False
+    video: bool = False
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        return VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS
+
+    @property
+    def media(self) -> str:
+        return "video" if self.video else "image"
+
+    @property
+    def flag(self) -> str:
+        """The flag that sets `max_bytes`, for the error rows."""
+        return f"--max-{self.media}-bytes"
 
 
 def is_shard(path: str) -> bool:
@@ -117,7 +137,7 @@ def output_path(shard: Path, folder: Path, fmt: str) -> Path:
 
 # ---- reading -----------------------------------------------------------------------------------
 
-def tar_groups(path: Path, max_bytes: int = MAX_IMAGE_BYTES,
+def tar_groups(path: Path, max_bytes: int = MAX_IMAGE_BYTES, flag: str = "--max-image-bytes",
                ) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]], list[str]]]:
     """(key, members with their bytes, why the sample cannot be used) per sample, in file order,
     streaming. Only regular files with safe names are read, and only within `max_bytes` each (and
@@ -136,8 +156,8 @@ def tar_groups(path: Path, max_bytes: int = MAX_IMAGE_BYTES,
             problem = _member_problem(info)
             if problem is None and (info.size > max_bytes or size + info.size > max_bytes + TEXT_BYTES):
                 problem = (f"member {printable(info.name)} is {info.size} bytes, over the limit of {max_bytes} "
-                           f"(--max-image-bytes)" if info.size > max_bytes else
-                           f"its members are over {max_bytes + TEXT_BYTES} bytes together (--max-image-bytes)")
+                           f"({flag})" if info.size > max_bytes else
+                           f"its members are over {max_bytes + TEXT_BYTES} bytes together ({flag})")
             if problem is None:
                 members.append((info, tar.extractfile(info).read()))
                 size += info.size
@@ -175,17 +195,17 @@ def _ext(info: tarfile.TarInfo) -> str:
     return match.group(2) if match else ""
 
 
-def tar_samples(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> Iterator[Sample]:
-    for key, members, problems in tar_groups(path, max_bytes):
+def tar_samples(path: Path, columns: Columns = Columns()) -> Iterator[Sample]:
+    for key, members, problems in tar_groups(path, columns.max_bytes, columns.flag):
         shown = printable(key)
-        images = [data for info, data in members if f".{_ext(info).lower()}" in IMAGE_EXTENSIONS]
+        images = [data for info, data in members if f".{_ext(info).lower()}" in columns.extensions]
         if problems:
             yield Sample(shown, None, f"sample {shown} of {path}: {'; '.join(problems)}")
         elif images:
             yield Sample(shown, images[0])
         else:
             found = ", ".join(f".{printable(_ext(info))}" for info, _ in members)
-            yield Sample(shown, None, f"sample {shown} of {path} has no image (members: {found})")
+            yield Sample(shown, None, f"sample {shown} of {path} has no {columns.media} (members: {found})")
 
 
 def parquet_columns(path: Path, columns: Columns) -> tuple[str, str | None]:
@@ -196,9 +216,11 @@ def parquet_columns(path: Path, columns: Columns) -> tuple[str, str | None]:
         names = pq.read_schema(path).names
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
         raise ShardError(f"{path} is not a Parquet file pyarrow can read: {e}") from None
-    image = columns.image or next((c for c in IMAGE_COLUMNS if c in names), None)
+    defaults = VIDEO_COLUMNS if columns.video else IMAGE_COLUMNS
+    image = columns.image or next((c for c in defaults if c in names), None)
     if image not in names:
-        raise UsageError(f"{path} has no {'column ' + repr(image) if image else 'image column'}; its columns are "
+        what = f"column {image!r}" if image else f"{columns.media} column"
+        raise UsageError(f"{path} has no {what}; its columns are "
                          f"{', '.join(names)} (--image-column NAME picks one)")
     ident = columns.id or next((c for c in ID_COLUMNS if c in names), None)
     if columns.id and ident not in names:
@@ -219,8 +241,8 @@ def parquet_samples(path: Path, columns: Columns, rows_per_read: int = 16) -> It
     row = 0
     for group in range(file.num_row_groups):
         rows = file.metadata.row_group(group).num_rows
-        problem = _declared_problem(file.metadata.row_group(group), image, columns.max_bytes)
-        if problem or _declared_problem(file.metadata.row_group(group), ident, TEXT_BYTES):
+        problem = _declared_problem(file.metadata.row_group(group), image, columns.max_bytes, columns.flag)
+        if problem or _declared_problem(file.metadata.row_group(group), ident, TEXT_BYTES, columns.flag):
             for n in range(row, row + rows):
                 yield Sample(str(n), None, f"row {n} of {path}: {problem or f'its {ident} column is too large'}")
             row += rows
@@ -233,7 +255,7 @@ def parquet_samples(path: Path, columns: Columns, rows_per_read: int = 16) -> It
             row += batch.num_rows
 
 
-def _declared_problem(group: Any, column: str | None, limit: int) -> str | None:
+def _declared_problem(group: Any, column: str | None, limit: int, flag: str) -> str | None:
     """Why a row group's column is too large to read, from its metadata: the uncompressed bytes of
     the column's chunks (a 33 kB file can hold a 4 GB value of zeros) over `limit` per row."""
     if column is None:
@@ -242,7 +264,7 @@ def _declared_problem(group: Any, column: str | None, limit: int) -> str | None:
                    if group.column(i).path_in_schema.split(".")[0] == column)
     if declared > limit * max(group.num_rows, 1):
         return (f"the {column} column of its row group holds {declared} bytes for {group.num_rows} rows, over the "
-                f"limit of {limit} per row (--max-image-bytes)")
+                f"limit of {limit} per row ({flag})")
     return None
 
 
@@ -282,10 +304,10 @@ def _sample(path: Path, key: str, value: Any, columns: Columns) -> Sample:
     """One row's Sample: bytes, a URL, or a path that must stay inside `path`'s folder (unless
     `columns.any_path`): a table's path column is data, and may come from anyone."""
     if isinstance(value, _TooLarge):
-        return Sample(key, None, f"row {key} of {path}: its image is {value.size} bytes, over the limit of "
-                                 f"{value.limit} (--max-image-bytes)")
+        return Sample(key, None, f"row {key} of {path}: its {columns.media} is {value.size} bytes, over the limit "
+                                 f"of {value.limit} ({columns.flag})")
     if not value:
-        return Sample(key, None, f"row {key} of {path} has no image")
+        return Sample(key, None, f"row {key} of {path} has no {columns.media}")
     if isinstance(value, str) and "://" not in value:
         local = path.parent / value
         if not columns.any_path and not _inside(local, path.parent):
@@ -308,7 +330,7 @@ def samples(shard: Path, columns: Columns) -> Iterator[Sample]:
     if shard.suffix.lower() == ".parquet":
         reader, damaged = parquet_samples(shard, columns), (OSError, _pyarrow().ArrowException)
     else:
-        reader, damaged = tar_samples(shard, columns.max_bytes), (OSError, EOFError, tarfile.TarError)
+        reader, damaged = tar_samples(shard, columns), (OSError, EOFError, tarfile.TarError)
     try:
         yield from reader
     except damaged as e:

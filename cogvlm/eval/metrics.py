@@ -28,10 +28,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from statistics import harmonic_mean
 from typing import Iterable, Mapping, Sequence
+
+from .ptb_deleted import DELETED_BMP
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -200,15 +203,28 @@ def lenient_exact(prediction: str, answer: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
-def mean_per_type(scores: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """TDIUC's arithmetic and harmonic mean-per-type accuracy, plus the plain overall accuracy."""
+def _means(per_type: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """TDIUC's arithmetic and harmonic mean over the question types (a type at 0 makes the
+    harmonic mean 0; TDIUC's script adds 1e-10 to each, which rounds to the same)."""
+    values = list(per_type.values())
+    return {f"arithmetic_{prefix}": sum(values) / len(values),
+            f"harmonic_{prefix}": harmonic_mean(values) if all(values) else 0.0}
+
+
+def mean_per_type(scores: Iterable[tuple[str, str, float]]) -> dict[str, float]:
+    """TDIUC's metrics from (question type, ground-truth answer, score) per question: the plain
+    accuracy, the mean-per-type (MPT) accuracies, and the normalized ones (N-MPT: within a type,
+    the mean over its distinct answers of each answer's accuracy, so frequent answers do not
+    dominate)."""
     by_type: dict[str, list[float]] = defaultdict(list)
-    for kind, s in scores:
+    by_answer: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for kind, answer, s in scores:
         by_type[kind].append(s)
+        by_answer[kind][answer].append(s)
     per_type = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    normalized = {k: sum(sum(v) / len(v) for v in answers.values()) / len(answers) for k, answers in by_answer.items()}
     flat = [s for v in by_type.values() for s in v]
-    return {"accuracy": sum(flat) / len(flat), "arithmetic_mpt": sum(per_type.values()) / len(per_type),
-            "harmonic_mpt": harmonic_mean(per_type.values()) if all(per_type.values()) else 0.0,
+    return {"accuracy": sum(flat) / len(flat), **_means(per_type, "mpt"), **_means(normalized, "nmpt"),
             **{f"type/{k}": v for k, v in per_type.items()}}
 
 
@@ -273,41 +289,76 @@ PTB_PUNCTUATION = ("''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", "."
                    "...", ";")
 PTB_JAR = "stanford-corenlp-3.4.1.jar"
 
-# What the jar rewrites before tokenizing, as far as captions meet it: brackets to their PTB names,
-# dashes to "--", other currencies to "$" or "#", vulgar fractions to digits, quotes to `` and ''.
+# What the jar rewrites before tokenizing: brackets to their PTB names, dashes to "--", some
+# currencies to "$", "#" or "cents", vulgar fractions to digits, quotes to `` and ''.
 _PTB_REWRITE = str.maketrans({
     "(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- ",
-    "\u2013": " -- ", "\u2014": " -- ", "\u20ac": " $ ", "\u00a3": " # ", "\u00a5": " $ ",
-    "\u00bd": " 1/2 ", "\u00bc": " 1/4 ", "\u00be": " 3/4 ", '"': " `` ", "\u201c": " `` ", "\u201d": " '' ",
-    "\u2018": " ` ", "\u2019": "'"})
-_W = r"[^\W_]"  # a letter or digit of any script: accented words stay whole, as in the jar
+    "\u2013": " -- ", "\u2014": " -- ", "\u20ac": " $ ", "\u00a4": " $ ", "\u20a0": " $ ", "\x80": " $ ",
+    "\u00a3": " # ", "\u00a2": " cents ", "\u00bd": " 1/2 ", "\u00bc": " 1/4 ", "\u00be": " 3/4 ",
+    "\u2153": " 1/3 ", "\u2154": " 2/3 ", '"': " `` ", "\u201c": " `` ", "\u201d": " '' ", "\u2018": " ` ",
+    "\u2019": "'"})
+# characters the jar drops (cogvlm/eval/ptb_deleted.py), and its in-word hyphens when they stand alone
+_PTB_DELETED = re.compile(f"[{DELETED_BMP}\U00010000-\U0010ffff]|(?<![^\\W_])[\u00ad\u2010\u2011]"
+                          f"|[\u00ad\u2010\u2011](?![^\\W_])")
+# "AT&T", "R&D" (capitals only, as the jar's rule) stay one token: the "&" is held as U+E000 meanwhile
+_PTB_CAPITALS_AND = re.compile(r"(?<![^\W_])([A-Z]+)&([A-Z]+)")
+# words the jar splits in two: can not, gon na, wan na, got ta, gim me, lem me, 't is, 't was
+_PTB_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b|\b(gim|lem)(me)\b|(?<!\S)('t)(is|was)\b")
+# a letter (any script, with its combining accents) and a letter or decimal digit; superscripts,
+# vulgar fractions and other numerals are tokens of their own, as in the jar
+_NOT_DECIMAL = "".join(c for c in map(chr, range(0x80, 0x10000))
+                       if unicodedata.category(c) in ("No", "Nl"))
+_L = rf"(?:(?![{_NOT_DECIMAL}\d])[^\W_]|[\u0300-\u036f])"
+_LD = rf"(?:(?![{_NOT_DECIMAL}])[^\W_]|[\u0300-\u036f])"
+_WORD = rf"{_LD}+(?:[-_\u00ad\u2010\u2011]{_LD}+)*"
+# ":)" ":-(" ";)" "=)" become one token with the bracket's name (":-rrb-"); ":d" ":p" likewise
+_PTB_EMOTICON = re.compile(rf"([:;=]-?)([()])(?!{_LD})|([:;=]-?[dDpP])(?!{_LD})")
+_PTB_ABBREVIATIONS = ("mr|mrs|ms|dr|prof|gen|capt|lt|col|sgt|rev|gov|sen|st|jr|sr|mt|vs|etc|inc|ltd|co|corp|bros"
+                      "|dept|est|ave|blvd|fig|pp|ft|jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec|ph\\.d")
 _PTB_TOKEN = re.compile(rf"""
-    -(?:lrb|rrb|lsb|rsb|lcb|rcb)-            # bracket names (made above)
-  | (?:(?<=\s)|^)[-+]\d+(?:[.,:]\d+)*         # a signed number at a word start: -5, +3, -3.5
-  | \d+(?:[.,:/]\d+)+                         # 1,000  3.5  12:30  3/4 stay whole
-  | (?:mr|mrs|ms|dr|st|jr|sr|mt|vs|etc|jan|feb|mar|apr|aug|sept|sep|oct|nov|dec|no|inc|ltd|co|ft|lb|oz)\.(?=\s|$)
-  | {_W}+@{_W}+(?:\.{_W}+)+ | @{_W}+          # e-mail addresses and @handles stay whole
-  | (?:www\.)?{_W}+(?:\.{_W}{{2,}})*\.(?:com|org|net|edu|gov)\b   # host names
-  | o'clock | 'n'                             # PTB's special words
-  | (?:{_W}\.){{2,}}                          # u.s.  p.m.  e.g.  d.c. keep their periods
-  | {_W}+(?:[-&/]{_W}+)*(?=n't)               # the stem before n't
-  | n't | '(?:s|re|ve|ll|m|d)\b
-  | {_W}+(?:[-&/]{_W}+)*                      # words, with inner hyphens, slashes, ampersands
-  | \.\.\.|--|``|''|[!?]+|[^\s\w]|_
+    -(?:lrb|rrb|lsb|rsb|lcb|rcb)-                   # bracket names (made above)
+  | [:;=]-?-[lr]rb- | [:;=]-?[dp](?!{_LD})           # emoticons
+  | https?://[^\s"<>|]*[^\s"<>|.!?,-]               # URLs
+  | www\.(?:[a-z0-9-]+\.)+[a-z]{{2,4}}\b(?:/[!#-;=?-~]*[a-z0-9])?
+  | [a-z0-9][^\s"<>|]*@(?:[^\s"<>|.]+\.)*[^\s"<>|.]+   # e-mail addresses (trailing "!" or "," included)
+  | @[a-z_]\w* | \#{_L}{_LD}*                       # @handles, hashtags
+  | c\+\+ | [cf]\# | [a-z]+\ue000[a-z]+              # names the jar keeps whole; AT&T
+  | <[a-z/!?][^<>\n]*>                              # an SGML-like tag: <stop>
+  | (?:\d{{1,4}}[- ])?\d{{1,4}}/\d{{1,4}}(?![\d/])       # fractions: 3/4  24/7  "1 3/4" (one token)
+  | [-+]?\d*(?:[.,:]\d+)+(?:-\d+(?:[.,:]\d+)*)* | [-+]\d+   # numbers: 1,000  3.5  .5  12:30  3.5-5  -5  +3
+                                                    # (a sign anywhere)
+  | (?:{_PTB_ABBREVIATIONS})\.(?!{_L}) | no\.(?=\s*\d|[,;:])   # abbreviations ("no." as the jar has it)
+  | (?:{_L}\.){{2,}}(?!{_L}) | {_L}\.(?!{_L})       # u.s.a.  e.g.  and a lone letter's period: "b."
+  | o'clock(?!{_LD}) | 'n' | 'n(?!{_LD}) | 'em | '[2-9]0s | 't(?=\s)   # PTB's special words
+  | [a-hj-xz]'{_L}{{2,}}{_LD}* | {_L}+[aeiouy]'[aeiou]{_LD}* | y'(?={_L})   # o'neil  ma'am  y' all
+  | {_WORD}(?=n't) | n't | '(?:s|re|ve|ll|m|d)(?![a-z])      # the stem before n't, and the clitics
+  | {_L}{_LD}*(?:[.!?]{_L}{_LD}*)+(?:-{_LD}+)* | [a-z0-9]+(?:/[a-z0-9]+)+ | {_WORD}   # words: "dog.a" and
+                                                    # "www.x.com" stay whole, "tv/dvd" (ASCII) too;
+                                                    # inner hyphens and underscores join
+  | \.\.\.|--|``|''|[!?]+|\*+|\S                    # punctuation; any other character is a token
 """, re.VERBOSE)
-_PTB_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b")
 _PTB_DROPPED = {t.lower() for t in PTB_PUNCTUATION} - {"-lrb-", "-rrb-", "-lcb-", "-rcb-"}
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+def _emoticon(m: re.Match) -> str:
+    """':)' -> ' :-rrb- ', ':-(' -> ' :--lrb- ', ':D' -> ' :d ' (the jar's emoticon tokens)."""
+    if m.group(3):
+        return f" {m.group(3).lower()} "
+    return f" {m.group(1)}{'-rrb-' if m.group(2) == ')' else '-lrb-'} "
+
+
 def ptb_tokenize(text: str) -> str:
     """pycocoevalcap's tokenization (CoreNLP 3.4.1 PTBTokenizer, -preserveLines -lowerCase, then
-    its punctuation filter) without Java. docs/eval.md lists the cases it is checked to match the
-    jar on (accents, dashes, brackets, repeated punctuation, signs, abbreviations) and the known
-    differences (emoticons, URLs outside .com/.org/.net/.edu/.gov, rare abbreviations)."""
-    text = text.translate(_LINE_BREAKS).lower().translate(_PTB_REWRITE)
+    its punctuation filter) without Java. tests/data/ptb_jar_oracle.json holds the captions it is
+    checked on against the jar (accents, dashes, brackets, repeated punctuation, signs,
+    abbreviations, ...); docs/eval.md lists the known differences."""
+    text = _PTB_CAPITALS_AND.sub(" \\1\ue000\\2 ", _PTB_EMOTICON.sub(_emoticon, text.translate(_LINE_BREAKS)))
+    text = _PTB_DELETED.sub(" ", text.lower().translate(_PTB_REWRITE))
     text = _PTB_SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text)
-    return " ".join(t for t in _PTB_TOKEN.findall(text) if t not in _PTB_DROPPED)
+    # the jar writes the space inside a one-token "1 3/4" as U+00A0
+    tokens = (t.replace("\ue000", "&").replace(" ", "\u00a0") for t in _PTB_TOKEN.findall(text))
+    return " ".join(t for t in tokens if t not in _PTB_DROPPED)
 
 
 def ptb_jar() -> Path | None:

@@ -15,11 +15,13 @@ from .tasks import Published, Task
 
 def published_for(task: Task, split: str, model: str) -> dict[str, Published]:
     """Per metric, the published number for this split: the evaluated model's own if there is one,
-    else the first listed (the paper's CogVLM-17B)."""
+    else the first listed (the paper's CogVLM-17B). A file that mixes splits and reports each as a
+    row "metric/split" (VLMEvalKit's POPE: "accuracy/adversarial") gets that split's number there."""
     found: dict[str, Published] = {}
     for p in task.published:
-        if p.split == split and (p.metric not in found or Path(str(model)).name == p.model):
-            found[p.metric] = p
+        key = p.metric if p.split == split else f"{p.metric}/{p.split}"
+        if key not in found or Path(str(model)).name == p.model:
+            found[key] = p
     return found
 
 

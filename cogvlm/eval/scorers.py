@@ -74,7 +74,7 @@ def one_answer(rule: Callable[[str, str], float]) -> ScoreFn:
 
 def tdiuc_rule(rule: Callable[[str, str], float]) -> ScoreFn:
     def score(items: Sequence[Item], preds: Predictions, notes: list[str]) -> dict[str, float]:
-        return M.mean_per_type((it.meta.get("question_type") or "all", rule(preds[it.id], it.answers[0]))
+        return M.mean_per_type((it.meta.get("question_type") or "all", it.answers[0], rule(preds[it.id], it.answers[0]))
                                for it in items)
 
     return score
@@ -189,14 +189,15 @@ def score_pointing(items: Sequence[Item], preds: Predictions, notes: list[str]) 
 GT_VQA = "GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py"
 LENIENT = "ours, not an official scorer: both sides normalized (case, punctuation, number words, articles)"
 
-VQA_2016 = Scorer("vqa-2016", ten_answer(M.vqa_2016_accuracy), f"{GT_VQA} @ 458a8b2 (2016)")
+VQA_2016 = Scorer("vqa-2016", ten_answer(M.vqa_2016_accuracy), f"{GT_VQA} @ 458a8b2 (2016; rules as at c4e6a0e)")
 VQA_2021 = Scorer("vqa-2021", ten_answer(M.vqa_2021_accuracy),
                   f"{GT_VQA} @ a013f00 (2021, 'Fixed processing answers bug')")
 EVALAI_VQA = Scorer("evalai-vqa", ten_answer(M.evalai_challenge_accuracy),
                     "Cloud-CV/VQA-Challenge PythonEvaluationTools/vqaEvaluation/vqaEval.py @ 50c6b1e "
                     "(the code EvalAI runs for VQAv2 test-dev)")
 M4C = Scorer("m4c", ten_answer(M.m4c_accuracy),
-             "facebookresearch/mmf mmf/utils/m4c_evaluators.py TextVQAAccuracyEvaluator (EvalAIAnswerProcessor)")
+             "facebookresearch/mmf mmf/utils/m4c_evaluators.py @ 2dc099a TextVQAAccuracyEvaluator "
+             "(EvalAIAnswerProcessor)")
 VIZWIZ = Scorer("vizwiz", ten_answer(M.vizwiz_accuracy),
                 "the VizWiz-VQA API's vqaEval.py (Qing Li; linked from vizwiz.org/tasks-and-datasets/vqa)")
 GQA = Scorer("gqa", one_answer(M.exact_match),
@@ -204,7 +205,7 @@ GQA = Scorer("gqa", one_answer(M.exact_match),
              "isBalanced questions only")
 TDIUC = Scorer("tdiuc", tdiuc_rule(M.exact_match),
                "TDIUC (kushalkafle.com/projects/tdiuc.html): the answer label compared as a string, "
-               "mean-per-type accuracy")
+               "mean-per-type accuracy (MPT, N-MPT)")
 LLAVA_SQA = Scorer("llava-sqa", choice(llava_sqa_letter), "haotian-liu/LLaVA llava/eval/eval_science_qa.py (LLaVA-1.5)")
 POPE = Scorer("pope", score_pope, "RUCAIBox/POPE evaluate.py; categories split as VLMEvalKit's POPE_rating")
 COCO_CAPTION = Scorer("coco-caption", score_captions, "pycocoevalcap 1.2 (tylin/coco-caption): PTBTokenizer, Bleu, Cider")
