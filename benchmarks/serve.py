@@ -66,11 +66,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cogvlm", "serve", "--model", model, "--port", str(port),
-                                 "--max-batch", str(max(CONCURRENCY)), "--log-level", "warning"],
+                                 "--max-batch", str(max(CONCURRENCY)), "--log-level", "warning", *flags],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

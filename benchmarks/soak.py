@@ -9,7 +9,13 @@ resident memory is sampled every second. The table counts, per kind, answers, 4x
 transport failures, wrong answers and latencies; then RSS at the start, its peak and at the
 end, and what /metrics says is still running (it must be 0). Only 127.0.0.1 is contacted.
 
-    pip install -e '.[serve]' && python benchmarks/soak.py [--seconds 60] [--clients 12] [--model cogvlm-tiny]
+Beside them, --attackers threads (issue #37) loop over what an attacker sends: slow-loris
+connections (headers a byte at a time, never finished: the server must close them), bodies over
+the body limit (the server runs with --max-image-bytes 1000000, so 3 MB is over it), long thin
+images (1 x 2,000,000 pixels, a few kB of PNG) and requests with a huge max_tokens that join the
+running batch. Their outcomes are counted apart: the good clients must see no failure at all.
+
+    pip install -e '.[serve]' && python benchmarks/soak.py [--seconds 60] [--clients 12] [--attackers 4]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import base64
 import io
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -49,6 +56,8 @@ def user(text: str, url: str | None = None) -> list[dict]:
 
 SCENES = [data_url(make_scene(seed, 112).image) for seed in range(4)]
 HUGE = data_url(Image.new("RGB", (7000, 7000)))  # 49 M pixels: over --max-image-pixels, refused from its header
+THIN = data_url(Image.new("L", (1, 2_000_000)))  # 2 M pixels, 2,000,000:1: refused by shape before decoding
+MAX_IMAGE_BYTES = 1_000_000  # the soak server's --max-image-bytes: its body limit is ~2.3 MB
 
 
 def kinds() -> dict[str, tuple[bytes | dict, str]]:
@@ -68,6 +77,39 @@ def kinds() -> dict[str, tuple[bytes | dict, str]]:
         "broken JSON": (b'{"messages": [', "4xx"),
         "7000x7000 image": ({"messages": user("hi", HUGE)}, "4xx"),
     }
+
+
+def attacks() -> dict[str, tuple[bytes | dict, str]]:
+    """What the attackers loop over ('any': every HTTP answer is fine, only the good clients are judged)."""
+    return {
+        "slow loris (10 connections)": (b"", "loris"),
+        "3 MB body (over the limit)": (b'{"messages": "' + b"x" * 3_000_000 + b'"}', "4xx"),
+        "1 x 2,000,000 image": ({"messages": user("hi", THIN)}, "4xx"),
+        "max_tokens 10^6": ({"messages": user("Describe the image.", SCENES[0]), "max_tokens": 10**6}, "any"),
+        "max_tokens 1500 (joins)": ({"messages": user("Describe the image.", SCENES[1]), "max_tokens": 1500,
+                                     "temperature": 1, "seed": 3}, "any"),
+    }
+
+
+def slow_loris(port: int, connections: int = 10, seconds: float = 30) -> str:
+    """Open `connections` sockets that send a request line and then a header byte every second,
+    never ending the headers: 'ok' when the server closed every one of them within `seconds`."""
+    socks = []
+    for _ in range(connections):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(s)
+    deadline, open_ = time.monotonic() + seconds, set(range(connections))
+    while open_ and time.monotonic() < deadline:
+        for i in list(open_):
+            try:
+                socks[i].sendall(b"X")
+            except OSError:  # reset or closed by the server
+                open_.discard(i)
+        time.sleep(1)
+    for s in socks:
+        s.close()
+    return "ok" if not open_ else "wrong"
 
 
 class Tally:
@@ -92,7 +134,12 @@ def one(client: httpx.Client, kind: str, body: bytes | dict, expect: str, tally:
     headers = {"content-type": "application/json"}
     start = time.perf_counter()
     try:
-        if expect == "hang up" or (isinstance(body, dict) and body.get("stream")):
+        if expect == "loris":
+            outcome = slow_loris(int(str(client.base_url).rsplit(":", 1)[1].rstrip("/")))
+        elif expect == "any":
+            r = client.post("/v1/chat/completions", content=content, headers=headers)
+            outcome = "ok" if r.status_code == 200 else "5xx" if r.status_code >= 500 else "4xx"
+        elif expect == "hang up" or (isinstance(body, dict) and body.get("stream")):
             with client.stream("POST", "/v1/chat/completions", content=content, headers=headers) as r:
                 lines = r.iter_lines()
                 if expect == "hang up":
@@ -117,6 +164,18 @@ def one(client: httpx.Client, kind: str, body: bytes | dict, expect: str, tally:
     tally.add(kind, outcome, time.perf_counter() - start)
 
 
+def print_table(tally: Tally, names: list[str]) -> None:
+    print(f"{'kind':<28} {'sent':>5} {'ok':>5} {'4xx':>5} {'5xx':>5} {'transport':>9} {'wrong':>5} {'p50 ms':>7} "
+          f"{'p95 ms':>7}")
+    for kind in names:
+        c, lat = tally.counts[kind], sorted(tally.latency[kind])
+        if not lat:
+            continue
+        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+        print(f"{kind:<28} {len(lat):>5} {c['ok']:>5} {c['4xx']:>5} {c['5xx']:>5} {c['transport']:>9} "
+              f"{c['wrong']:>5} {1000 * statistics.median(lat):>7.0f} {1000 * p95:>7.0f}")
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -129,13 +188,14 @@ def main() -> None:
     parser.add_argument("--model", default="cogvlm-tiny", help="registry name or folder (default cogvlm-tiny)")
     parser.add_argument("--seconds", type=float, default=60, help="how long to load the server (default 60)")
     parser.add_argument("--clients", type=int, default=12, help="concurrent client threads (default 12)")
+    parser.add_argument("--attackers", type=int, default=4, help="concurrent attacker threads (default 4)")
     args = parser.parse_args()
-    load = kinds()
-    names = list(load)
-    tally = Tally()
+    load, hostile = kinds(), attacks()
+    names, hostile_names = list(load), list(hostile)
+    tally, attacked = Tally(), Tally()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(args.model, port, Path(tmp) / "server.log")
+        server = start_server(args.model, port, Path(tmp) / "server.log", "--max-image-bytes", str(MAX_IMAGE_BYTES))
         memory: list[int] = []
         try:
             url = f"http://127.0.0.1:{port}"
@@ -150,7 +210,16 @@ def main() -> None:
                         one(client, kind, *load[kind], tally)
                         i += 1
 
+            def attacker_loop(offset: int) -> None:
+                with httpx.Client(base_url=url, timeout=120) as client:
+                    i = offset
+                    while time.monotonic() < stop:
+                        kind = hostile_names[i % len(hostile_names)]
+                        one(client, kind, *hostile[kind], attacked)
+                        i += 1
+
             threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(args.clients)]
+            threads += [threading.Thread(target=attacker_loop, args=(k,)) for k in range(args.attackers)]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
@@ -164,19 +233,13 @@ def main() -> None:
             server.wait(timeout=30)
     mb = 2**20
     total = sum(sum(c.values()) for c in tally.counts.values())
-    print(f"model: {args.model}; {args.clients} clients for {args.seconds:.0f} s; {total} requests; "
-          f"torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{'kind':<26} {'sent':>5} {'ok':>5} {'4xx':>5} {'5xx':>5} {'transport':>9} {'wrong':>5} {'p50 ms':>7} "
-          f"{'p95 ms':>7}")
-    for kind in names:
-        c, lat = tally.counts[kind], sorted(tally.latency[kind])
-        if not lat:
-            continue
-        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
-        print(f"{kind:<26} {len(lat):>5} {c['ok']:>5} {c['4xx']:>5} {c['5xx']:>5} {c['transport']:>9} "
-              f"{c['wrong']:>5} {1000 * statistics.median(lat):>7.0f} {1000 * p95:>7.0f}")
+    print(f"model: {args.model}; {args.clients} clients and {args.attackers} attackers for {args.seconds:.0f} s; "
+          f"{total} client requests; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print_table(tally, names)
     failures = sum(c["5xx"] + c["transport"] + c["wrong"] for c in tally.counts.values())
-    print(f"failures (5xx, transport, wrong answers): {failures}")
+    print(f"client failures (5xx, transport, wrong answers): {failures}")
+    print("attackers:")
+    print_table(attacked, hostile_names)
     print(f"server RSS: {start_rss / mb:.0f} MB at start, {max(memory, default=0) / mb:.0f} MB peak, "
           f"{end_rss / mb:.0f} MB at the end; /metrics running: {metrics['requests']['running']}, "
           f"finished: {metrics['requests']['finished']}")

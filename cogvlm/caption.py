@@ -44,9 +44,9 @@ from PIL import Image
 from .data.shards import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Columns, Result, Sample, ShardError, ShardWriter, samples,
                           sampling_json)
 from .errors import ImageError, UsageError, VideoError, WriteError
-from .files import write_text
+from .files import printable, write_text
 from .generate import SamplingParams
-from .image import ImageInput, load_image
+from .image import MAX_IMAGE_BYTES, ImageInput, load_image
 from .jobs import Journal, parse_jsonl, read_journal
 from .progress import Progress
 from .prompt import build_prompt
@@ -80,8 +80,10 @@ def _writing(path: Path) -> Iterator[None]:
     """A folder the user cannot write to is their mistake to fix: one line, no traceback."""
     try:
         yield
+    except WriteError as e:  # it names the file already
+        raise WriteError(f"{e} (--output FILE writes elsewhere)") from None
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
+        raise WriteError(f"cannot write {path}: {e.strerror or e} (--output FILE writes elsewhere)") from None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -89,7 +91,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         write_text(path, text)
     except WriteError as e:  # it names the file already
-        raise UsageError(f"{e} (--output FILE writes elsewhere)") from None
+        raise WriteError(f"{e} (--output FILE writes elsewhere)") from None
 
 
 class Sink(Protocol):
@@ -150,11 +152,12 @@ class RecordFile:
         return records
 
     def done(self, image: Path) -> bool:
-        return str(image) in self.records
+        return printable(str(image)) in self.records
 
     def write(self, results: Sequence[tuple[Path, str]]) -> None:
+        """Records name images as `printable` text: a non-UTF-8 file name as \\xNN escapes."""
         with _writing(self.journal):
-            self._journal.write({self.field: str(p), "caption": c} for p, c in results)
+            self._journal.write({self.field: printable(str(p)), "caption": c} for p, c in results)
 
     def close(self) -> None:
         self._journal.close()
@@ -225,10 +228,13 @@ class Media:
     def for_template(self, template: str) -> Media:
         return replace(self, strategy=strategy_for(template)) if self.video else self
 
-    def load(self, source: ImageInput) -> Image.Image | torch.Tensor:
+    def load(self, source: ImageInput, max_bytes: int | None = None) -> Image.Image | torch.Tensor:
+        """`max_bytes` (a shard's limit, Columns.max_bytes) caps the file further than `limits`."""
         if self.video:
-            return load_video(source, self.strategy, limits=self.limits)  # type: ignore[arg-type]
-        return load_image(source)
+            limits = self.limits if max_bytes is None else replace(
+                self.limits, max_bytes=min(self.limits.max_bytes, max_bytes))
+            return load_video(source, self.strategy, limits=limits)  # type: ignore[arg-type]
+        return load_image(source, max_bytes=max_bytes)
 
 
 @dataclass
@@ -356,20 +362,21 @@ def decoded_batches(items: Sequence[T], batch_size: int, load: Callable[[T], Any
         yield batches()
 
 
-def load_media(source: ImageInput, name: str | Path, media: Media = Media()) -> Loaded:
+def load_media(source: ImageInput, name: str | Path, media: Media = Media(), max_bytes: int | None = None) -> Loaded:
     """The decoded image or clip, or why it cannot be read (the messages name the file)."""
     try:
-        return media.load(source)
+        return media.load(source, max_bytes)
     except (ImageError, VideoError) as e:
         return str(e)
     except OSError as e:
         return f"cannot read {name}: {e.strerror or e}"
 
 
-def load_sample(shard: Path, sample: Sample, media: Media = Media()) -> Loaded:
+def load_sample(shard: Path, sample: Sample, media: Media = Media(), max_bytes: int = MAX_IMAGE_BYTES) -> Loaded:
+    """A sample's image or clip, or why not; a path or URL is read up to `max_bytes` (Columns.max_bytes)."""
     if sample.image is None:
         return sample.error or f"sample {sample.key} of {shard} has no {media.field}"
-    loaded = load_media(sample.image, sample.image if isinstance(sample.image, str) else shard, media)
+    loaded = load_media(sample.image, sample.image if isinstance(sample.image, str) else shard, media, max_bytes)
     if isinstance(loaded, str) and isinstance(sample.image, bytes):  # name the sample, not "the given bytes"
         return f"{shard} sample {sample.key} {loaded.removeprefix('the given bytes ')}"
     return loaded
@@ -438,7 +445,7 @@ def _shard_batches(shards: Sequence[Path], columns: Columns, batch_size: int, su
         batch: list[tuple[str, Future]] = []
         try:
             for sample in samples(shard, columns):
-                batch.append((sample.key, submit(load_sample, shard, sample, media)))
+                batch.append((sample.key, submit(load_sample, shard, sample, media, columns.max_bytes)))
                 if len(batch) == batch_size:
                     yield shard, batch
                     batch = []

@@ -27,13 +27,13 @@ from collections import deque
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .bnb import Bnb4bitError, unpack_state
 from .config import REGISTRY, CogVLMConfig, ConfigError, from_hf_config, from_sat_config, registry_entry
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError
 from .model import CogVLMForCausalLM
 from .quantize import (Int4Linear, Int8Linear, QuantConfig, QuantError, check_cuda_capability, fill, quantize_layout,
                        quantize_tensors)
@@ -143,7 +143,7 @@ def read_quant(folder: Path) -> QuantConfig | None:
         return None
     try:
         return QuantConfig.from_dict(entry)
-    except (QuantError, KeyError, TypeError, ValueError) as e:
+    except (QuantError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{folder / HF_CONFIG} has an unreadable quantization entry {entry!r}: {e}") from None
 
 
@@ -173,8 +173,10 @@ def _hf_shards(folder: Path) -> list[Path]:
     if (folder / index).is_file():
         try:
             weight_map = json.loads((folder / index).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{folder / index} is not a valid index: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder / index} is not a valid index: {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / index} is not a valid index: its weight_map is not an object")
         shards = [folder / _shard_name(f, folder) for f in dict.fromkeys(weight_map.values())]
     else:
         shards = [folder / single]
@@ -356,10 +358,8 @@ def _iter_bin(shard: Path) -> Iterator[dict[str, torch.Tensor]]:
     """A torch-pickle shard (memory-mapped) tensor by tensor, bitsandbytes 4-bit weights unpacked
     one at a time: the published int4 file is one 11.7 GB pickle, 39 GB once unpacked, and a
     `quant` load re-quantizes each unpacked weight before the next one is made."""
-    try:
-        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle / zip errors come in many types
-        raise CheckpointError(f"cannot read {shard}: {e}") from None
+    state = torch_load(shard, "")
+    check_state(state, shard)
     try:
         for name, tensor in unpack_state(state):
             yield {name: tensor}
@@ -439,11 +439,40 @@ def sat_to_hf_name(name: str) -> str | None:
     return name
 
 
+def torch_load(path: Path, what: str) -> object:
+    """A torch pickle, weights only (a pickle naming anything else is refused, not run), memory-
+    mapped unless it predates torch 1.6's zip format (those are read whole); any failure is one
+    line (torch's weights-only refusal is a page of advice: its 'unsupported GLOBAL' line is kept)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # pickle / zip errors come in many types
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        line = next((x for x in lines if "unsupported GLOBAL" in x), lines[0])
+        raise CheckpointError(f"cannot read {what}{path}: {line[:300]}") from None
+
+
+def check_state(state: object, path: Path) -> None:
+    """A torch pickle's state: a dict of names to tensors (anything else would fail later with a
+    KeyError or an AttributeError far from the file)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
+    bad = [repr(k)[:40] for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not a named tensor: {_listing(bad)}")
+
+
 def _sat_files(folder: Path) -> list[Path]:
+    """The mp_rank files of the iteration `latest` names: a folder inside this one, by name (a
+    `latest` of ../x or /x would load any checkpoint on the machine)."""
     try:
         iteration = (folder / "latest").read_text().strip()
     except FileNotFoundError:
         raise CheckpointError(f"{folder} has {SAT_CONFIG} but no 'latest' file naming the iteration") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {folder / 'latest'}: {getattr(e, 'strerror', None) or e}") from None
+    if not re.fullmatch(r"[\w.-]+", iteration) or iteration in (".", ".."):
+        raise CheckpointError(f"{folder / 'latest'} names {json.dumps(iteration)[:80]}, not an iteration folder "
+                              f"inside {folder}")
     files = sorted((folder / iteration).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{folder / iteration} holds no mp_rank_XX_model_states.pt files")
@@ -459,19 +488,20 @@ def _read_sat(folder: Path, split: Split) -> dict[str, torch.Tensor]:
         files = files[split.rank:split.rank + 1]
     states = []
     for f in files:
-        try:
-            # files from before torch 1.6 (not zip) cannot be memory-mapped: those are read whole
-            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
-        except Exception as e:  # pickle / zip errors come in many types
-            raise CheckpointError(f"cannot read SAT checkpoint {f}: {e}") from None
+        blob = torch_load(f, "SAT checkpoint ")
         states.append(blob["module"] if isinstance(blob, dict) and "module" in blob else blob)
+        check_state(states[-1], f)
     merged: dict[str, torch.Tensor] = {}
     for sat_name in states[0]:
         hf_name = sat_to_hf_name(sat_name)
         if hf_name is None:
             continue
-        parts = [s[sat_name] for s in states]
-        merged[hf_name] = parts[0] if own else split.take(hf_name, split.merge(hf_name, parts))
+        try:
+            parts = [s[sat_name] for s in states]
+            merged[hf_name] = parts[0] if own else split.take(hf_name, split.merge(hf_name, parts))
+        except (KeyError, RuntimeError, ValueError, IndexError) as e:  # ranks that do not fit together
+            raise CheckpointError(f"the mp_rank files of {files[0].parent} disagree on {sat_name}: "
+                                  f"{type(e).__name__}: {str(e)[:200]}") from None
     return merged
 
 
@@ -728,31 +758,43 @@ def save_hf(state: dict[str, torch.Tensor], config: CogVLMConfig, out_dir: str |
             size = 0
         shards[-1][name] = t.contiguous()
         size += nbytes
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (tmp / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                "weight_map": weight_map}, indent=2))
-        hf_config = config.to_hf_dict() | {"torch_dtype": _stored_dtype(state)}
-        if quant is not None:
-            hf_config["quantization"] = quant.to_dict()
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-        for f in extra_files:
-            shutil.copy2(f, tmp / f.name)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:  # a file where a folder should be, a read-only folder
+        raise WriteError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    try:
+        _write_hf(tmp, shards, state, config, extra_files, quant)
         check_destination(out_dir, force)  # again: the folder may have changed while we wrote
         if out_dir.exists():
             shutil.rmtree(out_dir)  # empty, or only files save_hf writes
         os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as e:  # a full disk (ENOSPC, EFBIG), a folder made read-only
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"cannot write {out_dir}: {getattr(e, 'strerror', None) or e}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_hf(tmp: Path, shards: list[dict[str, torch.Tensor]], state: dict[str, torch.Tensor], config: CogVLMConfig,
+              extra_files: tuple[Path, ...], quant: QuantConfig | None) -> None:
+    """save_hf's files, into the temporary folder `tmp`."""
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (tmp / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                            "weight_map": weight_map}, indent=2))
+    hf_config = config.to_hf_dict() | {"torch_dtype": _stored_dtype(state)}
+    if quant is not None:
+        hf_config["quantization"] = quant.to_dict()
+    (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
+    for f in extra_files:
+        shutil.copy2(f, tmp / f.name)
 
 
 def _stored_dtype(state: dict[str, torch.Tensor]) -> str:
@@ -776,7 +818,7 @@ def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30, 
         state.update(group)
     report_weights(bad, str(folder))
     extra = tuple(p for p in [tokenizer_file(folder)] if p is not None)
-    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra, force=force)
+    return save_hf(state, config, dst, max_shard_bytes, extra_files=extra, quant=read_quant(folder), force=force)
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig, device: str | torch.device = "cpu",

@@ -41,6 +41,10 @@ class ImageError(CogVLMError, ValueError):
     """An image that cannot be read; the message says which and why."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image file or bitmap over a size limit; the message names the limit (and its flag)."""
+
+
 class ImageRequiredError(CogVLMError, ValueError):
     """CogAgent has no text-only mode: its cross-attention needs an image (docs/models.md)."""
 

@@ -31,10 +31,18 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def printable(name: str) -> str:
+    """A name from a file system or an archive as text: bytes that were not UTF-8 (which Python
+    keeps as lone surrogates, surrogateescape) as \\xNN escapes, so a record, a Parquet string or
+    a report can hold it. The same name always gives the same text, so a resume finds it again."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def write_text(target: Path, text: str) -> None:
-    """`text` as the whole of `target`, on disk (fsync) before it replaces the old file."""
+    """`text` as the whole of `target`, on disk (fsync) before it replaces the old file. A lone
+    surrogate (a non-UTF-8 file name in a message) is written as its \\uXXXX escape."""
     try:
-        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

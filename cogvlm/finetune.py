@@ -283,6 +283,23 @@ def apply_lora(model: CogVLMForCausalLM, parts: list[str], r: int, alpha: int):
     return peft.get_peft_model(model, config)
 
 
+# numeric flags and their lower bounds (a bound in the set: inclusive); checked before anything loads,
+# where peft, AdamW and the batch layout would otherwise fail with their own tracebacks
+AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "lora_r": 1, "lora_alpha": 1, "group_size": 1,
+            "warmup": 0, "eval_every": 0, "save_every": 0, "max_length": 0, "weight_decay": 0.0, "min_lr_ratio": 0.0}
+
+
+def check_numbers(args: TrainArgs) -> None:
+    """Each number in its range: finite, at least its AT_LEAST bound; lr > 0, min_lr_ratio <= 1."""
+    for name, low in {**AT_LEAST, "lr": 0.0}.items():
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low or (name == "lr" and value == 0):
+            bound = "> 0" if name == "lr" else f">= {low}"
+            raise TrainingError(f"--{name.replace('_', '-')} must be a finite number {bound}, not {value}")
+    if args.min_lr_ratio > 1:
+        raise TrainingError(f"--min-lr-ratio must be between 0 and 1, not {args.min_lr_ratio}")
+
+
 def check_quant_args(args: TrainArgs) -> None:
     """QLoRA's constraints, checked before anything loads: the packed weights take no gradient
     (only adapters beside them train) and compute in bf16."""
@@ -337,6 +354,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: to
 class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         self.args = args
+        check_numbers(args)  # before anything is made or loaded
         args.out.mkdir(parents=True, exist_ok=True)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, VideoError
+from .errors import ImageError, ImageTooLargeError, VideoError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,6 +28,12 @@ ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 # by their first bytes; their decoders (QOI, IM, DDS, BLP, ICNS, ...) raise exceptions of every
 # type on crafted files, and EPS hands the file to Ghostscript, where 70 bytes can loop forever.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# An image file's size limit where others choose the file: `cogvlm serve --max-image-bytes`, the
+# samples and paths of `cogvlm caption`'s shards, the web demo's uploads.
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000  # the same places' limit on width x height, read from the header
+MAX_ASPECT = 50  # longer side / shorter side: see decoded_bytes
+MAX_IMAGE_MEMORY = 2**30  # what decoding and resizing images may take (decoded_bytes): serve, all requests together
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -34,8 +42,9 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
-def load_image(source: ImageInput, timeout: float = 20.0) -> Image.Image:
-    """Open a path, http(s) URL, encoded bytes, PIL image or HWC/HW uint8 array as RGB."""
+def load_image(source: ImageInput, timeout: float = 20.0, max_bytes: int | None = None) -> Image.Image:
+    """Open a path, http(s) URL, encoded bytes, PIL image or HWC/HW uint8 array as RGB. A path
+    must be a regular file; `max_bytes` caps a file's size (checked before it is read)."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
@@ -46,18 +55,67 @@ def load_image(source: ImageInput, timeout: float = 20.0) -> Image.Image:
     if text.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(text, timeout=timeout) as response:
-                return _decode(response.read(), text)
+                data = response.read() if max_bytes is None else response.read(max_bytes + 1)
         except (urllib.error.URLError, OSError) as e:
             raise ImageError(f"could not download image {text}: {e}") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageTooLargeError(f"{text} is over {max_bytes} bytes, the limit")
+        return _decode(data, text)
     path = Path(text).expanduser()
+    return _decode(read_file(path, max_bytes), str(path))
+
+
+def read_file(path: Path, limit: int | None = None, kind: str = "image") -> bytes:
+    """The bytes of a regular file, at most `limit` of them. Anything else is refused before it
+    is read: `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read
+    (O_NONBLOCK keeps the open from waiting if a FIFO takes the file's place after the stat).
+    `kind` (image, video) names the file in the messages."""
     try:
-        if not path.exists():
-            raise ImageError(f"image file not found: {path}")
-        if not path.is_file():
+        if not stat.S_ISREG(path.stat().st_mode):
             raise ImageError(f"not a file: {path}")
-        return _decode(path.read_bytes(), str(path))
-    except OSError as e:  # a name too long, a folder we may not read, ...
-        raise ImageError(f"cannot read image {str(path)[:200]}: {e.strerror or e}") from None
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"not a file: {path}")
+            if limit is not None and info.st_size > limit:
+                raise ImageTooLargeError(f"{path} is {info.st_size} bytes, over the limit of {limit}")
+            data = f.read() if limit is None else f.read(limit + 1)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{kind} file not found: {path}") from None
+    except (OSError, ValueError) as e:  # a name too long, a folder we may not read, a NUL byte in the name
+        why = getattr(e, "strerror", None) or "not a usable file name"
+        raise ImageError(f"cannot read {kind} {str(path)[:200]}: {why}") from None
+    if limit is not None and len(data) > limit:  # it grew after the stat
+        raise ImageTooLargeError(f"{path} is over {limit} bytes, the limit")
+    return data
+
+
+def decoded_bytes(data: bytes, max_pixels: int, side: int) -> int:
+    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
+    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
+    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
+    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
+    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
+    MAX_ASPECT:1 are refused first (ImageError): the model sees a square, so a 50:1 image is
+    squeezed 50x along its long side (nothing of it survives), while panoramas and scanned
+    receipts stay under ~20:1. Over `max_pixels`: ImageTooLargeError. 0 for data that is not an
+    image (decoding says why). `cogvlm serve` and `cogvlm web` check every image with it."""
+    try:
+        with open_image(data) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e).split(" could")[0]) from None
+    except Exception:  # not an image we read, or a header a decoder chokes on: decoding says which
+        return 0
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"the image is {width}x{height} pixels")
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise ImageError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
+                         f"square input cannot show")
+    return width * height * (bands + 3) + max(side * height, width * side) * 3
 
 
 def _decode(data: bytes, name: str) -> Image.Image:

@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UsageError
+from .errors import UsageError, WriteError
 from .options import LoadOptions, launched_by_torchrun
 
 
@@ -58,14 +58,18 @@ class Journal:
         self._file: io.BufferedWriter | None = None
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if self._file is None:
-            if self.path.exists():
-                os.truncate(self.path, read_journal(self.path, self.what)[1])
-            self._file = open(self.path, "ab")
-        self._file.write(lines.encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        # a lone surrogate (a non-UTF-8 file name in an error message) goes out as its JSON escape
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8", "backslashreplace")
+        try:
+            if self._file is None:
+                if self.path.exists():
+                    os.truncate(self.path, read_journal(self.path, self.what)[1])
+                self._file = open(self.path, "ab")
+            self._file.write(lines)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk, a read-only folder
+            raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self._file is not None:

@@ -19,9 +19,7 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
-import stat
 import threading
 import time
 import urllib.error
@@ -36,10 +34,10 @@ from PIL import Image
 
 from .api import CogVLM
 from .config import TEMPLATES
-from .errors import (CogVLMError, ContextLengthError, ImageError, ImageRequiredError, TensorParallelError,
-                     TokenizerError, VideoError)
+from .errors import (CogVLMError, ContextLengthError, ImageError, ImageRequiredError, ImageTooLargeError,
+                     TensorParallelError, TokenizerError, VideoError)
 from .generate import SamplingParams
-from .image import load_image, open_image
+from .image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
 from .prompt import PromptTokens, check_takes_video
 from .scheduler import Job, Scheduler
 from .video import NUM_FRAMES, VideoLimits, decode_video, probe_video, strategy_for
@@ -84,9 +82,9 @@ class ServeOptions:
     api_key: str | None = None
     allow_remote_images: bool = False
     allow_local_files: bool = False
-    max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 40_000_000
-    max_image_memory: int = 2**30  # decoded image bytes in flight, all requests together
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_memory: int = MAX_IMAGE_MEMORY  # decoded image bytes in flight, all requests together
     video: VideoLimits = VIDEO_LIMITS
     max_video_memory: int = 4 * 2**30  # decoded frames in flight, all requests together
     template: str | None = None  # None: the model's own
@@ -452,52 +450,23 @@ def _download(url: str, where: str, limit: int, kind: str = "image", seconds: fl
 
 
 def _read_local(name: str, where: str, limit: int, kind: str = "image") -> bytes:
-    """A regular file's first `limit` + 1 bytes. Anything else is refused before it is read:
-    `/dev/zero` has size 0 and never ends, a FIFO blocks the open and every read (O_NONBLOCK
-    keeps the open from waiting if a FIFO takes the file's place after the stat)."""
+    """A regular file's bytes (`image.read_file`: /dev/zero, FIFOs and folders are refused unread)."""
     try:
-        path = Path(name).expanduser()
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise APIError(f"{_quote(name)} is not a regular file", where, f"{kind}_not_found")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise APIError(f"{_quote(name)} is not a regular file", where, f"{kind}_not_found")
-            if info.st_size > limit:
-                raise _too_big(f"{_quote(name)} is {info.st_size} bytes", where, f"--max-{kind}-bytes", kind)
-            return f.read(limit + 1)
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the name
-        why = getattr(e, "strerror", None) or "not a usable file name"
-        raise APIError(f"could not read the {kind} {_quote(name)}: {why}", where, f"{kind}_not_found") from None
-
-
-MAX_ASPECT = 50  # longer side / shorter side: see _decoded_size
+        return read_file(Path(name).expanduser(), limit, kind)
+    except ImageTooLargeError:
+        raise _too_big(f"{_quote(name)} is over {limit} bytes", where, f"--max-{kind}-bytes", kind) from None
+    except ImageError as e:
+        raise APIError(f"could not read the {kind}: {str(e)[:300]}", where, f"{kind}_not_found") from None
 
 
 def _decoded_size(data: bytes, where: str, max_pixels: int, side: int) -> int:
-    """Bytes that decoding and resizing the image take, from the header *before* decoding (a
-    small file can hold a huge bitmap): the decoded bands, its RGB copy, and the resize to
-    `side` x `side`, whose first pass makes a `side`-wide RGB image of the source's height (or
-    the other way round). A 1 x 40,000,000 PNG (155 kB) is 40 MB decoded but ~50 GB in that
-    pass: it was let in by a decoded-size estimate and took a server to 10.8 GB. Shapes past
-    MAX_ASPECT:1 are refused first: the model sees a square, so a 50:1 image is squeezed 50x
-    along its long side (nothing of it survives), while panoramas and scanned receipts stay
-    under ~20:1. 0 for data that is not an image (`_decode` says why)."""
+    """`image.decoded_bytes` (the header's size and shape, before decoding) as the API's errors."""
     try:
-        with open_image(data) as img:
-            width, height = img.size
-            bands = len(img.getbands())
-    except Image.DecompressionBombError as e:
-        raise _too_big(str(e).split(" could")[0], where, "--max-image-pixels") from None
-    except Exception:  # not an image we read, or a header a decoder chokes on: `_decode` says which
-        return 0
-    if width * height > max_pixels:
-        raise _too_big(f"the image is {width}x{height} pixels", where, "--max-image-pixels")
-    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
-        raise APIError(f"the image is {width}x{height} pixels: more than {MAX_ASPECT}:1, which the model's "
-                       f"square input cannot show", where, "invalid_image")
-    return width * height * (bands + 3) + max(side * height, width * side) * 3
+        return decoded_bytes(data, max_pixels, side)
+    except ImageTooLargeError as e:
+        raise _too_big(str(e), where, "--max-image-pixels") from None
+    except ImageError as e:
+        raise APIError(str(e), where, "invalid_image") from None
 
 
 def _decode(data: bytes, where: str) -> Image.Image:

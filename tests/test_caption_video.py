@@ -154,6 +154,35 @@ def test_tar_and_parquet_shards_of_clips(video_vlm, clips, tmp_path):
     assert members["k0.mp4"] == data[0] and members["k3.txt"].decode() == want["k3"]
 
 
+def test_clip_samples_are_bounded_by_the_video_limit(tmp_path):
+    """The shard size checks hold for clips: a tar member or a Parquet cell over Columns.max_bytes
+    is an error row naming --max-video-bytes (decided on the header or the metadata, unread), and a
+    clip path is read only up to the limit; a clip within it decodes as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cogvlm.caption import load_sample
+    from cogvlm.data.shards import Sample, samples
+
+    small = clip(0)
+    big, limit = small * 20, len(small) * 5  # past the limit whatever the Parquet pages add (never decoded)
+    write_tar(tmp_path / "s.tar", [("a.mp4", small), ("b.mp4", big)])
+    pq.write_table(pa.table({"video": pa.array([small, big], pa.binary())}), tmp_path / "v.parquet",
+                   row_group_size=1)
+    columns = Columns(max_bytes=limit, video=True)
+    for shard in ("s.tar", "v.parquet"):
+        rows = list(samples(tmp_path / shard, columns))
+        assert rows[0].image == small and rows[0].error is None, shard
+        assert rows[1].image is None and f"over the limit of {limit}" in rows[1].error, shard
+        assert "(--max-video-bytes)" in rows[1].error, shard
+    (tmp_path / "big.mp4").write_bytes(big)
+    why = load_sample(tmp_path, Sample("b", str(tmp_path / "big.mp4")), Media(video=True), limit)
+    assert why == f"{tmp_path / 'big.mp4'} is over the limit of {limit} bytes for one video"
+    (tmp_path / "small.mp4").write_bytes(small)
+    frames = load_sample(tmp_path, Sample("a", str(tmp_path / "small.mp4")), Media(video=True), limit)
+    assert not isinstance(frames, str) and frames.shape[0] == 3
+
+
 def cogvlm(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cogvlm", "caption", *args], cwd=cwd, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

@@ -5,7 +5,9 @@ always an OpenAI-style JSON error (or an answer), while a normal client in anoth
 getting exactly the answer it should; bad requests do not grow the server's memory; a bad
 request in a running batch leaves its neighbours' answers untouched. Below the server: the
 decoder and the scheduler confine a failure to its own row; any sampling values SamplingParams
-accepts can be sampled; config.json and CLI mistakes end in exit 2 and one line.
+accepts can be sampled; config.json and CLI mistakes end in exit 2 and one line. Mutators: images of every
+format Pillow writes, byte-mutated (the server and `load_image`); checkpoints with config.json values
+and safetensors header fields mutated, or cut short (load or a named error; convert one line).
 """
 
 from __future__ import annotations
@@ -182,6 +184,53 @@ def image_files(draw) -> bytes:
 def test_fuzzed_images(fuzz_server, bystander, data):
     url, _ = fuzz_server
     check(post(url, {"messages": [user("What is it?", data_url(data))], "max_tokens": 2}))
+
+
+# Every format Pillow can write but we do not read (QOI, IM, DDS, BLP, ICNS, EPS, SGI, TGA, ...), and
+# the byte-level mutations that found #37's crashes (a short IDAT, decoders raising SyntaxError,
+# IndexError, KeyError, ...): each file goes to the server as an upload and to the CLI's reader.
+OTHER_FORMATS = sorted(set(Image.SAVE) - set(FORMATS) - {"PDF", "WMF", "BUFR", "GRIB", "HDF5", "MPO", "DIB"})
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    """An image in any format Pillow writes, then mutated: bytes flipped, a run of bytes repeated
+    or cut out, the header of one format spliced onto the body of another, or cut short."""
+    fmt = draw(st.sampled_from(sorted(FORMATS) + OTHER_FORMATS))
+    out = io.BytesIO()
+    size = (draw(st.integers(1, 64)), draw(st.integers(1, 64)))
+    try:
+        Image.new("RGB", size, draw(st.integers(0, 255))).save(out, fmt)
+    except (OSError, ValueError, KeyError):  # a writer that needs another mode or size
+        Image.new("L", (16, 16)).save(out, "PNG")
+    data = bytearray(out.getvalue())
+    for _ in range(draw(st.integers(0, 4))):
+        kind, at = draw(st.sampled_from(["flip", "repeat", "cut", "splice"])), draw(st.integers(0, len(data)))
+        if kind == "flip" and data:
+            data[min(at, len(data) - 1)] ^= draw(st.integers(1, 255))
+        elif kind == "repeat":
+            data[at:at] = data[at:at + draw(st.integers(1, 64))] * draw(st.integers(1, 8))
+        elif kind == "cut":
+            del data[at:at + draw(st.integers(1, 64))]
+        else:
+            data[:at] = draw(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"RIFF",
+                                              b"II*\x00", b"qoif", b"DDS ", b"%!PS-Adobe-3.0 EPSF-3.0\n"]))
+    return bytes(data)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=mutated_images())
+def test_mutated_images_of_every_format(fuzz_server, bystander, data):
+    """The server answers a 4xx or an answer; the CLI's reader (`load_image`, which chat, caption
+    and eval use) raises ImageError or gives an RGB image."""
+    from cogvlm.errors import ImageError
+    from cogvlm.image import load_image
+
+    check(post(fuzz_server[0], {"messages": [user("What is it?", data_url(data))], "max_tokens": 2}))
+    try:
+        assert load_image(data).mode == "RGB"
+    except ImageError:
+        pass
 
 
 def test_image_memory_admission(fuzz_server):
@@ -400,6 +449,76 @@ def test_bad_config_values_end_in_one_line(config_source, tiny_checkpoint, tmp_p
     with pytest.raises(CheckpointError):
         CogVLM.from_pretrained(folder, device="cpu")
     assert not (folder / "out").exists()
+
+
+# ---- checkpoints: a mutator over config.json and the safetensors header ----------------------------
+
+SAFETENSORS_FIELDS = {"dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "BOOL", "F64", "X", ""]) | st.integers(),
+                      "shape": st.lists(st.integers(-2, 2**40), max_size=3) | st.text(max_size=3) | st.none(),
+                      "data_offsets": st.lists(st.integers(-8, 2**62), max_size=3) | st.none()}
+
+
+@st.composite
+def checkpoint_mutations(draw) -> list[tuple[str, str, object]]:
+    """Up to three changes: ("config", key, value) sets a config.json value (nested ones in
+    vision_config), ("tensor", field, value) one field of one tensor's header entry, ("cut", "",
+    fraction) cuts the weights file short."""
+    changes = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["config", "tensor", "cut"]))
+        if kind == "config":
+            changes.append(("config", draw(st.sampled_from(CONFIG_KEYS + ["quantization", "torch_dtype",
+                                                                         "vision_config.image_size",
+                                                                         "vision_config.patch_size"])), draw(bad_values)))
+        elif kind == "tensor":
+            field = draw(st.sampled_from(sorted(SAFETENSORS_FIELDS)))
+            changes.append(("tensor", field, draw(SAFETENSORS_FIELDS[field])))
+        else:
+            changes.append(("cut", "", draw(st.floats(0, 0.99))))
+    return changes
+
+
+def _mutate(folder: Path, changes: list[tuple[str, str, object]], pick: int) -> None:
+    from tests.test_crafted_checkpoints import SHARD, header, write_header
+
+    config = json.loads((folder / "config.json").read_text())
+    head, data = header(folder / SHARD)
+    names = sorted(k for k in head if k != "__metadata__")
+    for kind, key, value in changes:
+        if kind == "config":
+            where, _, name = key.rpartition(".")
+            (config[where] if where else config)[name] = value
+        elif kind == "tensor":
+            head[names[pick % len(names)]][key] = value
+        else:
+            data = data[:int(len(data) * value)]
+    (folder / "config.json").write_text(json.dumps(config))
+    write_header(folder / SHARD, head, data)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(changes=checkpoint_mutations(), pick=st.integers(0, 10**6))
+def test_mutated_checkpoints_load_or_are_named(tiny_checkpoint, tmp_path_factory, capsys, changes, pick):
+    """A checkpoint with any such mutations loads (then answers) or raises a named error; `cogvlm
+    convert` of it is one line and exit 2, or a checkpoint that loads."""
+    import shutil
+
+    from cogvlm import CogVLM
+    from cogvlm.cli import main
+    from cogvlm.errors import CogVLMError
+
+    folder = tmp_path_factory.mktemp("mutated") / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    _mutate(folder, changes, pick)
+    try:
+        vlm = CogVLM.from_pretrained(folder, device="cpu")
+    except CogVLMError:
+        pass
+    else:
+        assert isinstance(vlm.chat(None, "hi", max_new_tokens=2, top_k=1)[0], str)
+    code = main(["convert", str(folder), str(folder.parent / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err), err
 
 
 def test_whole_config_not_an_object(tiny_checkpoint, tmp_path, capsys):

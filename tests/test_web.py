@@ -74,6 +74,75 @@ def test_the_session_pool_drops_the_least_recently_used():
         SessionPool(0)
 
 
+def test_idle_sessions_expire():
+    """#37 item 11: before, a conversation kept its cache after its client left, for good. Now
+    one unused for `idle` seconds is dropped, on any use of the pool or by the sweeper (expire)."""
+    now = [0.0]
+    pool: SessionPool[str] = SessionPool(3, idle=60, clock=lambda: now[0])
+    a, b = pool.open("a"), pool.open("b")
+    now[0] = 50
+    assert pool.get(a) == "a"  # used at 50: a lives until 110, b until 60
+    now[0] = 61
+    pool.expire()
+    assert len(pool) == 1 and pool.get(b) is None and pool.get(a) == "a"
+    now[0] = 200
+    c = pool.open("c")  # opening expires too
+    assert pool.get(a) is None and pool.get(c) == "c" and len(pool) == 1
+
+
+def png(size: tuple[int, int], mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, "PNG")
+    return out.getvalue()
+
+
+def rss(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def test_uploads_get_the_server_limits_and_are_deleted_on_exit(tiny_checkpoint, tmp_path):
+    """#37 item 11 on a real `cogvlm web`, through Gradio's own client: before, a 530 kB upload
+    was decoded by Gradio (type="pil") and resized, 2.5 GB, and uploads stayed on disk after the
+    demo stopped. Now an upload is checked as `cogvlm serve` checks images (bytes, header pixels,
+    aspect) before it is decoded, and the demo's upload folder is removed when it stops (SIGTERM)."""
+    client_module = pytest.importorskip("gradio_client", reason="pip install 'cogvlm[web]'")
+    port = free_port()
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    for name, data in (("ok.png", png((64, 48), "RGB")), ("pixels.png", png((7000, 7000))),
+                       ("thin.png", png((1, 60))), ("bytes.png", os.urandom(300_000))):
+        (tmp_path / name).write_bytes(data)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    args = ["web", "--model", str(tiny_checkpoint), "--port", str(port), "--top_k", "1", "--max_new_tokens", "3",
+            "--max-image-bytes", "200000"]
+    with running(args, tmp_path / "web.log", listening, timeout=120, env=dict(os.environ, GRADIO_TEMP_DIR=str(uploads))) as proc:
+        client = client_module.Client(f"http://127.0.0.1:{port}", verbose=False)
+
+        def ask(name: str):
+            return client.predict(client_module.handle_file(str(tmp_path / name)), "What is it?", "chat", 0, 1, 1, 3,
+                                  api_name="/respond")
+
+        assert ask("ok.png")[0][-1]["role"] == "assistant"
+        before = rss(proc.pid)
+        with pytest.raises(Exception, match=r"7000x7000 pixels, over this demo's limit \(--max-image-pixels\)"):
+            ask("pixels.png")
+        assert rss(proc.pid) - before < 100 * 2**20  # 49 M pixels were never decoded (147 MB as RGB)
+        with pytest.raises(Exception, match="more than 50:1"):
+            ask("thin.png")
+        with pytest.raises(Exception):  # Gradio's max_file_size refuses the upload itself
+            ask("bytes.png")
+        assert any(p.is_file() for p in uploads.rglob("*"))  # uploads are kept while the demo runs
+    assert not [p for p in uploads.rglob("*") if p.is_file()], list(uploads.rglob("*"))
+
+
 def test_max_sessions_below_one_fails_before_the_load(capsys):
     assert main(["web", "--max-sessions", "0"]) == 2
     assert capsys.readouterr().err == "cogvlm web: error: --max-sessions must be >= 1, not 0\n"

@@ -17,9 +17,11 @@ from ..data.shards import (IMAGE_COLUMNS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS
                            ShardWriter, count_samples, expand, find_shards, is_shard, output_path, parquet_columns)
 from ..errors import ContextLengthError, UsageError
 from ..files import temp_path
-from ..options import LoadOptions
+from ..image import MAX_IMAGE_BYTES
 from ..jobs import share_items
-from .flags import add_model_flags, load_model, load_options, sampling_flags
+from ..options import LoadOptions
+from ..video import VideoLimits
+from .flags import add_model_flags, load_model, load_options, positive_int, sampling_flags
 
 
 COUNTS = ("done", "skipped", "tokens", "shards_written", "shards_skipped")
@@ -69,11 +71,13 @@ def _mode(args: argparse.Namespace) -> None:
         raise UsageError("--gpus-per-replica must be >= 0 and --cpus-per-replica > 0")
     if not args.caption_key or "/" in args.caption_key or args.caption_key == "error":
         raise UsageError(f"--caption-key must be a file extension such as txt or cogvlm.txt, not {args.caption_key!r}")
+    if args.max_image_bytes < 1:
+        raise UsageError(f"--max-image-bytes must be >= 1, not {args.max_image_bytes}")
     if (args.ray_address or args.replicas != 1 or args.gpus_per_replica) and not args.ray:
         raise UsageError("--ray-address, --replicas and --gpus-per-replica go with --ray")
 
 
-def _dataset_writer(args: argparse.Namespace, shards: Sequence[Path]) -> ShardWriter:
+def _dataset_writer(args: argparse.Namespace, shards: Sequence[Path], max_bytes: int) -> ShardWriter:
     if args.output is None or args.output.suffix.lower() in OUTPUT_FORMATS:
         raise UsageError("tar and Parquet shards are captioned into an output folder, one output shard per input "
                          "shard: give --output DIR")
@@ -86,7 +90,7 @@ def _dataset_writer(args: argparse.Namespace, shards: Sequence[Path]) -> ShardWr
                                  f"(use --format parquet)")
             if output_path(shard, args.output, "wds").resolve() == shard.resolve():
                 raise UsageError(f"--output {args.output} would overwrite the input shard {shard}; pick another folder")
-    return ShardWriter(args.output, args.format, args.caption_key)
+    return ShardWriter(args.output, args.format, args.caption_key, max_bytes=max_bytes)
 
 
 def _dry_run(shards: Sequence[Path], writer: ShardWriter, columns: Columns) -> int:
@@ -104,22 +108,23 @@ def _dry_run(shards: Sequence[Path], writer: ShardWriter, columns: Columns) -> i
     return 0
 
 
-def _media(options: LoadOptions) -> Media:
-    """Clips for a video model (its registry entry or its config.json says), images otherwise;
-    known before the model loads, so the files to caption can be listed first."""
+def _media(options: LoadOptions, max_video_bytes: int) -> Media:
+    """Clips for a video model (its registry entry or its config.json says), each file up to
+    `max_video_bytes`, images otherwise; known before the model loads, so the files to caption
+    can be listed first."""
     entry = None if Path(options.model).expanduser().exists() else registry_entry(str(options.model))
     config = entry.config if entry is not None and entry.config is not None else read_config(resolve(options.model))
     if config.video:
         from ..video import pyav
 
         pyav()  # without PyAV: one line now, not one error per clip after the model has loaded
-    return Media(video=config.video)
+    return Media(video=config.video, limits=VideoLimits(max_bytes=max_video_bytes))
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     _mode(args)
     sampling, options = sampling_flags(args), load_options(args)
-    media = _media(options)
+    media = _media(options, args.max_video_bytes)
     unit = "clips" if media.video else "images"
     paths = expand(args.paths)
     dataset = [p for p in paths if is_shard(p)]
@@ -135,8 +140,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
                                                                                   args.template or "chat")
     if dataset:
         shards = find_shards(dataset)
-        writer = _dataset_writer(args, shards)
-        columns = Columns(args.image_column, args.id_column, media.video)
+        max_bytes = media.limits.max_bytes if media.video else args.max_image_bytes
+        writer = _dataset_writer(args, shards, max_bytes)
+        columns = Columns(args.image_column, args.id_column, max_bytes, args.allow_local_files, media.video)
         for shard in shards:
             if shard.suffix.lower() == ".parquet":
                 try:
@@ -234,6 +240,15 @@ def add_caption_verb(verbs: Any) -> None:
                         f"{', '.join(IMAGE_COLUMNS)}; for a video model {', '.join(VIDEO_COLUMNS)})")
     d.add_argument("--id-column", metavar="NAME", help="Parquet: the sample id column (default: key or id, else "
                                                       "the row number)")
+    d.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
+                   help=f"the largest image a sample or a Parquet cell may hold, checked on the tar header or "
+                        f"the Parquet metadata before reading (default {MAX_IMAGE_BYTES}, as cogvlm serve); "
+                        f"larger samples become error rows")
+    d.add_argument("--max-video-bytes", type=positive_int, default=VideoLimits.max_bytes, metavar="N",
+                   help=f"a video model's --max-image-bytes: the largest clip a sample, a Parquet cell or a file "
+                        f"may hold (default {VideoLimits.max_bytes})")
+    d.add_argument("--allow-local-files", action="store_true",
+                   help="Parquet: paths may name any file (default: only files in the Parquet file's folder)")
     r = p.add_argument_group("Ray (pip install 'cogvlm[ray]')")
     r.add_argument("--ray", action="store_true", help="caption shards with Ray Data on an actor pool of model replicas")
     r.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (default: start a local Ray instance)")

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 from ..caption import DECODERS, Media, Summary, caption_batch, load_sample, progress_bar, run_meta, say
 from ..data.shards import Columns, Result, Sample, ShardError, ShardWriter, samples
 from ..generate import SamplingParams
+from ..image import MAX_IMAGE_BYTES
 from ..options import LoadOptions
 
 ROWS_PER_BLOCK = 32  # samples per block out of the read stage: a few MB of encoded images
@@ -83,7 +84,7 @@ class Captioner:
     images or clips decoded by `decoders` threads at once. Marker rows pass through."""
 
     def __init__(self, options: LoadOptions, sampling: SamplingParams, query: str, template: str | None,
-                 threads: int, media: Media = Media(), decoders: int = 1) -> None:
+                 threads: int, media: Media = Media(), decoders: int = 1, max_bytes: int = MAX_IMAGE_BYTES) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -96,6 +97,7 @@ class Captioner:
         self.query, self.template = query, template
         self.media = media.for_template(template or self.vlm.config.template)
         self.pool = ThreadPoolExecutor(max(1, decoders), thread_name_prefix="cogvlm-decode")
+        self.max_bytes = max_bytes  # Columns.max_bytes: a path or URL is read up to it
         self.meta = dict(run_meta(self.vlm, str(options.model), query, template))
         self.replica = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -105,8 +107,11 @@ class Captioner:
         rows = batch.to_pylist()
         start = time.perf_counter()
         work = [r for r in rows if r["index"] >= 0]
-        loaded = list(self.pool.map(lambda r: load_sample(Path(r["shard"]), Sample(r["key"], r["image"] or r["source"],
-                                                                                   r["error"]), self.media), work))
+        def load(r: dict[str, Any]) -> Any:
+            sample = Sample(r["key"], r["image"] or r["source"], r["error"])
+            return load_sample(Path(r["shard"]), sample, self.media, self.max_bytes)
+
+        loaded = list(self.pool.map(load, work))
         captions, _ = caption_batch(self.vlm, loaded, self.query, self.template)
         seconds = (time.perf_counter() - start) / max(len(work), 1)
         for row, img, caption in zip(work, loaded, captions):
@@ -166,7 +171,7 @@ def caption_on_ray(options: LoadOptions, sampling: dict[str, Any], ray_options: 
         num_cpus=ray_options.cpus_per_replica, num_gpus=gpus or None,
         fn_constructor_kwargs={"options": options, "sampling": params, "query": query, "template": template,
                                "threads": max(1, int(ray_options.cpus_per_replica)), "media": media,
-                               "decoders": ray_options.decoders})
+                               "decoders": ray_options.decoders, "max_bytes": columns.max_bytes})
     results: dict[str, dict[int, Result]] = {str(s): {} for s in todo}
     counts: dict[str, int] = {}
     bar, start = progress_bar(None, None, ray_options.log_every), time.monotonic()

@@ -10,6 +10,7 @@ the sampling values; this module only turns their errors into the CLI's one-line
 from __future__ import annotations
 
 import argparse
+import math
 from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_MODEL, TEMPLATE_ALIASES, TEMPLATES
@@ -89,8 +90,32 @@ def add_quant_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
                              "ship it; costs a little accuracy, see docs/quantization.md)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (int() of nan or inf was a traceback)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0: any free one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, not {value}")
+    return value
+
+
 def add_tp_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp", type=int, metavar="N",
+    parser.add_argument("--tp", type=positive_int, metavar="N",
                         help="split the model over N GPUs (or N CPU processes) with tensor parallelism; "
                              "the N-1 other processes are started for you (under torchrun: its world size). "
                              "`cogvlm plan` says which N fits")
@@ -106,7 +131,7 @@ def add_output_flags(parser: argparse.ArgumentParser, src_help: str | None = Non
     if src_help is not None:
         parser.add_argument("src", help=src_help)
         parser.add_argument("dst", help="output folder: new or empty (written atomically)")
-        parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
+        parser.add_argument("--shard-gb", type=positive_float, default=5.0, help="largest shard size in GiB (default 5)")
     parser.add_argument("--force", action="store_true",
                         help="replace a checkpoint cogvlm wrote in the output folder (a folder holding anything "
                              "else is never touched)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .flags import add_quant_flags
+from .flags import add_quant_flags, positive_int
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def add_plan_verb(verbs: Any) -> None:
                                      "that does). A nominal size (24GB) is planned at what such a card offers CUDA "
                                      "(23.7 GiB); GiB or MiB are taken as written.")
     p.add_argument("model", help="registry name (see `cogvlm list`) or checkpoint folder")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="GPUs the model is split over (default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="GPUs the model is split over (default 1)")
     add_quant_flags(p)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (default bf16)")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=1,

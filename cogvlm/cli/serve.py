@@ -9,33 +9,19 @@ from typing import Any, MutableMapping
 from ..errors import UsageError
 from ..server import VIDEO_LIMITS, ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
 from ..video import VideoLimits, pyav
-from .flags import add_model_flags, load_model, load_options, sampling_flags
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
+from .flags import add_model_flags, load_model, load_options, port, positive_float, positive_int, sampling_flags
 
 
 def add_video_limit_flags(p: argparse.ArgumentParser) -> None:
     """The limits on one clip from a client (`cogvlm serve` and `cogvlm web`); `video_limits` reads them."""
-    p.add_argument("--max-video-bytes", type=_positive, default=VIDEO_LIMITS.max_bytes, metavar="N",
+    p.add_argument("--max-video-bytes", type=positive_int, default=VIDEO_LIMITS.max_bytes, metavar="N",
                    help=f"largest video file (default {VIDEO_LIMITS.max_bytes})")
-    p.add_argument("--max-video-seconds", type=_positive_seconds, default=VIDEO_LIMITS.max_seconds, metavar="S",
+    p.add_argument("--max-video-seconds", type=positive_float, default=VIDEO_LIMITS.max_seconds, metavar="S",
                    help="longest video; all its frames are indexed to sample it "
                         f"(default {VIDEO_LIMITS.max_seconds:g})")
-    p.add_argument("--max-video-frames", type=_positive, default=VIDEO_LIMITS.max_frames, metavar="N",
+    p.add_argument("--max-video-frames", type=positive_int, default=VIDEO_LIMITS.max_frames, metavar="N",
                    help=f"most frames in a video (default {VIDEO_LIMITS.max_frames})")
-    p.add_argument("--max-video-pixels", type=_positive, default=VIDEO_LIMITS.max_pixels, metavar="N",
+    p.add_argument("--max-video-pixels", type=positive_int, default=VIDEO_LIMITS.max_pixels, metavar="N",
                    help=f"largest video frame, width x height (default {VIDEO_LIMITS.max_pixels})")
 
 
@@ -53,25 +39,25 @@ def add_serve_verb(verbs: Any) -> None:
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY; unset: no auth; "
                         "an empty key is refused)")
-    p.add_argument("--max-batch", type=_positive, default=16, metavar="N",
+    p.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
                    help="most requests decoded together (default 16)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let requests name http(s) URLs of images and videos")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let requests name image and video files on this machine")
-    p.add_argument("--max-image-bytes", type=_positive, default=ServeOptions.max_image_bytes, metavar="N",
+    p.add_argument("--max-image-bytes", type=positive_int, default=ServeOptions.max_image_bytes, metavar="N",
                    help=f"largest image file (default {ServeOptions.max_image_bytes})")
-    p.add_argument("--max-image-pixels", type=_positive, default=ServeOptions.max_image_pixels, metavar="N",
+    p.add_argument("--max-image-pixels", type=positive_int, default=ServeOptions.max_image_pixels, metavar="N",
                    help=f"largest image, width x height (default {ServeOptions.max_image_pixels})")
-    p.add_argument("--max-image-memory", type=_positive, default=ServeOptions.max_image_memory, metavar="N",
+    p.add_argument("--max-image-memory", type=positive_int, default=ServeOptions.max_image_memory, metavar="N",
                    help="bytes that images being decoded may take together, all requests at once; more wait "
                         f"(default {ServeOptions.max_image_memory})")
     add_video_limit_flags(p)
-    p.add_argument("--max-video-memory", type=_positive, default=ServeOptions.max_video_memory, metavar="N",
+    p.add_argument("--max-video-memory", type=positive_int, default=ServeOptions.max_video_memory, metavar="N",
                    help="bytes that the sampled frames of videos being decoded may take together, all requests at "
                         f"once; more wait (default {ServeOptions.max_video_memory})")
     p.add_argument("--allowed-hosts", metavar="NAMES",

@@ -6,7 +6,13 @@ limits as the server's (`--max-video-bytes` ...; docs/serve.md).
 Gradio is an optional extra (`pip install 'cogvlm[web]'`), imported only when the demo starts.
 Prompting and decoding stay in the API: each browser tab holds one `ChatSession`, and a
 `SessionPool` keeps at most `--max-sessions` of them, because each keeps a full-context KV cache
-(1-1.8 GiB on the published models) that a few idle tabs would otherwise pile up on the card.
+(1-1.8 GiB on the published models) that a few idle tabs would otherwise pile up on the card; a
+conversation idle for `--session-idle` seconds, or whose tab closed, is dropped too.
+
+Uploads are what `cogvlm serve` accepts (image.py's limits, the same checks): Gradio hands over the
+uploaded file unopened (type="filepath"), its size and header are checked before it is decoded,
+and Gradio refuses larger uploads itself (max_file_size). Uploads live in a folder of this run,
+swept of files older than the idle time and removed when the demo stops.
 """
 
 from __future__ import annotations
@@ -15,20 +21,27 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
+import shutil
+import signal
+import tempfile
 import threading
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
 
 from PIL import Image
 
 from ..config import TEMPLATES
-from ..errors import ImageRequiredError, UsageError, VideoError
+from ..errors import ImageError, ImageRequiredError, ImageTooLargeError, UsageError, VideoError
 from ..grounding import draw_boxes, drawable, turn_boxes
+from ..image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
 from ..server import VIDEO_LIMITS
-from ..video import VideoLimits, load_video, pyav, strategy_for
-from .flags import add_model_flags, load_model, load_options, sampling_flags
+from ..video import VideoLimits, decode_video, pyav, read_video, strategy_for
+from .flags import add_model_flags, load_model, load_options, port, positive_float, positive_int, sampling_flags
 from .serve import add_video_limit_flags, video_limits
 
 if TYPE_CHECKING:
@@ -48,6 +61,36 @@ CLOSED = "This conversation was closed to free memory (other tabs started newer 
 # which counts one cache, leaves room for 2.75 more of CogVLM2's 1 GiB at 8K, 2.8 of CogAgent's
 # 1.8 GiB, 6.5 of CogVLM's 1 GiB): the default suits the smallest card the demo is run on.
 DEFAULT_MAX_SESSIONS = 3
+DEFAULT_IDLE = 900.0  # seconds a conversation (and an upload) is kept without use
+SWEEP_SECONDS = 60  # how often idle conversations and old uploads are looked for
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What an uploaded image may be: `cogvlm serve`'s limits (image.py), by the same checks."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_memory: int = MAX_IMAGE_MEMORY
+
+
+def open_upload(path: str, limits: UploadLimits, side: int) -> tuple[Image.Image, str]:
+    """The uploaded file decoded, and a digest of its bytes (the conversation's key), after the
+    checks `cogvlm serve` makes: a regular file within max_bytes, a header within max_pixels and
+    50:1, and what decoding and resizing take within max_memory; ImageError says which failed."""
+    try:
+        data = read_file(Path(path), limits.max_bytes)
+    except ImageTooLargeError:
+        raise ImageTooLargeError(f"the image is over {limits.max_bytes} bytes, this demo's limit "
+                                 f"(--max-image-bytes)") from None
+    try:
+        need = decoded_bytes(data, limits.max_pixels, side)
+    except ImageTooLargeError as e:
+        raise ImageTooLargeError(f"{e}, over this demo's limit (--max-image-pixels)") from None
+    if need > limits.max_memory:
+        raise ImageTooLargeError(f"decoding the image takes about {need} bytes, over this demo's limit "
+                                 f"(--max-image-memory)")
+    return load_image(data), hashlib.sha1(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,23 +141,26 @@ Session = TypeVar("Session")
 
 class SessionPool(Generic[Session]):
     """The conversations that keep their KV cache: at most `capacity`, the least recently used
-    one dropped when a new one opens. Tabs hold only an id; the pool holds the only reference to
-    each session, so dropping it frees its cache. A tab whose id is gone is told so and starts
-    over. Locked: Gradio runs handlers on worker threads (Clear and uploads beside an answer)."""
+    one dropped when a new one opens, and none unused for more than `idle` seconds (a tab left
+    open, or closed without Gradio noticing, must not hold its cache for good). Tabs hold only an
+    id; the pool holds the only reference to each session, so dropping it frees its cache. A tab
+    whose id is gone is told so and starts over. Locked: Gradio runs handlers on worker threads
+    (Clear and uploads beside an answer)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, idle: float = DEFAULT_IDLE, clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise UsageError(f"--max-sessions must be >= 1, not {capacity}")
-        self.capacity = capacity
-        self._sessions: OrderedDict[int, Session] = OrderedDict()
+        self.capacity, self.idle, self.clock = capacity, idle, clock
+        self._sessions: OrderedDict[int, tuple[Session, float]] = OrderedDict()  # oldest use first
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
     def open(self, session: Session) -> int:
         """Keep `session` as the most recently used; returns its id."""
         with self._lock:
+            self._expire()
             key = next(self._ids)
-            self._sessions[key] = session
+            self._sessions[key] = (session, self.clock())
             while len(self._sessions) > self.capacity:
                 self._sessions.popitem(last=False)
             return key
@@ -122,14 +168,26 @@ class SessionPool(Generic[Session]):
     def get(self, key: int) -> Session | None:
         """The session, now the most recently used; None once it was dropped."""
         with self._lock:
-            session = self._sessions.get(key)
-            if session is not None:
-                self._sessions.move_to_end(key)
-            return session
+            self._expire()
+            entry = self._sessions.pop(key, None)
+            if entry is None:
+                return None
+            self._sessions[key] = (entry[0], self.clock())
+            return entry[0]
 
     def close(self, key: int) -> None:
         with self._lock:
             self._sessions.pop(key, None)
+
+    def expire(self) -> None:
+        """Drop the sessions unused for more than `idle` seconds (a sweeper calls it too)."""
+        with self._lock:
+            self._expire()
+
+    def _expire(self) -> None:
+        oldest = self.clock() - self.idle
+        while self._sessions and next(iter(self._sessions.values()))[1] < oldest:
+            self._sessions.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -144,13 +202,11 @@ class Conversation:
     key: tuple[str, str]
 
 
-def _media_key(media: Image.Image | str | None) -> str:
-    """A digest of the image, or of the clip's file (Gradio passes its path)."""
-    if media is None:
-        return "none"
-    if isinstance(media, str):
-        return "video:" + hashlib.sha1(Path(media).read_bytes()).hexdigest()
-    return f"{media.size}:{hashlib.sha1(media.tobytes()).hexdigest()}"
+def read_clip(path: str, limits: VideoLimits) -> tuple[bytes, str]:
+    """The uploaded clip's bytes, read within `limits.max_bytes` (Gradio refuses larger uploads
+    itself too), and their digest (the conversation's key)."""
+    data, _ = read_video(path, limits.max_bytes)
+    return data, "video:" + hashlib.sha1(data).hexdigest()
 
 
 def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -158,34 +214,48 @@ def _messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
-              pool: SessionPool[ChatSession] | None = None, limits: VideoLimits = VIDEO_LIMITS) -> gr.Blocks:
+              pool: SessionPool[ChatSession] | None = None, limits: UploadLimits = UploadLimits(),
+              clip_limits: VideoLimits = VIDEO_LIMITS) -> gr.Blocks:
     """The demo's page; the model's sampling defaults (from the flags) set the starting values of
-    the controls; `pool` (default: `DEFAULT_MAX_SESSIONS` places) holds the tabs' conversations.
-    A video model gets a video upload, its clips read within `limits`, and the video examples;
-    other models the image input and the image examples."""
+    the controls; `pool` (default: `DEFAULT_MAX_SESSIONS` places) holds the tabs' conversations;
+    `limits` are what an uploaded image may be. A video model gets a video upload, its clips read
+    within `clip_limits`, and the video examples; other models the image input and the image
+    examples. Both uploads reach the handler as files, unopened."""
     import gradio as gr
 
     start = vlm.defaults
     pool = SessionPool(DEFAULT_MAX_SESSIONS) if pool is None else pool
+    cross = vlm.config.cross_vision
+    side = max(vlm.config.vision.image_size, 0 if cross is None else cross.image_size)
     takes_video = vlm.config.video
     examples = [e for e in examples if (e.video is not None) == takes_video]
 
-    def open_session(media: Image.Image | str | None, template: str) -> ChatSession:
+    def open_upload_of(upload: str | None) -> tuple[Image.Image | bytes | None, str]:
+        """The upload (an image decoded after the server's checks, or a clip's bytes) and its digest."""
+        if not upload:
+            return None, "none"
+        try:
+            return read_clip(upload, clip_limits) if takes_video else open_upload(upload, limits, side)
+        except (ImageError, VideoError) as e:
+            raise gr.Error(str(e).replace(upload, "the clip")) from None
+
+    def open_session(media: Image.Image | bytes | None, template: str) -> ChatSession:
         """A conversation about the image or the clip (decoded and sampled by the template's rule)."""
         try:
-            if isinstance(media, str):
-                clip = load_video(media, strategy_for(template), limits=limits)
+            if isinstance(media, bytes):
+                clip = decode_video(media, strategy_for(template), limits=clip_limits, name="the clip")
                 return vlm.session(None, template, video=clip)
             return vlm.session(media, template)
         except (ImageRequiredError, VideoError) as e:  # CogAgent has no text-only chat; a clip we cannot read
-            raise gr.Error(str(e).replace(str(media), "the clip")) from None
+            raise gr.Error(str(e)) from None
 
-    def respond(media: Image.Image | str | None, query: str, convo: Conversation | None, template: str,
+    def respond(upload: str | None, query: str, convo: Conversation | None, template: str,
                 temperature: float, top_p: float, top_k: float, max_new_tokens: float) -> Iterator[tuple]:
         query = query.strip()
         if not query and template != "base":
             raise gr.Error("Type a question first (an empty prompt means captioning, with the base template).")
-        key = (_media_key(media), template)
+        media, digest = open_upload_of(upload)
+        key = (digest, template)
         session = pool.get(convo.id) if convo is not None else None
         if convo is not None and convo.key == key and session is None:
             gr.Warning(CLOSED)
@@ -207,15 +277,18 @@ def build_app(vlm: CogVLM, examples: list[Example], template: str | None = None,
         phrases = turn_boxes(query, session.history[-1][1]) if image is not None else []
         yield _messages(session.history), convo, draw_boxes(drawable(image), phrases) if phrases else None, ""
 
-    with gr.Blocks(title="CogVLM", analytics_enabled=False) as app:
+    # uploads (and drawn boxes) older than the idle time are deleted every SWEEP_SECONDS
+    with gr.Blocks(title="CogVLM", analytics_enabled=False, delete_cache=(SWEEP_SECONDS, int(pool.idle))) as app:
         gr.Markdown(VIDEO_INTRO if takes_video else INTRO)
-        convo = gr.State(None)
+        # Gradio drops a tab's state when the tab closes or after `idle` seconds unused: its cache goes too
+        convo = gr.State(None, time_to_live=pool.idle, delete_callback=lambda c: c is not None and pool.close(c.id))
         with gr.Row():
             with gr.Column(scale=1):
                 if takes_video:  # the upload passes its file's path; include_audio: no ffmpeg re-encode
                     media = gr.Video(sources=["upload"], label="Video", elem_id="video", include_audio=True)
-                else:
-                    media = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image", elem_id="image")
+                else:  # the file, unopened (image_mode None: Gradio converts nothing): open_upload checks it first
+                    media = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                                     elem_id="image")
                 boxes = gr.Image(type="pil", format="png", label="Boxes", interactive=False, elem_id="boxes",
                                  visible=not takes_video)
                 template_box = gr.Dropdown(list(TEMPLATES), value=template or vlm.config.template,
@@ -261,21 +334,57 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise UsageError("the web demo needs Gradio: pip install 'cogvlm[web]'") from None
     examples = load_examples(args.examples)
     sampling, options = sampling_flags(args), load_options(args)
-    pool: SessionPool[ChatSession] = SessionPool(args.max_sessions)  # a bad count fails before the load
-    vlm, limits = load_model(options, sampling), video_limits(args)
+    pool: SessionPool[ChatSession] = SessionPool(args.max_sessions, args.session_idle)  # fails before the load
+    limits = UploadLimits(args.max_image_bytes, args.max_image_pixels, args.max_image_memory)
+    vlm, clips = load_model(options, sampling), video_limits(args)
     if vlm.config.video:
         pyav()  # its clips need PyAV: say so now, not at the first upload
-    app = build_app(vlm, examples, args.template, pool, limits)
-    # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag.
-    # A video model's uploads stop at --max-video-bytes before they reach the disk.
-    _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                 show_error=True, quiet=True, prevent_thread_lock=True,
-                                                 max_file_size=limits.max_bytes if vlm.config.video else None)
-    print(f"cogvlm web: running on {local_url}", flush=True)
-    print(f"cogvlm web: public link {share_url}" if share_url else
-          "cogvlm web: for a temporary public gradio.live link, restart with --share", flush=True)
-    app.block_thread()
+    with uploads_folder():
+        app = build_app(vlm, examples, args.template, pool, limits, clips)
+        # quiet: Gradio's own banner tells users to "set share=True in launch()"; ours names the flag.
+        # Uploads over --max-image-bytes (--max-video-bytes for a video model) stop before they reach the disk.
+        _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                     show_error=True, quiet=True, prevent_thread_lock=True,
+                                                     max_file_size=clips.max_bytes if vlm.config.video
+                                                     else limits.max_bytes)
+        print(f"cogvlm web: running on {local_url}", flush=True)
+        print(f"cogvlm web: public link {share_url}" if share_url else
+              "cogvlm web: for a temporary public gradio.live link, restart with --share", flush=True)
+        threading.Thread(target=_sweep, args=(pool,), daemon=True).start()
+        app.block_thread()
     return 0
+
+
+@contextmanager
+def uploads_folder() -> Iterator[Path]:
+    """A folder of this run for Gradio's uploads and drawn images (GRADIO_TEMP_DIR, inside the
+    one the user set, if any), removed when the demo stops: on Ctrl-C and on SIGTERM, which is
+    turned into the same KeyboardInterrupt so that this runs."""
+    parent = os.environ.get("GRADIO_TEMP_DIR")
+    if parent:
+        os.makedirs(parent, exist_ok=True)  # Gradio makes it too, when it is first used
+    folder = Path(tempfile.mkdtemp(prefix="cogvlm-web-", dir=parent))
+    before = os.environ.get("GRADIO_TEMP_DIR"), signal.getsignal(signal.SIGTERM)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield folder
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, before[1])
+        if before[0] is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before[0]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sweep(pool: SessionPool[Any]) -> None:
+    """Drop idle conversations even when no tab asks anything (their caches are the memory)."""
+    while True:
+        time.sleep(min(SWEEP_SECONDS, pool.idle))
+        pool.expire()
 
 
 def add_web_verb(verbs: Any) -> None:
@@ -288,11 +397,21 @@ def add_web_verb(verbs: Any) -> None:
     p.add_argument("--english", action="store_true",
                    help="accepted, as by the authors' web_demo.py (the page is in English)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--port", type=port, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--examples", type=Path, default=EXAMPLES, metavar="DIR",
                    help="folder with examples.json and its images and clips, shown as one-click examples: the "
                         "image ones for image models, the video ones for video models (default: the shipped ones)")
+    p.add_argument("--session-idle", type=positive_float, default=DEFAULT_IDLE, metavar="SECONDS",
+                   help=f"a conversation unused this long is closed, its cache freed, and uploads this old are "
+                        f"deleted (default {DEFAULT_IDLE:g}); all uploads are deleted when the demo stops")
+    p.add_argument("--max-image-bytes", type=positive_int, default=MAX_IMAGE_BYTES, metavar="N",
+                   help=f"largest upload (default {MAX_IMAGE_BYTES}, as cogvlm serve)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"largest width x height, read from the file's header (default {MAX_IMAGE_PIXELS}, as cogvlm "
+                        f"serve); images past 50:1 are refused too")
+    p.add_argument("--max-image-memory", type=positive_int, default=MAX_IMAGE_MEMORY, metavar="N",
+                   help=f"what decoding and resizing an upload may take, in bytes (default {MAX_IMAGE_MEMORY})")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                    help="conversations (browser tabs) that keep a KV cache, 1-1.8 GiB each on the published "
                         f"models (default {DEFAULT_MAX_SESSIONS}); a new one frees the least recently used, "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.records import read_records
+from ..files import write_text
 from ..grounding import iou, parse_boxes
 from .metrics import normalize_answer, vqa_2016_accuracy
 
@@ -106,4 +107,4 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))
+    write_text(Path(path), json.dumps(result, indent=2))

@@ -24,7 +24,7 @@ from ..files import write_text
 from ..image import load_image
 from ..jobs import Journal, read_journal, torchrun_group
 from ..progress import Progress
-from .formats import Benchmark, Item, check_images
+from .formats import Benchmark, Item, check_images, rows_of
 from .formats.vlmevalkit import read_tsv
 from .predictions import PredictionCheck, read_predictions_file
 from .prompts import Prompt, prompt_for
@@ -116,7 +116,10 @@ def read_benchmark(task: Task, annotations: Sequence[Path], images: Path | None,
         if task.tsv_kind is None:
             raise UsageError(f"VLMEvalKit does not ship {task.title}; give the publisher's files instead")
         return read_tsv([Path(p) for p in annotations], task.tsv_kind, split)
-    return task.reader([Path(p) for p in annotations], images, split)
+    # a reader indexes the publisher's records directly: a crafted or damaged file's KeyError or
+    # TypeError is named here, with the files (RefCOCO and the TSV reader name the row too)
+    with rows_of(Path(", ".join(map(str, annotations))), "a record"):
+        return task.reader([Path(p) for p in annotations], images, split)
 
 
 @dataclass

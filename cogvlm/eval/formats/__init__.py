@@ -8,9 +8,10 @@ runner writes the official server's submission file for them instead of a score.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ...errors import UsageError
 
@@ -84,3 +85,18 @@ def check_images(items: Sequence[Item]) -> None:
     missing = [it.image for it in items if isinstance(it.image, Path) and not it.image.is_file()]
     if missing:
         raise UsageError(f"{len(missing)} of {len(items)} images not found, e.g. {missing[0]}; check --images")
+
+
+@contextmanager
+def rows_of(path: Path, row: str) -> Iterator[None]:
+    """Turn what a reader's indexing of a publisher's file raises on a crafted or damaged row (a
+    missing key, a wrong type, a short list, a number out of range) into one UsageError naming
+    the file and the row."""
+    try:
+        yield
+    except KeyError as e:
+        raise UsageError(f"{path}, {row}: no {e} field; is the download complete and the right file?") from None
+    except (TypeError, AttributeError, IndexError, ValueError, OverflowError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{path}, {row}: unexpected content ({type(e).__name__}: {str(e)[:200]})") from None

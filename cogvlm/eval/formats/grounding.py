@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,21 @@ from PIL import Image
 from ...grounding import format_boxes, from_pixels
 from ...errors import UsageError
 from ..metrics import xywh_to_corners
-from . import Benchmark, Item, find_image, load_json
+from . import Benchmark, Item, find_image, load_json, rows_of
+
+
+MAX_REFS_BYTES = 512 * 2**20  # refs(umd).p, the largest, is ~40 MB
+# The opcodes that build plain data (what refs(…).p, a Python 2 pickle, holds), by pickletools'
+# names: none names a class or calls anything (GLOBAL, REDUCE, BUILD, EXT*, PERSID, ... are absent).
+DATA_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE", "NEWFALSE",
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
+    "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+    "GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+})
 
 
 class _DataOnly(pickle.Unpickler):
@@ -26,13 +41,33 @@ class _DataOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused {module}.{name}: a refs file holds only plain data")
 
 
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes before unpickling it. pickle allocates a counted string or bytes
+    at its declared length before reading it: `\\x8e` and 8 length bytes asked for 4.4 GB. Here a
+    length must fit in the bytes that follow (pickletools reads what is there, never the length),
+    and only DATA_OPCODES may appear."""
+    for op, _, pos in pickletools.genops(data):
+        if op.name not in DATA_OPCODES:
+            raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} is not plain data")
+
+
 def load_refs(path: Path) -> list[dict]:
     """The refs list of refs(unc).p / refs(umd).p / refs(google).p (Python 2 pickles)."""
     try:
-        refs = _DataOnly(io.BytesIO(path.read_bytes()), encoding="utf-8", errors="replace").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise UsageError(f"{path} is not a plain-data refs pickle: {e}") from None
-    if not isinstance(refs, list) or (refs and not {"ref_id", "ann_id", "split", "sentences"} <= set(refs[0])):
+        with open(path, "rb") as f:
+            data = f.read(MAX_REFS_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_REFS_BYTES:
+        raise UsageError(f"{path} is over {MAX_REFS_BYTES} bytes: not a RefCOCO refs file")
+    try:
+        _check_opcodes(data)
+        refs = _DataOnly(io.BytesIO(data), encoding="utf-8", errors="replace").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, MemoryError, RecursionError) as e:
+        raise UsageError(f"{path} is not a plain-data refs pickle: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs) or \
+            (refs and not {"ref_id", "ann_id", "image_id", "split", "sentences"} <= set(refs[0])):
         raise UsageError(f"{path} is not a RefCOCO refs list")
     return refs
 
@@ -46,21 +81,27 @@ def read_refcoco(paths: Sequence[Path], images: Path | None, split: str | None) 
     instances = load_json(inst_path)
     if not isinstance(instances, dict) or not {"images", "annotations"} <= set(instances):
         raise UsageError(f"{inst_path} is not a RefCOCO instances.json")
-    boxes = {a["id"]: a["bbox"] for a in instances["annotations"]}
-    pictures = {im["id"]: im for im in instances["images"]}
+    with rows_of(inst_path, "annotation"):
+        boxes = {a["id"]: a["bbox"] for a in instances["annotations"]}
+    with rows_of(inst_path, "image"):
+        pictures = {im["id"]: im for im in instances["images"]}
     split = split or "val"
     items = []
-    for ref in load_refs(refs_path):
-        if ref["split"] != split:
-            continue
-        pic = pictures[ref["image_id"]]
-        name = pic.get("file_name") or f"COCO_train2014_{ref['image_id']:012d}.jpg"
-        image = find_image(images, name, f"train2014/{name}")
-        for sent in ref["sentences"]:
-            items.append(Item(f"{ref['ref_id']}/{sent['sent_id']}", image, {"expression": sent["sent"]}, [],
-                              {"box": xywh_to_corners(*boxes[ref["ann_id"]]), "size": (pic["width"], pic["height"]),
-                               "key": str(sent["sent_id"])}))
+    for n, ref in enumerate(load_refs(refs_path)):
+        with rows_of(refs_path, f"ref {n}"):
+            if ref["split"] == split:
+                items += _ref_items(ref, pictures, boxes, images)
     return Benchmark(split, items)
+
+
+def _ref_items(ref: dict, pictures: dict, boxes: dict, images: Path | None) -> list[Item]:
+    """One item per sentence of one ref."""
+    pic = pictures[ref["image_id"]]
+    name = pic.get("file_name") or f"COCO_train2014_{ref['image_id']:012d}.jpg"
+    image = find_image(images, name, f"train2014/{name}")
+    return [Item(f"{ref['ref_id']}/{sent['sent_id']}", image, {"expression": sent["sent"]}, [],
+                 {"box": xywh_to_corners(*boxes[ref["ann_id"]]), "size": (pic["width"], pic["height"]),
+                  "key": str(sent["sent_id"])}) for sent in ref["sentences"]]
 
 
 def read_visual7w(paths: Sequence[Path], images: Path | None, split: str | None) -> Benchmark:
