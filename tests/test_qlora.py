@@ -229,6 +229,24 @@ def test_frozen_weights_stay_bf16_and_only_trainables_get_fp32_masters(data, bas
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
 
 
+def test_resume_keeps_frozen_weights_in_the_load_dtype(data, base, tmp_path):
+    """A bf16 run stopped at step 2 and resumed from its (fp32) checkpoint: the frozen weights
+    are still bf16 (streamed into the parameters, no fp32 model built), and the losses are
+    exactly those of the uninterrupted run."""
+    kw = dict(model=str(base), dtype="bf16", train="vision_expert", steps=4, save_every=2)
+    whole = Trainer(args(data, tmp_path / "whole", **kw))
+    whole.fit()
+    stopped = Trainer(args(data, tmp_path / "stopped", **{**kw, "steps": 2}))
+    stopped.fit()
+    stopped.save(tmp_path / "stopped" / "checkpoints" / "step-0000002")  # what save_every writes mid-run
+    resumed = Trainer(args(data, tmp_path / "stopped", resume=True, **kw))
+    assert resumed.step == 2
+    assert {p.dtype for p in resumed.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in resumed.model.parameters() if p.requires_grad} == {torch.float32}
+    resumed.fit()
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "whole")
+
+
 def test_auto_dtype_follows_the_checkpoint(data, base, tmp_path):
     bf16 = finetune(args(data, tmp_path / "b", model=str(base), train="adapter", steps=1, save_dtype="bf16"))
     assert Trainer(args(data, tmp_path / "c", model=str(bf16), steps=1)).dtype == torch.bfloat16
