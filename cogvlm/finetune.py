@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from .fsdp import Slots, local_part, shard_from_checkpoint, weight_slots
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import PromptTokens, build_prompt, image_pixels, layout_batch
-from .quantize import BITS, QuantConfig, quantize_model, register_lora_layers
+from .quantize import BITS, QuantConfig, input_grad, quantize_model, register_lora_layers
 from .tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 
 IGNORE = -100
@@ -250,6 +251,35 @@ def train_dtype(args: TrainArgs, folder: Path | None, quantized: bool) -> torch.
     return torch.bfloat16 if stored == "bfloat16" else torch.float32
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """F.linear over a frozen weight whose backward gives the input its gradient through
+    `quantize.input_grad` (the fast bf16 layout on CPUs without native bf16) and the weight none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return input_grad(grad.to(weight.dtype), weight), None, None
+
+
+def _frozen_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenLinear.apply(x, self.weight, self.bias)
+
+
+def route_frozen_linears(model: torch.nn.Module) -> None:
+    """Frozen bf16 Linears compute their backward through `_FrozenLinear`: on a CPU without
+    native bf16, autograd's own grad @ weight takes a fallback kernel ~25x slower, which made a
+    bf16 LoRA step ~100x slower than an fp32 one (benchmarks/finetune.py). Trained Linears keep
+    autograd's formula (their weight needs a gradient)."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.bfloat16:
+            m.forward = types.MethodType(_frozen_forward, m)
+
+
 def fp32_masters(model: torch.nn.Module) -> None:
     """Trainable parameters in fp32, whatever the frozen ones load in: AdamW's updates (lr x a
     unit step, ~1e-5 of a weight) vanish below bf16's 8 bits of mantissa. The frozen weights keep
@@ -393,6 +423,8 @@ class Trainer:
         else:
             set_trainable(model, self.parts)
         self.inner = model
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            route_frozen_linears(model)
         if self.slots is not None:
             sharded = shard_from_checkpoint(model, self.base, self.slots, self.base_folder, self.device, self.dtype)
             init_adapters(model, self.args.seed)

@@ -213,6 +213,19 @@ def test_a_bad_adapter_is_one_line_and_exit_2(base, lora, tmp_path, how, message
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, message", [
+    (["--tp", "2"], "--adapter does not combine with --tp yet (the ranks' split layers take no adapter): merge it "
+                    "first (cogvlm merge-lora BASE ADAPTER OUT) and load OUT with --tp"),
+    (["--compile"], "--adapter runs uncompiled: drop --compile, or merge it first (cogvlm merge-lora BASE ADAPTER "
+                    "OUT) and load OUT with --compile"),
+])
+def test_adapter_with_tp_or_compile_is_one_line_and_exit_2(base, lora, flag, message, capsys):
+    from cogvlm.cli import main
+
+    code = main(["chat", "--model", str(base), "--adapter", str(lora), *flag, "--query", "hi", "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err == f"cogvlm chat: error: {message}\n"
+
+
 def test_frozen_weights_stay_bf16_and_only_trainables_get_fp32_masters(data, base, tmp_path):
     trainer = Trainer(args(data, tmp_path / "bf16", model=str(base), dtype="bf16", train="vision_expert", steps=1))
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -227,6 +240,31 @@ def test_frozen_weights_stay_bf16_and_only_trainables_get_fp32_masters(data, bas
         id(trainer.model.get_parameter(n)) for n in trainable}
     trainer.fit()
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
+
+
+def test_routed_frozen_linears_give_autograds_gradients():
+    """`route_frozen_linears` changes where the input gradient is computed (a layout fast on
+    CPUs without native bf16), not what it is: the same outputs, the same gradients up to bf16
+    summation order (1% of the norm), and no weight gradient."""
+    from cogvlm.finetune import route_frozen_linears
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    routed = torch.nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    routed.load_state_dict(plain.state_dict())
+    route_frozen_linears(routed)
+    x = torch.randn(3, 5, 64)
+    outs, grads = [], []
+    for m in (plain, routed):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        (y.float() * torch.linspace(-1, 1, 96)).sum().backward()
+        outs.append(y)
+        grads.append(xi.grad)
+    assert "forward" in vars(routed) and torch.equal(outs[0], outs[1])
+    assert (grads[0] - grads[1]).norm() <= 0.01 * grads[0].norm()
+    assert routed.weight.grad is None
 
 
 def test_resume_keeps_frozen_weights_in_the_load_dtype(data, base, tmp_path):
