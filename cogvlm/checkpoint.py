@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from collections import deque
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -160,9 +160,8 @@ def iter_tensors(folder: Path, device: str = "cpu", rank: int = 0, world: int = 
         groups = _iter_hf(folder, device, Split(config, rank, world))
     else:
         groups = iter([_read_sat(folder, Split(config, rank, world))])
-    keep = ("rotary_emb.inv_freq",) if rope_buffers else ()
     for group in groups:
-        yield {k: v for k, v in group.items() if not k.endswith(_BUFFERS) or k.endswith(keep)}
+        yield {k: v for k, v in group.items() if not derived(k, rope_buffers)}
 
 
 def _hf_shards(folder: Path) -> list[Path]:
@@ -190,6 +189,11 @@ def _hf_shards(folder: Path) -> list[Path]:
 _BUFFERS = ("inv_freq", "rope.freqs_cos", "rope.freqs_sin")  # derived: recomputed, never read
 
 
+def derived(name: str, rope_buffers: bool = False) -> bool:
+    """A stored buffer the model recomputes, so never reads (see `iter_tensors`)."""
+    return name.endswith(_BUFFERS) and not (rope_buffers and name.endswith("rotary_emb.inv_freq"))
+
+
 def _shard_name(name: object, folder: Path) -> str:
     """A weight_map entry, if it names a file inside the checkpoint folder (not ../x, not /etc/x)."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
@@ -203,6 +207,36 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _safetensors_entries(f) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """(name, dtype, shape, first byte, byte count) of each tensor in the open file `f`, in file
+    order, each checked to lie inside the file."""
+    size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(f.read(8), "little")
+    if n + 8 > size:
+        raise ValueError(f"header of {n} bytes does not fit in a file of {size}")
+    header = json.loads(f.read(n))
+    base = 8 + n
+    out = []
+    for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or base + end > size:
+            raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data, past the "
+                             f"end of the file or not {nbytes} long (truncated?)")
+        out.append((name, dtype, shape, base + begin, nbytes))
+    return out
+
+
+def _read_bytes(f, start: int, nbytes: int, name: str) -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(start)
+    if nbytes and f.readinto(buf.numpy()) != nbytes:
+        raise ValueError(f"file ended inside tensor {name}")
+    return buf
+
+
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in file order, each read into fresh memory with one plain file read.
 
@@ -210,26 +244,47 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     until the whole file is closed, so a mapped read peaks at the model plus one shard, this one
     at the model plus one tensor (what a quantizing load needs to stay small)."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        n = int.from_bytes(f.read(8), "little")
-        if n + 8 > size:
-            raise ValueError(f"header of {n} bytes does not fit in a file of {size}")
-        header = json.loads(f.read(n))
-        base = 8 + n
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                         key=lambda kv: kv[1]["data_offsets"][0])
-        for name, info in entries:
-            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or base + end > size:
-                raise ValueError(f"tensor {name} needs bytes {begin}..{end} of the data, past the "
-                                 f"end of the file or not {nbytes} long (truncated?)")
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(base + begin)
-            if nbytes and f.readinto(buf.numpy()) != nbytes:
-                raise ValueError(f"file ended inside tensor {name}")
-            yield name, buf.view(dtype).view(shape)
+        for name, dtype, shape, start, nbytes in _safetensors_entries(f):
+            yield name, _read_bytes(f, start, nbytes, name).view(dtype).view(shape)
+
+
+class StoredTensor(NamedTuple):
+    """Where a tensor lies in a safetensors shard: what `read_rows` needs to read part of it."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+
+
+def safetensors_index(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors checkpoint and where it lies, from the shards' headers
+    alone (no tensor data is read). Other layouts are a CheckpointError: partial reads need
+    safetensors' plain row-major layout."""
+    if layout_of(folder) != "hf" or any(s.suffix != ".safetensors" for s in _hf_shards(folder)):
+        raise CheckpointError(f"{folder} is not a safetensors checkpoint; convert it first (cogvlm convert)")
+    index = {}
+    for shard in _hf_shards(folder):
+        try:
+            with open(shard, "rb") as f:
+                for name, dtype, shape, start, _ in _safetensors_entries(f):
+                    index[name] = StoredTensor(shard, dtype, tuple(shape), start)
+        except (ValueError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {shard}: {e}") from None
+    return index
+
+
+def read_rows(stored: StoredTensor, name: str, begin: int, end: int) -> torch.Tensor:
+    """Rows begin..end (along dim 0) of a stored tensor, reading only their bytes: rows are
+    contiguous in a row-major file, so one seek and one read. What an FSDP rank reads of each
+    weight it holds a shard of (`cogvlm.fsdp`)."""
+    row = math.prod(stored.shape[1:]) * stored.dtype.itemsize
+    with open(stored.path, "rb") as f:
+        try:
+            buf = _read_bytes(f, stored.start + begin * row, (end - begin) * row, name)
+        except ValueError as e:
+            raise CheckpointError(f"cannot read {stored.path}: {e}") from None
+    return buf.view(stored.dtype).view(end - begin, *stored.shape[1:])
 
 
 def _iter_hf(folder: Path, device: str, split: Split) -> Iterator[dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,17 +21,20 @@ from typing import Iterator, Literal, Sequence, get_args
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .api import apply_adapter, check_adapter_folder, peft_module
-from .checkpoint import HF_CONFIG, check_destination, load_weights, read_config, read_quant, resolve, save_hf
+from .checkpoint import (HF_CONFIG, check_destination, iter_tensors, load_weights, read_config, read_quant, resolve,
+                         save_hf)
 from .config import TEMPLATES, CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, VideoRecord, is_video_set, read_records, read_video_records
 from .errors import TrainingError, VideoError
+from .fsdp import Slots, local_part, shard_from_checkpoint, weight_slots
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import (PromptTokens, build_prompt, check_takes_video, frame_labels, image_pixels, layout_batch,
                      prompt_length, video_frames)
-from .quantize import BITS, QuantConfig, quantize_model, register_lora_layers
+from .quantize import BITS, QuantConfig, input_grad, quantize_model, register_lora_layers
 from .tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 from .video import sampled_frame_count, strategy_for
 
@@ -325,6 +329,35 @@ def train_dtype(args: TrainArgs, folder: Path | None, quantized: bool) -> torch.
     return torch.bfloat16 if stored == "bfloat16" else torch.float32
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """F.linear over a frozen weight whose backward gives the input its gradient through
+    `quantize.input_grad` (the fast bf16 layout on CPUs without native bf16) and the weight none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return input_grad(grad.to(weight.dtype), weight), None, None
+
+
+def _frozen_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenLinear.apply(x, self.weight, self.bias)
+
+
+def route_frozen_linears(model: torch.nn.Module) -> None:
+    """Frozen bf16 Linears compute their backward through `_FrozenLinear`: on a CPU without
+    native bf16, autograd's own grad @ weight takes a fallback kernel ~25x slower, which made a
+    bf16 LoRA step ~100x slower than an fp32 one (benchmarks/finetune.py). Trained Linears keep
+    autograd's formula (their weight needs a gradient)."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.bfloat16:
+            m.forward = types.MethodType(_frozen_forward, m)
+
+
 def fp32_masters(model: torch.nn.Module) -> None:
     """Trainable parameters in fp32, whatever the frozen ones load in: AdamW's updates (lr x a
     unit step, ~1e-5 of a weight) vanish below bf16's 8 bits of mantissa. The frozen weights keep
@@ -332,6 +365,23 @@ def fp32_masters(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def init_adapters(model: torch.nn.Module, seed: int) -> None:
+    """LoRA's starting values, the same in one process and on any number of FSDP ranks: B zero
+    (the adapted model starts as the base), A kaiming-uniform as peft draws it, from one
+    generator seeded with `seed` and walked in module order; an FSDP rank keeps its rows of
+    each A (r x in_features: small, so drawing it whole on every rank costs nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." not in name and ".lora_B." not in name:
+                continue
+            whole = torch.zeros(p.shape)
+            if ".lora_A." in name:
+                torch.nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=g)
+            local, begin, end = local_part(p)
+            local.copy_(whole[begin:end])
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
@@ -368,6 +418,9 @@ class Trainer:
             raise TrainingError(f"unknown template {args.template!r}: choose one of {', '.join(TEMPLATES)}")
         check_loss_average(args.loss_average)  # before minutes of loading, not at the first step
         check_quant_args(args)
+        if args.resume and args.fsdp and self.world > 1:
+            raise TrainingError("--resume does not combine with --fsdp yet: checkpoints hold rank 0's optimizer "
+                                "state only")
         self.base, self.tokenizer, self.base_folder = self._load_base()
         self.cfg = self.base.config
         self.parts = parts_for(args.train, self.cfg)
@@ -391,19 +444,29 @@ class Trainer:
     def _load_base(self) -> tuple[CogVLMForCausalLM, Tokenizer, Path | None]:
         """The base model as inference loads it: built on the meta device, each tensor streamed
         to this process's device in the frozen dtype (`train_dtype`), quantized as it arrives
-        with --quant, so host memory never holds an fp32 copy of the model. Under torchrun each
-        rank streams the whole model to its own device; FSDP then keeps its shards."""
+        with --quant, so host memory never holds an fp32 copy of the model. Under torchrun with
+        --fsdp the base stays on meta here: `_prepare_model` shards it and each rank reads only
+        its own rows (`cogvlm.fsdp`)."""
         a = self.args
         if (a.model is None) == (a.init_config is None):
             raise TrainingError("give exactly one of --model (start from weights) or --init-config (random start)")
         quant = QuantConfig(a.quant, a.group_size) if a.quant else None
+        self.slots: Slots | None = None
         if a.model is not None:
             folder = resolve(a.model)
             stored = read_quant(folder)
             if stored is not None and not a.lora:
                 raise TrainingError(f"{folder} holds quantized weights, which do not train: add --lora (QLoRA)")
             self.dtype = train_dtype(a, folder, quant is not None or stored is not None)
-            model = load_weights(folder, read_config(folder), self.dtype, self.device, quant=quant)
+            if self.sharded_load:
+                if quant is not None or stored is not None:
+                    raise TrainingError("--fsdp shards a float base; QLoRA's packed weights are not sharded: "
+                                        "drop --fsdp (QLoRA fits one GPU) or --quant")
+                with torch.device("meta"):
+                    model = CogVLMForCausalLM(read_config(folder))
+                self.slots = weight_slots(model)
+            else:
+                model = load_weights(folder, read_config(folder), self.dtype, self.device, quant=quant)
         else:
             folder = None
             torch.manual_seed(self.args.seed)
@@ -417,6 +480,12 @@ class Trainer:
         if tok_path is None:
             raise TrainingError("--init-config needs --tokenizer PATH")
         return model, Tokenizer(tok_path), folder
+
+    @property
+    def sharded_load(self) -> bool:
+        """FSDP over a checkpoint: each rank reads only its shards. (A random start is built whole
+        on every rank, from one seed, and sharded after.)"""
+        return self.world > 1 and self.args.fsdp and self.args.model is not None
 
     def _load(self, path: Path) -> tuple[list[Example], list[RecordError]]:
         """The examples of a conversation file, or of a video set (its records have a "video")."""
@@ -442,8 +511,15 @@ class Trainer:
             model = apply_lora(model, self.parts, self.args.lora_r, self.args.lora_alpha)
         else:
             set_trainable(model, self.parts)
-        fp32_masters(model)
         self.inner = model
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            route_frozen_linears(model)
+        if self.slots is not None:
+            sharded = shard_from_checkpoint(model, self.base, self.slots, self.base_folder, self.device, self.dtype)
+            init_adapters(model, self.args.seed)
+            return sharded
+        fp32_masters(model)
+        init_adapters(model, self.args.seed)
         if self.world > 1 and self.args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -538,13 +614,13 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, folder: Path, final: bool = False) -> Path:
         """Weights (HF layout, or a LoRA adapter) + trainer state, written by rank 0 only."""
-        state = self.model.state_dict() if not self.args.fsdp else _full_state(self.model)
+        state = self._whole_state()
         if self.is_main:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             if self.args.lora:
                 tmp.mkdir(parents=True)
-                self.inner.save_pretrained(str(tmp))
+                self.inner.save_pretrained(str(tmp), state_dict=state)
                 shutil.copy2(self.tokenizer.path, tmp / self.tokenizer.file_name)
             else:
                 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -559,6 +635,30 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return folder
+
+    def _whole_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds, as whole tensors (every rank takes part: FSDP gathers):
+        with LoRA the adapters alone, never a gathered copy of the frozen base."""
+        if self.args.lora:
+            return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+                    for n, p in self.inner.named_parameters() if p.requires_grad}
+        return self.model.state_dict() if not self.args.fsdp else _full_state(self.model)
+
+    def _load_into_params(self, folder: Path) -> None:
+        """A checkpoint's weights streamed tensor by tensor into the parameters, each in the dtype
+        it has (frozen: the load dtype; trained: fp32), so resuming holds no fp32 copy of the
+        model beside it (the checkpoint stores fp32)."""
+        params = dict(self.inner.named_parameters())
+        seen = set()
+        with torch.no_grad():
+            for group in iter_tensors(folder, config=self.cfg):
+                for name, tensor in group.items():
+                    if name in params:
+                        params[name].copy_(tensor)
+                        seen.add(name)
+        if seen != params.keys():
+            raise TrainingError(f"{folder} lacks {len(params.keys() - seen)} of the model's weights, "
+                                f"e.g. {sorted(params.keys() - seen)[0]}")
 
     def _resume(self) -> None:
         found = sorted((self.args.out / "checkpoints").glob("step-*"))
@@ -575,8 +675,7 @@ class Trainer:
 
             set_peft_model_state_dict(self.inner, load_file(last / "adapter_model.safetensors"))
         else:
-            weights = load_weights(last, self.cfg, torch.float32, "cpu").state_dict()
-            self.inner.load_state_dict(weights)
+            self._load_into_params(last)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         if self.is_main:  # keep the log consistent with the resumed step

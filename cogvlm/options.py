@@ -74,9 +74,11 @@ class LoadOptions:
         if self.world > 1 and self.compile:
             raise UsageError("--tp does not combine with --compile yet: the ranks decode uncompiled")
         if self.adapter is not None and self.world > 1:
-            raise UsageError("--adapter does not combine with --tp yet: the ranks' split layers take no adapter")
+            raise UsageError("--adapter does not combine with --tp yet (the ranks' split layers take no adapter): "
+                             "merge it first (cogvlm merge-lora BASE ADAPTER OUT) and load OUT with --tp")
         if self.adapter is not None and self.compile:
-            raise UsageError("--adapter runs uncompiled: drop --compile (or merge the adapter: cogvlm merge-lora)")
+            raise UsageError("--adapter runs uncompiled: drop --compile, or merge it first (cogvlm merge-lora BASE "
+                             "ADAPTER OUT) and load OUT with --compile")
         if self.compile and self.prepack:
             raise UsageError("compile=True packs the weights itself; leave prepack unset")
 

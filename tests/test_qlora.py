@@ -213,6 +213,19 @@ def test_a_bad_adapter_is_one_line_and_exit_2(base, lora, tmp_path, how, message
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, message", [
+    (["--tp", "2"], "--adapter does not combine with --tp yet (the ranks' split layers take no adapter): merge it "
+                    "first (cogvlm merge-lora BASE ADAPTER OUT) and load OUT with --tp"),
+    (["--compile"], "--adapter runs uncompiled: drop --compile, or merge it first (cogvlm merge-lora BASE ADAPTER "
+                    "OUT) and load OUT with --compile"),
+])
+def test_adapter_with_tp_or_compile_is_one_line_and_exit_2(base, lora, flag, message, capsys):
+    from cogvlm.cli import main
+
+    code = main(["chat", "--model", str(base), "--adapter", str(lora), *flag, "--query", "hi", "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err == f"cogvlm chat: error: {message}\n"
+
+
 def test_frozen_weights_stay_bf16_and_only_trainables_get_fp32_masters(data, base, tmp_path):
     trainer = Trainer(args(data, tmp_path / "bf16", model=str(base), dtype="bf16", train="vision_expert", steps=1))
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -227,6 +240,49 @@ def test_frozen_weights_stay_bf16_and_only_trainables_get_fp32_masters(data, bas
         id(trainer.model.get_parameter(n)) for n in trainable}
     trainer.fit()
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
+
+
+def test_routed_frozen_linears_give_autograds_gradients():
+    """`route_frozen_linears` changes where the input gradient is computed (a layout fast on
+    CPUs without native bf16), not what it is: the same outputs, the same gradients up to bf16
+    summation order (1% of the norm), and no weight gradient."""
+    from cogvlm.finetune import route_frozen_linears
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    routed = torch.nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    routed.load_state_dict(plain.state_dict())
+    route_frozen_linears(routed)
+    x = torch.randn(3, 5, 64)
+    outs, grads = [], []
+    for m in (plain, routed):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        (y.float() * torch.linspace(-1, 1, 96)).sum().backward()
+        outs.append(y)
+        grads.append(xi.grad)
+    assert "forward" in vars(routed) and torch.equal(outs[0], outs[1])
+    assert (grads[0] - grads[1]).norm() <= 0.01 * grads[0].norm()
+    assert routed.weight.grad is None
+
+
+def test_resume_keeps_frozen_weights_in_the_load_dtype(data, base, tmp_path):
+    """A bf16 run stopped at step 2 and resumed from its (fp32) checkpoint: the frozen weights
+    are still bf16 (streamed into the parameters, no fp32 model built), and the losses are
+    exactly those of the uninterrupted run."""
+    kw = dict(model=str(base), dtype="bf16", train="vision_expert", steps=4, save_every=2)
+    whole = Trainer(args(data, tmp_path / "whole", **kw))
+    whole.fit()
+    stopped = Trainer(args(data, tmp_path / "stopped", **{**kw, "steps": 2}))
+    stopped.fit()
+    stopped.save(tmp_path / "stopped" / "checkpoints" / "step-0000002")  # what save_every writes mid-run
+    resumed = Trainer(args(data, tmp_path / "stopped", resume=True, **kw))
+    assert resumed.step == 2
+    assert {p.dtype for p in resumed.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in resumed.model.parameters() if p.requires_grad} == {torch.float32}
+    resumed.fit()
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "whole")
 
 
 def test_auto_dtype_follows_the_checkpoint(data, base, tmp_path):

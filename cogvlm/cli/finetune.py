@@ -37,7 +37,8 @@ FINETUNE_HELP = {
     "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
     "seed": "seed for init and data order",
     "resume": "continue from the newest checkpoint under OUT/checkpoints",
-    "fsdp": "with torchrun: shard parameters with FSDP instead of replicating them (DDP)",
+    "fsdp": "with torchrun: shard parameters with FSDP instead of replicating them (DDP); with --model each "
+            "rank reads only its own rows of each weight (a float safetensors checkpoint)",
     "save_dtype": "dtype of the final weights: fp32, bf16 or fp16",
     "max_length": "longest example in tokens (image slots included; 0 = the model's context); longer records "
                   "are reported and skipped",
