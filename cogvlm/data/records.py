@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from PIL import Image
 
@@ -39,24 +40,35 @@ def read_records(path: str | Path, check_images: bool = True,
     here rather than mid-training. `max_answer_chars` is a cheap stand-in for a token limit.
     """
     path = Path(path)
+    image_errors: dict[Path, str | None] = {}  # many records share one image
+
+    def parse(text: str, number: int) -> Record:
+        record = _parse(text, number, path.parent, max_answer_chars)
+        if check_images and record.image is not None:
+            if record.image not in image_errors:
+                image_errors[record.image] = _image_problem(record.image)
+            if image_errors[record.image]:
+                raise ValueError(image_errors[record.image])
+        return record
+    return _read_lines(path, parse)
+
+
+T = TypeVar("T")
+
+
+def _read_lines(path: Path, parse: Callable[[str, int], T]) -> tuple[list[T], list[RecordError]]:
+    """`parse(text, line number)` on every non-blank line (a BOM on the first is dropped); a line
+    that is not UTF-8 or that `parse` refuses (ValueError) becomes a RecordError."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    records: list[Record] = []
+    records: list[T] = []
     errors: list[RecordError] = []
-    image_errors: dict[Path, str | None] = {}  # many records share one image
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                if not text.strip():
-                    continue
-                record = _parse(text, number, path.parent, max_answer_chars)
-                if check_images and record.image is not None:
-                    if record.image not in image_errors:
-                        image_errors[record.image] = _image_problem(record.image)
-                    if image_errors[record.image]:
-                        raise ValueError(image_errors[record.image])
-                records.append(record)
+                if text.strip():
+                    records.append(parse(text, number))
             except UnicodeDecodeError as e:
                 errors.append(RecordError(number, f"invalid UTF-8 at byte {e.start}"))
             except ValueError as e:
@@ -64,13 +76,19 @@ def read_records(path: str | Path, check_images: bool = True,
     return records, errors
 
 
-def _parse(text: str, line: int, root: Path, max_answer_chars: int | None) -> Record:
+def _json_object(text: str) -> dict[str, Any]:
+    """One line's JSON object, or a ValueError saying why not."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"invalid record: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse(text: str, line: int, root: Path, max_answer_chars: int | None) -> Record:
+    obj = _json_object(text)
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)} (use \"image\": null for text-only)"
@@ -140,36 +158,19 @@ def read_video_records(path: str | Path, max_answer_chars: int | None = None) ->
     Clips are not opened here: a clip that does not decode is found where it is used (an
     evaluation records it as an error row; fine-tuning skips it when it counts the frames)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    records: list[VideoRecord] = []
-    errors: list[RecordError] = []
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                if not text.strip():
-                    continue
-                record = _parse_video(text, number, path.parent, max_answer_chars)
-                if record.id in seen:
-                    raise ValueError(f"id {record.id!r} is already used on line {seen[record.id]}")
-                seen[record.id] = number
-                records.append(record)
-            except UnicodeDecodeError as e:
-                errors.append(RecordError(number, f"invalid UTF-8 at byte {e.start}"))
-            except ValueError as e:
-                errors.append(RecordError(number, str(e)))
-    return records, errors
+
+    def parse(text: str, number: int) -> VideoRecord:
+        record = _parse_video(text, number, path.parent, max_answer_chars)
+        if record.id in seen:
+            raise ValueError(f"id {record.id!r} is already used on line {seen[record.id]}")
+        seen[record.id] = number
+        return record
+    return _read_lines(path, parse)
 
 
 def _parse_video(text: str, line: int, root: Path, max_answer_chars: int | None) -> VideoRecord:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"invalid record: expected a JSON object, got {type(obj).__name__}")
+    obj = _json_object(text)
     missing = [k for k in VIDEO_KEYS if k not in obj] + ([] if "answer" in obj or "answers" in obj else ["answer"])
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)} (a video record is "
