@@ -113,12 +113,12 @@ def bench_decoders(clips: int) -> None:
 
 def small_video_model(hidden: int, layers: int) -> CogVLM:
     """A random CogVLM2-Video with the published tower shape per frame (224 px, 2x2 merge: 66 slots a
-    frame) on a small decoder, with cogvlm-tiny's tokenizer; it never emits eos, so every caption
+    frame) on a small decoder with the published grouping of 4 query heads per key/value head, with cogvlm-tiny's tokenizer; it never emits eos, so every caption
     is exactly max_new_tokens long and both contenders decode the same number of tokens."""
     tiny = Path(cogvlm.__file__).parent / "weights" / "cogvlm-tiny"
     tokenizer = Tokenizer(tiny / "tokenizer.model")
     config = replace(COGVLM2_VIDEO, vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_layers=layers,
-                     num_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+                     num_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),  # 4:1, as published (32:8)
                      intermediate_size=hidden * 11 // 4, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                      template="chat", vision=replace(COGVLM2_VIDEO.vision, hidden_size=64, num_layers=2,
                                                      num_heads=4, intermediate_size=256))

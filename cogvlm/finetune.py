@@ -213,12 +213,12 @@ def loss_fn(model: torch.nn.Module, chunk, labels: torch.Tensor,
     mean over its answer tokens summed, so a one-word answer counts as much as a long caption
     (with token averaging, long answers take almost all of the gradient)."""
     units = loss_units(labels, average)  # (checks `average` before the forward pass)
-    logits = model(chunk)
-    labels = labels.to(logits.device)
-    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                reduction="none").view(labels.shape)
+    answer = labels != IGNORE
+    logits = model(chunk, at=answer)  # (K, vocab): only where a label is
+    per_token = F.cross_entropy(logits, labels[answer].to(logits.device), reduction="none")
     if average == "example":
-        per_token = per_token / (labels != IGNORE).sum(1, keepdim=True).clamp_min(1)
+        counts = answer.sum(1)
+        per_token = per_token / counts.repeat_interleave(counts).to(per_token.device)
     return per_token.sum(), units
 
 

@@ -375,12 +375,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 DECODE_WINDOW = 64  # the smallest cache window a decode step attends over, in slots
 
 
-def decode_window(slots: int, capacity: int) -> int:
-    """The cache slots a decode step attends over when `slots` are in use (its own included): the
-    smallest power of two >= `slots`, at least DECODE_WINDOW, at most `capacity`. Slots past the
-    last used one are never valid, so the window changes no result; powers of two keep the
-    compiled graphs per cache few (one per doubling) while reading at most twice the used slots."""
+def decode_window(slots: int, capacity: int, doubling: bool = True) -> int:
+    """The cache slots a decode step attends over when `slots` are in use (its own included), at
+    least DECODE_WINDOW and at most `capacity`: with `doubling` (a compiled step) the smallest
+    power of two >= `slots`, which keeps the compiled graphs per cache few (one per doubling)
+    while reading at most twice the used slots; eagerly, `slots` rounded up to DECODE_WINDOW,
+    since an eager step has no graph to keep and attention reads every slot of the window
+    (with 8 rows of 600-800 slots, most of a CPU decode step). Slots past the last used one are
+    never valid, so the window changes no result."""
     window = DECODE_WINDOW
+    if not doubling:
+        return min(max(window, -(-slots // window) * window), capacity)
     while window < slots:
         window *= 2
     return min(window, capacity)
@@ -762,6 +767,7 @@ class CogVLMForCausalLM(nn.Module):
         self.register_buffer("inv_freq", self.rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
         self.decode_buckets = False  # set by compile_decode(graphs=True): caches and steps in static shapes
+        self.decode_compiled = False  # set by compile_decode: windows double (`decode_window`)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -851,10 +857,13 @@ class CogVLMForCausalLM(nn.Module):
         return allowed[:, None]
 
     def forward(self, chunk: Chunk, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
         """Run `chunk` after the `cache.length` tokens already in `cache` (None: no history, as in
         training) and return float32 logits (B, N, vocab), or with `last_only` (B, vocab) at each
-        row's last real token."""
+        row's last real token, or with `at` ((B, N) bool) (K, vocab) at its K true positions in
+        row-major order: training needs logits only where a label is, a few answer tokens of
+        each prompt, and at every position they would be its largest activation (14 bytes per
+        vocabulary entry per token with the loss's fp32 copies and gradient)."""
         n = chunk.input_ids.shape[1]
         if cache is not None and cache.length + n > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots; "
@@ -883,6 +892,8 @@ class CogVLMForCausalLM(nn.Module):
         elif last_only:  # the last real token of each row (rows may end in padding)
             last = (chunk.attention_mask.to(self.device) * torch.arange(n, device=self.device)).argmax(-1)
             x = x[torch.arange(x.shape[0], device=self.device), last]
+        elif at is not None:
+            x = x[at.to(self.device)]
         return self.lm_head(self.model.norm(x)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -891,7 +902,7 @@ class CogVLMForCausalLM(nn.Module):
 
         Equal to `forward` on a one-token chunk, but lean and shape-stable: no expert routing, no
         host syncs and no host-to-device copies (the slot is set on the device with `fill_`), and
-        attention reads a window of the cache that doubles as it fills (`decode_window`). In a
+        attention reads a window of the cache that grows as it fills (`decode_window`). In a
         bucketed cache (`compile_decode(graphs=True)`) the step runs at `row_bucket` rows: the
         idle rows after the batch's compute what nobody reads, so rows that join or leave within
         a bucket reuse its graph."""
@@ -908,7 +919,7 @@ class CogVLMForCausalLM(nn.Module):
         if bucket > rows:
             tokens, positions = F.pad(tokens, (0, bucket - rows)), F.pad(positions, (0, bucket - rows))
         cache.slot.fill_(slot)
-        logits = self._decode(tokens, positions, cache.slot, k, v, valid, decode_window(slot + 1, cache.max_len),
+        logits = self._decode(tokens, positions, cache.slot, k, v, valid, decode_window(slot + 1, cache.max_len, self.decode_compiled),
                               cache.cross)
         cache.length += 1
         return logits[:rows]
@@ -953,6 +964,7 @@ class CogVLMForCausalLM(nn.Module):
         from torch._inductor import config as inductor_config
 
         graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.decode_compiled = True
         # every model's step is the code of this one method, whose graphs dynamo keeps for the
         # whole process, running it eagerly once there are `recompile_limit` of them; a frozen
         # graph holds one model's weights, so each model adds its own: make room for its graphs,

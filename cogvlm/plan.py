@@ -459,7 +459,8 @@ def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], boo
     video model's clip, `images_per_prompt`) only if something in or before it trains; else it
     runs as in inference (`activation_bytes`, a transient peak before the decoder starts). The logits take 14 bytes per vocabulary entry per token:
     bf16 out of the head, the fp32 copy, the fp32 log-softmax cross-entropy keeps and its
-    gradient."""
+    gradient. Training computes them only at answer tokens (`forward(at=)`); counted here at
+    every token, the bound for a batch that is all answer."""
     if mode not in ("lora", "full"):
         raise PlanError(f"fine-tuning is 'lora' or 'full', not {mode!r}")
     if quant is not None and mode != "lora":

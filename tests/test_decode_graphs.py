@@ -241,6 +241,9 @@ def test_joining_fills_free_rows_in_place_or_moves_one_layer_at_a_time(vlm):
 def test_windows_and_row_buckets():
     assert [decode_window(s, 1024) for s in (1, 64, 65, 128, 129, 600, 1024)] == [64, 64, 128, 128, 256, 1024, 1024]
     assert decode_window(100, 80) == 80
+    # eager steps (no graphs to keep few) read the used slots rounded up to 64
+    assert [decode_window(s, 1024, False) for s in (1, 64, 65, 600, 1000)] == [64, 64, 128, 640, 1024]
+    assert decode_window(700, 650, False) == 650
     assert [row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 24]
 
 

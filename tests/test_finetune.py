@@ -87,6 +87,25 @@ def test_example_averaging_weighs_each_answer_the_same(tiny_config):
         loss_fn(model, chunk, labels, "sentence")
 
 
+def test_logits_at_labelled_positions_are_the_full_logits_there(tiny_config):
+    """`forward(at=mask)` runs the head only where the mask is true, in row-major order: the
+    same values as the full logits at those positions (the head's product over fewer rows may
+    block differently: fp32 rounding, 1e-5)."""
+    from cogvlm.finetune import Example, collate
+    from cogvlm.model import CogVLMForCausalLM
+
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(tiny_config).eval()
+    image = Path(__file__).resolve().parent.parent / "cogvlm" / "web_examples" / "shapes-0.png"
+    chunk, labels = collate([Example(image, [7, 8], [40, 41, 2], 1), Example(None, [7, 8, 9], [46, 2], 2)],
+                            tiny_config)
+    at = labels != -100
+    with torch.no_grad():
+        full, some = model(chunk), model(chunk, at=at)
+    assert some.shape == (5, tiny_config.vocab_size)
+    torch.testing.assert_close(some, full[at], rtol=1e-5, atol=1e-5)
+
+
 def test_init_gives_each_patch_position_features_as_large_as_its_content():
     from cogvlm.finetune import init_weights
     from cogvlm.model import CogVLMForCausalLM

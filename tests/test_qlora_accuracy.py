@@ -9,6 +9,11 @@ runs: adapters on the visual expert and the language layers, rank 8, the same 40
 fresh synthetic scenes each (seeds cogvlm-tiny never saw), one over the int4-packed base, one over
 the bf16 base; then greedy answers on 120 other new scenes through `CogVLM.from_pretrained(...,
 adapter=)`, as a user would load the result.
+
+The learning rate is 3e-3: at 1e-2 both runs oscillate (training loss ends at 0.2-0.45) and
+held-out accuracy swings between 0.3 and 0.83 with the seed, for the int4 and the bf16 base
+alike (docs/finetune.md), so the comparison measured the seed rather than QLoRA. At 3e-3 both
+end near a loss of 0.06 and 0.92-0.93 accuracy on 60 scenes, for seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -57,16 +62,12 @@ def accuracy(adapter: Path | None, quant: int | None = None) -> float:
 
 def train(data: Path, out: Path, **kw) -> tuple[Path, list[float]]:
     adapter = finetune(TrainArgs(data=data, out=out, model="cogvlm-tiny", lora=True, lora_r=8, lora_alpha=16,
-                                 train="vision_expert,language", steps=STEPS, batch_size=BATCH, lr=1e-2, warmup=2,
+                                 train="vision_expert,language", steps=STEPS, batch_size=BATCH, lr=3e-3, warmup=2,
                                  progress=False, seed=0, **kw))
     return adapter, [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (#38): held-out accuracy int4 QLoRA 0.28-0.31 vs bf16 LoRA 0.77-0.80 after 40 steps "
-                          "of 8 (before: 0.00). Not int4's loss: the int4 base counts as well as fp32 (0.95 on 60 "
-                          "scenes); the QLoRA run's training loss plateaus at ~0.45 against bf16's ~0.2, so the "
-                          "QLoRA path learns slower (docs/finetune.md)", strict=False)
 def test_int4_qlora_learns_a_new_skill_as_well_as_bf16_lora(counting, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = accuracy(None)
