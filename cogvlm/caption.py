@@ -46,7 +46,7 @@ from .data.shards import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Columns, Result, S
 from .errors import ImageError, UsageError, VideoError, WriteError
 from .files import printable, write_text
 from .generate import SamplingParams
-from .image import MAX_IMAGE_BYTES, ImageInput, load_image
+from .image import MAX_IMAGE_BYTES, ImageInput, TowerFrames, load_image
 from .jobs import Journal, parse_jsonl, read_journal
 from .progress import Progress
 from .prompt import build_prompt
@@ -54,6 +54,7 @@ from .video import VideoLimits, load_video, strategy_for
 
 if TYPE_CHECKING:
     from .api import CogVLM
+    from .config import CogVLMConfig
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
 DECODERS = min(8, os.cpu_count() or 1)  # decoder threads: a clip takes a core for about a second
@@ -203,18 +204,20 @@ def _captions(records: list[dict[str, Any]], path: Path, field: str) -> dict[str
 
 # ---- captioning -------------------------------------------------------------------------------
 
-Loaded = Union[Image.Image, torch.Tensor, str]  # a decoded image or clip (uint8 (3, T, H, W)), or why not
+Loaded = Union[Image.Image, torch.Tensor, TowerFrames, str]  # an image, a clip (uint8 (3, T, H, W) or prepared), or why not
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Media:
     """What a run captions: images, or video clips sampled by `strategy` (the rule paired with the
-    template, docs/video.md) within `limits`."""
+    template, docs/video.md) within `limits`, and with `frame_size` (a model's tower size)
+    preprocessed for it where they are decoded (`TowerFrames`)."""
 
     video: bool = False
     strategy: str = "chat"
     limits: VideoLimits = VideoLimits()
+    frame_size: int | None = None
 
     @property
     def extensions(self) -> frozenset[str]:
@@ -225,15 +228,19 @@ class Media:
         """The key of a record's file name in --output FILE: image or video."""
         return "video" if self.video else "image"
 
-    def for_template(self, template: str) -> Media:
-        return replace(self, strategy=strategy_for(template)) if self.video else self
+    def for_model(self, template: str, config: CogVLMConfig) -> Media:
+        """Clips sampled by `template`'s rule and prepared for `config`'s tower."""
+        if not self.video:
+            return self
+        return replace(self, strategy=strategy_for(template), frame_size=config.vision.image_size)
 
-    def load(self, source: ImageInput, max_bytes: int | None = None) -> Image.Image | torch.Tensor:
+    def load(self, source: ImageInput, max_bytes: int | None = None) -> Image.Image | torch.Tensor | TowerFrames:
         """`max_bytes` (a shard's limit, Columns.max_bytes) caps the file further than `limits`."""
         if self.video:
             limits = self.limits if max_bytes is None else replace(
                 self.limits, max_bytes=min(self.limits.max_bytes, max_bytes))
-            return load_video(source, self.strategy, limits=limits)  # type: ignore[arg-type]
+            clip = load_video(source, self.strategy, limits=limits)  # type: ignore[arg-type]
+            return clip if self.frame_size is None else TowerFrames.of(clip, self.frame_size)
         return load_image(source, max_bytes=max_bytes)
 
 
@@ -386,7 +393,7 @@ def caption_batch(vlm: CogVLM, loaded: Sequence[Loaded], query: str, template: s
                   sampling: SamplingParams | None = None) -> tuple[list[str | None], int]:
     """Captions of the readable images or clips (uint8 (3, T, H, W)) in one `CogVLM.generate` call
     (None for the others), and how many tokens they are. `sampling` None: the model's defaults."""
-    requests = [(None, query, None, x) if isinstance(x, torch.Tensor) else (x, query, None)
+    requests = [(x, query, None) if isinstance(x, Image.Image) else (None, query, None, x)
                 for x in loaded if not isinstance(x, str)]
     answers = iter(vlm.generate(requests, template, params=sampling))
     captions = [None if isinstance(img, str) else next(answers) for img in loaded]
@@ -418,7 +425,7 @@ def caption_images(vlm: CogVLM, images: Sequence[Path], sink: Sink, query: str =
     batches are read and decoded by `decoders` threads while the model works on the current one."""
     todo = [p for p in images if not sink.done(p)]
     summary = Summary(skipped=len(images) - len(todo))
-    media = media.for_template(template or vlm.config.template)
+    media = media.for_model(template or vlm.config.template, vlm.config)
     bar, start = progress_bar(len(todo), progress, log_every, "clip" if media.video else "img"), time.monotonic()
     try:
         with decoded_batches(todo, batch_size, lambda p: load_media(p, p, media), decoders, Waiting(summary)) as batches:
@@ -465,7 +472,7 @@ def caption_shards(vlm: CogVLM, shards: Sequence[Path], writer: ShardWriter, col
     sample is done; samples are read in a thread and decoded by `decoders` more while the model works."""
     todo = [s for s in shards if not writer.done(s)]
     summary = Summary(shards_skipped=len(shards) - len(todo))
-    media = media.for_template(template or vlm.config.template)
+    media = media.for_model(template or vlm.config.template, vlm.config)
     bar, start = progress_bar(None, progress, log_every, "clip" if media.video else "img"), time.monotonic()
     wait = Waiting(summary)
     results: list[Result] = []

@@ -9,6 +9,7 @@ import os
 import stat
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -167,3 +168,16 @@ def preprocess_frames(clip: torch.Tensor, size: int) -> torch.Tensor:
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
     i, j = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return x[..., i:i + size, j:j + size].transpose(0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class TowerFrames:
+    """A clip already through `preprocess_frames`: (T, 3, S, S) float32 for a tower of S px.
+    What the caption job's and the video evaluation's decoder threads hand the model, so the
+    model's thread does no per-clip work (normalise, resize, crop: ~30 ms a clip on one core)."""
+
+    pixels: torch.Tensor
+
+    @classmethod
+    def of(cls, clip: torch.Tensor, size: int) -> TowerFrames:
+        return cls(preprocess_frames(clip, size))

@@ -11,13 +11,13 @@ import torch
 
 from .config import TEMPLATES, CogVLMConfig
 from .errors import ImageError, ImageRequiredError, VideoError
-from .image import ImageInput, load_image, preprocess, preprocess_frames
+from .image import ImageInput, TowerFrames, load_image, preprocess, preprocess_frames
 from .model import Chunk
 from .tokenizer import Tokenizer, TokenizerError
 
 History = Sequence[tuple[str, str]]
 # a clip: a file path, its encoded bytes, or the decoded frames as a uint8 (3, T, H, W) tensor
-VideoInput = Union[str, Path, bytes, torch.Tensor]
+VideoInput = Union[str, Path, bytes, torch.Tensor, TowerFrames]
 
 
 # Vicuna v1.1's system prompt: the language weights are Vicuna-7B-v1.5's, and the authors' demo
@@ -105,8 +105,15 @@ def check_takes_video(cfg: CogVLMConfig) -> None:
 def video_frames(video: VideoInput, cfg: CogVLMConfig, template: str) -> torch.Tensor:
     """The tower's input (T, 3, S, S) for one clip: a uint8 (3, T, H, W) tensor as it is, a
     file or its bytes decoded and sampled by the rule the authors pair with the template
-    (docs/spec/cogvlm2-video.md section 8: "base" for the base template, else "chat")."""
+    (docs/spec/cogvlm2-video.md section 8: "base" for the base template, else "chat"), then
+    preprocessed; `TowerFrames` are preprocessed already."""
     check_takes_video(cfg)
+    if isinstance(video, TowerFrames):
+        size = cfg.vision.image_size
+        if video.pixels.ndim != 4 or video.pixels.shape[1:] != (3, size, size):
+            raise VideoError(f"these frames were prepared as {tuple(video.pixels.shape)}; this model's tower "
+                             f"takes (frames, 3, {size}, {size})")
+        return video.pixels
     if not isinstance(video, torch.Tensor):
         from .video import load_video, strategy_for  # decoding needs a video library; frame tensors do not
 

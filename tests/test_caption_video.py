@@ -255,3 +255,25 @@ def test_ray_captions_video_shards_as_one_machine_does(video_checkpoint, video_v
     assert {k: r["caption"] for k, r in rows.items()} == {**want, "b": None}
     assert "sample b is corrupt or truncated" in rows["b"]["error"]
     assert rows["a"]["prompt"] == f"Question: {VIDEO_CAPTION_PROMPT} Answer:"
+
+
+def test_clips_are_prepared_for_the_tower_where_they_are_decoded(video_vlm, clips):
+    """A caption job's Media prepares each clip for the model's tower in the decoder thread
+    (`TowerFrames`): the same pixels, bit for bit, as the model's own preprocessing of the decoded
+    clip, and the API answers on them exactly as on the file; frames prepared for another tower
+    size are a VideoError naming the shapes."""
+    import torch
+
+    from cogvlm.errors import VideoError
+    from cogvlm.image import TowerFrames, preprocess_frames
+    from cogvlm.video import load_video
+
+    path = sorted(clips.rglob("clip*"))[0]
+    media = Media(video=True).for_model("chat", video_vlm.config)
+    prepared = media.load(path)
+    size = video_vlm.config.vision.image_size
+    assert isinstance(prepared, TowerFrames) and media.frame_size == size
+    assert torch.equal(prepared.pixels, preprocess_frames(load_video(path, "chat"), size))
+    assert one_at_a_time(video_vlm, [prepared]) == one_at_a_time(video_vlm, [path])
+    with pytest.raises(VideoError, match=rf"takes \(frames, 3, {size}, {size}\)"):
+        video_vlm.generate([(None, "hi", None, TowerFrames(prepared.pixels[:, :, :-1]))], "chat", **GREEDY)

@@ -95,7 +95,7 @@ class Captioner:
         self.vlm = CogVLM.from_pretrained(options)
         self.vlm.defaults = sampling
         self.query, self.template = query, template
-        self.media = media.for_template(template or self.vlm.config.template)
+        self.media = media.for_model(template or self.vlm.config.template, self.vlm.config)
         self.pool = ThreadPoolExecutor(max(1, decoders), thread_name_prefix="cogvlm-decode")
         self.max_bytes = max_bytes  # Columns.max_bytes: a path or URL is read up to it
         self.meta = dict(run_meta(self.vlm, str(options.model), query, template))

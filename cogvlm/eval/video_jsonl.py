@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 
 from ..caption import DECODERS, Media, decoded_batches, load_media
 from ..data.records import VideoRecord, read_video_records
@@ -46,10 +45,10 @@ def answer_records(vlm: CogVLM, records: Sequence[VideoRecord], journal: Journal
                    sampling: dict[str, Any], batch_size: int, decoders: int, progress: Progress) -> None:
     """Answer `records` `batch_size` at a time, their clips decoded ahead by `decoders` threads;
     each batch's rows are journalled as it ends."""
-    media = Media(video=True).for_template(template)
+    media = Media(video=True).for_model(template, vlm.config)
     with decoded_batches(records, batch_size, lambda r: load_media(r.video, r.video, media), decoders) as batches:
         for batch, clips in batches:
-            good = [(r, c) for r, c in zip(batch, clips) if isinstance(c, torch.Tensor)]
+            good = [(r, c) for r, c in zip(batch, clips) if not isinstance(c, str)]
             answers = vlm.generate([(None, r.question, None, c) for r, c in good], template, **sampling)
             found = {r.id: a for (r, _), a in zip(good, answers)}
             journal.write({"id": r.id, "prediction": found[r.id]} if r.id in found else {"id": r.id, "error": c}
