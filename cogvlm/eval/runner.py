@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
@@ -90,6 +90,25 @@ def barrier(size: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def answer_journalled(out: Path, rank: int, size: int, todo: int, label: str, unit: str,
+                      answer: Callable[[Journal, Progress], None], progress: bool = True,
+                      progress_every: float = 30.0) -> None:
+    """`answer(journal, bar)` with this rank's prediction journal (`journal_path`) and progress bar,
+    both closed however it ends; a prompt too long for the model is the user's UsageError. Every
+    rank then waits for the others (`barrier`), so rank 0 scores all predictions."""
+    journal = Journal(journal_path(out, rank), PREDICTION)
+    bar = Progress(todo, label + (f" rank {rank}" if size > 1 else ""), unit, enabled=progress and bool(todo),
+                   every=progress_every)
+    try:
+        answer(journal, bar)
+    except ContextLengthError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        journal.close()
+        bar.close()
+    barrier(size)
 
 
 def check_run(out: Path, settings: dict[str, Any], rank: int = 0) -> None:
@@ -201,17 +220,9 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
     check_run(out, settings, rank)
     done = read_predictions(out)
     mine = [it for it in items[rank::size] if it.id not in done]
-    journal = Journal(journal_path(out, rank), PREDICTION)
-    bar = Progress(len(mine), f"eval {task.name} {job.split}" + (f" rank {rank}" if size > 1 else ""),
-                   "item", enabled=progress and bool(mine), every=progress_every)
-    try:
-        answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"], bar)
-    except ContextLengthError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        journal.close()
-        bar.close()
-    barrier(size)
+    answer_journalled(out, rank, size, len(mine), f"eval {task.name} {job.split}", "item",
+                      lambda journal, bar: answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"], bar),
+                      progress, progress_every)
     if rank != 0:
         return {"task": task.name, "split": job.split, "rank": rank}
     preds = read_predictions(out)

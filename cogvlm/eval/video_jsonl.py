@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..caption import DECODERS, Media, decoded_batches, load_media
 from ..data.records import VideoRecord, read_video_records
-from ..errors import ContextLengthError, UsageError
+from ..errors import UsageError
 from ..files import write_text
 from ..jobs import Journal, read_journal, torchrun_group
 from ..progress import Progress
 from ..prompt import check_takes_video
 from .jsonl import vqa_accuracy
-from .runner import PREDICTION, barrier, check_run, journal_path, make_out
+from .runner import PREDICTION, answer_journalled, check_run, make_out
 
 if TYPE_CHECKING:
     from ..api import CogVLM
@@ -95,17 +95,10 @@ def evaluate_videos(vlm: CogVLM, path: str | Path, out: str | Path | None = None
     check_run(out, settings, rank)
     done = read_rows(out)
     mine = [r for r in records[rank::size] if r.id not in done]
-    journal = Journal(journal_path(out, rank), PREDICTION)
-    bar = Progress(len(mine), f"eval {path.name}" + (f" rank {rank}" if size > 1 else ""), "clip",
-                   enabled=progress and bool(mine), every=progress_every)
-    try:
-        answer_records(vlm, mine, journal, template, settings["sampling"], batch_size, decoders, bar)
-    except ContextLengthError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        journal.close()
-        bar.close()
-    barrier(size)
+    answer_journalled(out, rank, size, len(mine), f"eval {path.name}", "clip",
+                      lambda journal, bar: answer_records(vlm, mine, journal, template, settings["sampling"],
+                                                          batch_size, decoders, bar),
+                      progress, progress_every)
     if rank != 0:
         return {"data": str(path), "rank": rank}
     report = {**score_rows(records, read_rows(out)), "skipped_records": [{"line": e.line, "error": e.message} for e in bad],
