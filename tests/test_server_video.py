@@ -7,7 +7,6 @@ disturbs a request running beside it."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -150,20 +149,8 @@ def test_a_remote_clip_with_the_flag(video_checkpoint, video_vlm, tmp_path):
 def _noise_clip(side: int, frames: int = 8) -> bytes:
     """Random pixels, coded losslessly: the file grows with side x side x frames."""
     rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=4)
-        stream.width = stream.height = side
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "0"}
-        for k in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), format="rgb24")
-            frame.pts = k
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
+    return make_clip(range(frames), Fraction(1, 4), 4, w=side, h=side, options={"crf": "0"},
+                     picture=lambda k: rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
 def test_limits_and_bad_clips_get_4xx(video_server):

@@ -29,18 +29,22 @@ def colour(i: int) -> tuple[int, int, int]:
 
 
 def make_clip(pts, time_base=Fraction(1, 1000), rate=30, codec="libx264", fmt="mp4", w=32, h=24,
-              rotation=None, first=0) -> bytes:
-    """A clip whose frame k (in presentation order) starts at pts[k] * time_base and is colour(first + k)."""
+              rotation=None, first=0, picture=None, options=None) -> bytes:
+    """A clip whose frame k (in presentation order) starts at pts[k] * time_base and is colour(first + k),
+    or `picture(k)` (an (h, w, 3) uint8 array); `options` go to the encoder."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = time_base
+        if options:
+            stream.options = options
         if rotation is not None:
             stream.set_display_rotation(rotation)
         for k, t in enumerate(pts):
-            img = np.empty((h, w, 3), np.uint8)
-            img[:] = colour(first + k)
+            img = np.empty((h, w, 3), np.uint8) if picture is None else picture(k)
+            if picture is None:
+                img[:] = colour(first + k)
             if rotation is not None:
                 img[: h // 2, : w // 2] = 255  # a white top-left quarter shows which way is up
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
