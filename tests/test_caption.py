@@ -150,3 +150,11 @@ def test_user_mistakes_get_one_line_messages(args, message, dataset, capsys):
     assert main(["caption", *(a.format(data=dataset) for a in args)]) == 2
     err = capsys.readouterr().err
     assert f"cogvlm caption: error: {message.format(data=dataset)}" in err and "Traceback" not in err
+
+
+def test_a_folder_without_images_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    assert main(["caption", str(tmp_path), "--model", "cogvlm-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"cogvlm caption: error: no images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path}" in err
+    assert "Traceback" not in err

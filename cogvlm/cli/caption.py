@@ -161,6 +161,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             return 0
     else:
         images = find_files(paths, media.extensions)
+        if not images:  # a wrong folder, or clips given to an image model: said before the model loads
+            raise UsageError(f"no {unit} ({', '.join(sorted(media.extensions))}) in {', '.join(map(str, paths))}")
         if args.dry_run:
             records = RecordFile(args.output, 0, media.field) if args.output else TextFiles(images)
             todo = sum(not records.done(p) for p in images)

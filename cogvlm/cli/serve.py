@@ -3,6 +3,7 @@ the app): flags, their safe defaults, loading, and running uvicorn."""
 
 import argparse
 import os
+import socket
 import sys
 from typing import Any, MutableMapping
 
@@ -103,6 +104,24 @@ def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> b
     return True
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads: a --host that names no address
+    of this machine or a --port in use is the user's one-line error now, not uvicorn's exit 3
+    minutes later."""
+    sock = None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restart without waiting
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise UsageError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     use_expandable_segments()
     try:
@@ -112,7 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'cogvlm[serve]'") from None
     sampling, options = sampling_flags(args), load_options(args)
     opts = serve_options(args)
-    vlm = load_model(options, sampling)
+    sock = listen_socket(args.host, args.port)
+    try:
+        vlm = load_model(options, sampling)
+    except BaseException:
+        sock.close()
+        raise
     if vlm.config.video:
         pyav()  # a video model's requests need PyAV: say so now, not at the first request
     if not is_loopback(args.host) and opts.api_key is None:
@@ -124,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(vlm, opts, args.max_batch, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            **server_settings()))
-    server.run()
+    server.run(sockets=[sock])
     if app.state.scheduler.failure is not None:
         raise app.state.scheduler.failure  # one line, exit 2 (cogvlm.cli.main)
     return 0
