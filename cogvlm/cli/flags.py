@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_MODEL, TEMPLATE_ALIASES, TEMPLATES
@@ -175,3 +176,21 @@ def load_model(options: LoadOptions, sampling: dict[str, Any]) -> CogVLM:
     vlm = CogVLM.from_pretrained(options)
     vlm.defaults = sampling_params(vlm.config, sampling)
     return vlm
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on --host and --port, bound before the model loads: a host that names no
+    address of this machine or a port in use is the user's one-line error now, not the web
+    server's failure minutes later (uvicorn exits 3; Gradio retries a bad host for ever)."""
+    sock = None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restart without waiting
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise UsageError(f"cannot listen on {host}{f' port {port}' if port else ''}: {e.strerror or e}") from None

@@ -3,14 +3,13 @@ the app): flags, their safe defaults, loading, and running uvicorn."""
 
 import argparse
 import os
-import socket
 import sys
 from typing import Any, MutableMapping
 
 from ..errors import UsageError
 from ..server import VIDEO_LIMITS, ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
 from ..video import VideoLimits, pyav
-from .flags import add_model_flags, load_model, load_options, port, positive_float, positive_int, sampling_flags
+from .flags import add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int, sampling_flags
 
 
 def add_video_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -102,24 +101,6 @@ def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> b
         return False
     environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
     return True
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound before the model loads: a --host that names no address
-    of this machine or a --port in use is the user's one-line error now, not uvicorn's exit 3
-    minutes later."""
-    sock = None
-    try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restart without waiting
-        sock.bind(address)
-        sock.listen(2048)  # uvicorn's default backlog
-        return sock
-    except OSError as e:
-        if sock is not None:
-            sock.close()
-        raise UsageError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from ..grounding import draw_boxes, drawable, turn_boxes
 from ..image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
 from ..server import VIDEO_LIMITS
 from ..video import VideoLimits, decode_video, pyav, read_video, strategy_for
-from .flags import add_model_flags, load_model, load_options, port, positive_float, positive_int, sampling_flags
+from .flags import add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int, sampling_flags
 from .serve import add_video_limit_flags, video_limits
 
 if TYPE_CHECKING:
@@ -336,6 +336,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     sampling, options = sampling_flags(args), load_options(args)
     pool: SessionPool[ChatSession] = SessionPool(args.max_sessions, args.session_idle)  # fails before the load
     limits = UploadLimits(args.max_image_bytes, args.max_image_pixels, args.max_image_memory)
+    listen_socket(args.host, args.port or 0).close()  # a bad --host or a --port in use: said before the load
     vlm, clips = load_model(options, sampling), video_limits(args)
     if vlm.config.video:
         pyav()  # its clips need PyAV: say so now, not at the first upload
