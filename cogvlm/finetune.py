@@ -21,7 +21,6 @@ from typing import Iterator, Literal, Sequence, get_args
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from .api import apply_adapter, check_adapter_folder, peft_module
 from .checkpoint import (HF_CONFIG, check_destination, iter_tensors, load_weights, read_config, read_quant, resolve,
@@ -29,7 +28,7 @@ from .checkpoint import (HF_CONFIG, check_destination, iter_tensors, load_weight
 from .config import TEMPLATES, CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, VideoRecord, is_video_set, read_records, read_video_records
 from .errors import TrainingError, VideoError
-from .fsdp import Slots, local_part, shard_from_checkpoint, weight_slots
+from .fsdp import Slots, is_dtensor, local_part, shard_from_checkpoint, weight_slots
 from .model import CogVLMForCausalLM
 from .progress import Progress
 from .prompt import (PromptTokens, build_prompt, check_takes_video, frame_labels, image_pixels, layout_batch,
@@ -640,7 +639,7 @@ class Trainer:
         """What a checkpoint holds, as whole tensors (every rank takes part: FSDP gathers):
         with LoRA the adapters alone, never a gathered copy of the frozen base."""
         if self.args.lora:
-            return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            return {n: (p.full_tensor() if is_dtensor(p) else p).detach()
                     for n, p in self.inner.named_parameters() if p.requires_grad}
         return self.model.state_dict() if not self.args.fsdp else _full_state(self.model)
 
