@@ -145,6 +145,7 @@ def _pad_input(x: torch.Tensor, width: int) -> torch.Tensor:
 # Device types not listed (CPU) never dequantize: CPU speed is what it was.
 DEQUANT_ROWS: dict[tuple[str, int], int] = {("cuda", 8): 1, ("cuda", 4): 256}
 DEQUANT_CHUNK = 2**24  # int4 values dequantized per step: bounds the uint8/int8 temporaries to ~16 MB each
+BACKWARD_CHUNK = 2**24  # weights dequantized at a time for a packed layer's input gradient (32 MB of bf16)
 
 
 def route(device_type: str, bits: int, rows: int, compiling: bool = False) -> Literal["packed", "dequant"]:
@@ -269,31 +270,46 @@ def _runs(where: np.ndarray, tile_k: int, device: torch.device) -> Int4Layout | 
 
 
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                    layout: Int4Layout, out: torch.Tensor) -> torch.Tensor:
-    """bf16((q - 8) * scale + zero) of every packed value, row-major into `out` (N16, Kg): the
-    product is exact in fp32, so this is the fp32 sum rounded once to bf16. Row blocks go in
-    chunks of ~`DEQUANT_CHUNK` values to bound the temporaries."""
+                    layout: Int4Layout, out: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """bf16((q - 8) * scale + zero) of the packed rows first_row .. first_row + len(out), row-major
+    into `out` (rows, Kg): the product is exact in fp32, so this is the fp32 sum rounded once to
+    bf16. The range starts and ends at the layout's row blocks (`int4_row_chunks`). Row blocks go
+    in chunks of ~`DEQUANT_CHUNK` values to bound the temporaries."""
     width, tile_k = out.shape[1], layout.tile_k
     stream = packed.reshape(-1).view(torch.uint8)
     scale, zero = (t.T for t in scales_and_zeros.unbind(-1))  # (N16, groups) each
+    end_row = first_row + len(out)
     byte = 0
     for run in layout.runs:
         per_block = run.height * width
         step = max(1, DEQUANT_CHUNK // per_block)
         for first in range(0, run.blocks, step):
             blocks = min(step, run.blocks - first)
-            b = stream[byte:byte + blocks * per_block // 2]
-            byte += blocks * per_block // 2
-            codes = torch.stack((b & 15, b >> 4), -1).sub_(8).view(torch.int8)  # q - 8, in memory order
-            codes = codes.view(blocks, width // tile_k, -1)[:, :, run.order]
             lo = run.start + first * run.height
-            rows = slice(lo, lo + blocks * run.height)
-            dst = out[rows]
-            dst.view(blocks, run.height, width // tile_k, tile_k).copy_(
-                codes.view(blocks, width // tile_k, run.height, tile_k).transpose(1, 2))
-            grouped = dst.view(-1, width // group_size, group_size)
-            torch.addcmul(zero[rows, :, None], grouped, scale[rows, :, None], out=grouped)
+            begin, end = max(lo, first_row), min(lo + blocks * run.height, end_row)
+            if begin < end:
+                skip, blocks_here = (begin - lo) // run.height, (end - begin) // run.height
+                b = stream[byte + skip * per_block // 2:byte + (skip + blocks_here) * per_block // 2]
+                codes = torch.stack((b & 15, b >> 4), -1).sub_(8).view(torch.int8)  # q - 8, in memory order
+                codes = codes.view(blocks_here, width // tile_k, -1)[:, :, run.order]
+                dst = out[begin - first_row:end - first_row]
+                dst.view(blocks_here, run.height, width // tile_k, tile_k).copy_(
+                    codes.view(blocks_here, width // tile_k, run.height, tile_k).transpose(1, 2))
+                grouped = dst.view(-1, width // group_size, group_size)
+                torch.addcmul(zero[begin:end, :, None], grouped, scale[begin:end, :, None], out=grouped)
+            byte += blocks * per_block // 2
     return out
+
+
+def int4_row_chunks(layout: Int4Layout, width: int, max_values: int) -> list[tuple[int, int]]:
+    """Row ranges (begin, end) that cover the layout in order, each whole row blocks of at most
+    `max_values` weights (at least one block): what `dequantize_int4` can take one at a time."""
+    chunks: list[tuple[int, int]] = []
+    for run in layout.runs:
+        per_chunk = max(1, max_values // (run.height * width))
+        for first in range(0, run.blocks, per_chunk):
+            chunks.append((run.start + first * run.height, run.start + min(run.blocks, first + per_chunk) * run.height))
+    return chunks
 
 
 class _QuantizedBuffers(nn.Module):
@@ -339,9 +355,16 @@ class Int8Linear(_QuantizedBuffers):
             qweight[i:i + len(w), :k] = torch.round(w / scales[i:i + len(w)].float()[:, None]).clamp_(-128, 127)
         return {"qweight": qweight, "scales": scales}
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight as bf16 (N, K16) in the device's shared buffer (`scratch`)."""
-        return dequantize_int8(self.qweight, self.scales, scratch(self.qweight.device, self.qweight.shape))
+    def dequantize(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The weight (or its `rows` begin..end) as bf16 (N, K16) in the device's shared buffer (`scratch`)."""
+        begin, end = rows or (0, self.out_features)
+        return dequantize_int8(self.qweight[begin:end], self.scales[begin:end],
+                               scratch(self.qweight.device, (end - begin, self.width)))
+
+    def row_chunks(self, max_values: int) -> list[tuple[int, int]]:
+        """Row ranges of at most `max_values` weights (at least one row) covering the weight."""
+        step = max(1, max_values // self.width)
+        return [(i, min(i + step, self.out_features)) for i in range(0, self.out_features, step)]
 
     def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """bf16 (rows, K16) activations times the weight: (rows, N), without the bias."""
@@ -412,15 +435,23 @@ class Int4Linear(_QuantizedBuffers):
         if device.type != "meta":
             self.qweight = pack_int4(self.qweight, _tile_k(device.type, self.width))
 
-    def dequantize(self) -> torch.Tensor | None:
-        """The packed weight as bf16 (N16, Kg) in the device's shared buffer (`scratch`), or None
-        where the layout could not be read (`int4_layout`)."""
+    def dequantize(self, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The packed weight (or its `rows` begin..end, from `row_chunks`) as bf16 (N16, Kg) in the
+        device's shared buffer (`scratch`), or None where the layout could not be read (`int4_layout`)."""
         device = self.qweight.device
         layout = int4_layout(device, self.rows, _tile_k(device.type, self.width))
         if layout is None:
             return None
+        begin, end = rows or (0, self.rows)
         return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size, layout,
-                               scratch(device, (self.rows, self.width)))
+                               scratch(device, (end - begin, self.width)), begin)
+
+    def row_chunks(self, max_values: int) -> list[tuple[int, int]] | None:
+        """Row ranges of at most `max_values` weights (at least one row block) covering the packed
+        weight, or None where its layout could not be read."""
+        device = self.qweight.device
+        layout = int4_layout(device, self.rows, _tile_k(device.type, self.width))
+        return None if layout is None else int4_row_chunks(layout, self.width, max_values)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         """CPU and CUDA pack int4 in different orders, so a packed weight cannot change device type
@@ -463,9 +494,11 @@ class _PackedMatmul(torch.autograd.Function):
 
     The packed kernels have no autograd formula, and the packed weight is frozen by design (LoRA
     trains adapters beside it), so backward gives the input its gradient, grad @ W, through the
-    weight dequantized into the shared bf16 buffer (one layer's bf16 weight of memory, as the
-    CUDA inference path holds), and the weight none. Nothing is saved for backward but the
-    layer itself, so gradient checkpointing costs no extra memory here."""
+    weight dequantized into the shared bf16 buffer and the weight none. A large layer (the output
+    head: 1 GB in bf16 for CogVLM2's 128,256-entry vocabulary) is dequantized BACKWARD_CHUNK
+    weights at a time and the partial products summed in fp32, so the buffer stays small. Nothing
+    is saved for backward but the layer itself, so gradient checkpointing costs no extra memory
+    here."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
@@ -474,11 +507,20 @@ class _PackedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        weight = ctx.layer.dequantize()
-        if weight is None:
-            raise QuantError(f"this PyTorch's int4 layout on {ctx.layer.qweight.device} cannot be read back, so "
+        layer = ctx.layer
+        chunks = layer.row_chunks(BACKWARD_CHUNK)
+        if chunks is None:
+            raise QuantError(f"this PyTorch's int4 layout on {layer.qweight.device} cannot be read back, so "
                              f"no gradient can pass through the int4 layer: use --quant 8")
-        return input_grad(grad.to(weight.dtype), weight), None
+        if len(chunks) == 1:
+            weight = layer.dequantize()
+            return input_grad(grad.to(weight.dtype), weight), None
+        total = None
+        for begin, end in chunks:
+            weight = layer.dequantize((begin, end))
+            part = input_grad(grad[:, begin:end].to(weight.dtype), weight).float()
+            total = part if total is None else total.add_(part)
+        return total.to(weight.dtype), None
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -353,3 +353,35 @@ def test_qlora_of_the_big_models_fits_one_24gb_gpu(model, capsys):
     code, out = _plan(capsys, model, "--finetune", "lora", "--batch-size", "1", "--max-length", "2048",
                       "--gpu-memory", "24GB")  # a bf16 base does not
     assert code == 1 and "does NOT fit" in out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_large_layers_backward_in_row_chunks(bits, monkeypatch):
+    """A packed layer larger than BACKWARD_CHUNK weights (CogVLM2's output head: 1 GB in bf16) gives
+    its input gradient from its weight dequantized a row range at a time: the ranges are whole row
+    blocks that cover the weight in order (their dequantized rows bit-identical to the whole
+    weight's), and the summed gradient equals grad @ W in float64 to bf16 rounding, as the
+    unchunked product does: each entry rounded once to bf16 (relative error <= 2^-9), so the error's
+    norm is within 2^-8 of the gradient's."""
+    import cogvlm.quantize as q
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 128) * 0.05
+    layer = q.empty_quantized(torch.nn.Linear(128, 256, bias=False), bits, GROUP)
+    q.fill(layer, q.quantize_tensors(weight, bits, GROUP))
+    whole = layer.dequantize().clone()
+    chunks = layer.row_chunks(64 * layer.width)
+    assert len(chunks) == 4 and chunks[0][0] == 0 and chunks[-1][1] == len(whole)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert torch.equal(torch.cat([layer.dequantize(c).clone() for c in chunks]), whole)
+
+    x = torch.randn(5, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(5, 256, dtype=torch.bfloat16)
+    want = (grad.double() @ whole[:256, :128].double()).float()
+    got = {}
+    for chunk in (64 * layer.width, q.BACKWARD_CHUNK):  # four row chunks, then one
+        monkeypatch.setattr(q, "BACKWARD_CHUNK", chunk)
+        x.grad = None
+        layer(x).backward(grad)
+        got[chunk] = x.grad.float()
+        assert (got[chunk] - want).norm() <= 2**-8 * want.norm(), (chunk, (got[chunk] - want).norm() / want.norm())
