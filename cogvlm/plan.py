@@ -32,7 +32,7 @@ from .config import CogVLMConfig
 from .checkpoint import expected_shapes
 from .errors import PlanError, TensorParallelError
 from .model import CogVLMForCausalLM
-from .quantize import QuantConfig, quantize_layout
+from .quantize import Int4Linear, Int8Linear, QuantConfig, quantize_layout
 from .sharding import check_split, rank_shape
 from .tp import ParallelCogVLM
 
@@ -397,6 +397,7 @@ class FinetunePlan:
     optimizer: int  # AdamW's two fp32 states
     activations: int
     checkpointing: bool
+    dequantized: int = 0  # QLoRA: the shared buffer a packed layer is dequantized into (its bf16 weight)
 
     @property
     def runtime(self) -> int:
@@ -406,7 +407,7 @@ class FinetunePlan:
     @property
     def per_device(self) -> int:
         return (self.weights + self.gather + self.masters + self.gradients + self.optimizer + self.activations
-                + self.runtime)
+                + self.dequantized + self.runtime)
 
     def fits(self, memory: int) -> bool:
         return self.per_device <= memory
@@ -420,12 +421,13 @@ class FinetunePlan:
                 ("trainable fp32", self.masters, f"{self.trainable_params:,} parameters"),
                 ("gradients", self.gradients, "fp32"), ("optimizer", self.optimizer, "AdamW: 2 fp32 states"),
                 ("activations", self.activations, "estimate, see cogvlm.plan.finetune_plan"),
+                ("dequantized", self.dequantized, "bf16 buffer: the largest packed layer"),
                 ("runtime", self.runtime, "estimate: " + ", ".join(
                     f"{name} {n // MiB} MiB" for name, n in runtime_overhead(self.fsdp).items())),
                 ("total", self.per_device, "")]
         lines = [f"fine-tuning, per GPU ({what}):"] + [
             f"  {name:<15}{n:>16,} bytes  {gb(n)}" + (f"  ({note})" if note else "") for name, n, note in rows
-            if n or name != "FSDP gather"]
+            if n or name not in ("FSDP gather", "dequantized")]
         if memory is not None:
             lines.append(f"fits in {gb(memory)} per GPU ({gb(memory - self.per_device)} to spare)" if self.fits(memory)
                          else f"does NOT fit in {gb(memory)} per GPU: add --grad-checkpointing, --quant 4 "
@@ -446,7 +448,8 @@ def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], boo
     `dtype`); trainable parameters as fp32 masters, fp32 gradients and AdamW's two fp32 states
     (16 bytes per parameter). With `fsdp` N all of these but the packed buffers (FSDP shards
     parameters, not buffers) are split N ways, and two whole layers are gathered at a time (the
-    running one, the prefetched next).
+    running one, the prefetched next). QLoRA adds the bf16 buffer its packed layers are
+    dequantized into, the size of the largest (the output head).
 
     Activations are an estimate, in bf16, for `batch` rows of `max_length` tokens. Each decoder
     layer keeps, per token, its two norm inputs and outputs, q/k/v, the attention output and
@@ -507,5 +510,10 @@ def finetune_plan(config: CogVLMConfig, mode: str, selected: Callable[[str], boo
     logits = t * config.vocab_size * 14
     activations = max(kept + logits, activation_bytes(config, 1, dtype, batch, max_length))
     shard = -(-trainable * per_param // fsdp)
+    # QLoRA on CUDA multiplies long inputs by a packed layer dequantized into one shared bf16
+    # buffer (quantize.route; int8 at every row count): the largest such layer, the output head
+    # when answers are long or int8 (its backward alone goes in BACKWARD_CHUNK pieces)
+    dequantized = max((2 * math.prod(m.dequantized_shape) for m in model.modules()
+                       if isinstance(m, (Int4Linear, Int8Linear))), default=0)
     return FinetunePlan(mode, fsdp, quant, trainable, weights, gather, shard, shard, 2 * shard, activations,
-                        checkpointing)
+                        checkpointing, dequantized)

@@ -355,6 +355,11 @@ class Int8Linear(_QuantizedBuffers):
             qweight[i:i + len(w), :k] = torch.round(w / scales[i:i + len(w)].float()[:, None]).clamp_(-128, 127)
         return {"qweight": qweight, "scales": scales}
 
+    @property
+    def dequantized_shape(self) -> tuple[int, int]:
+        """(N, K16): what `dequantize` fills."""
+        return self.out_features, self.width
+
     def dequantize(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The weight (or its `rows` begin..end) as bf16 (N, K16) in the device's shared buffer (`scratch`)."""
         begin, end = rows or (0, self.out_features)
@@ -434,6 +439,11 @@ class Int4Linear(_QuantizedBuffers):
             self.kernels = cpu_kernels() if self.rows % 64 == 0 else None
         if device.type != "meta":
             self.qweight = pack_int4(self.qweight, _tile_k(device.type, self.width))
+
+    @property
+    def dequantized_shape(self) -> tuple[int, int]:
+        """(N16, Kg): what `dequantize` fills."""
+        return self.rows, self.width
 
     def dequantize(self, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The packed weight (or its `rows` begin..end, from `row_chunks`) as bf16 (N16, Kg) in the

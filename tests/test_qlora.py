@@ -328,8 +328,10 @@ def test_finetune_plans_by_hand(capsys):
     activations = 32 * 2048 * 4096 * 2 + 2 * 2048 * per_token + logits  # layer inputs + one layer twice
     weights = weight_bytes(config, quant_bits=4)["total"]
     runtime = (512 + 64 + 256) * 2**20  # CUDA context, cuBLAS workspaces, allocator slack (one GPU: no NCCL)
-    total = weights + 16 * lora + activations + runtime
+    dequantized = 32000 * 4096 * 2  # the output head in bf16, the largest packed layer
+    total = weights + 16 * lora + activations + dequantized + runtime
     assert code == 0 and f"{lora:,} parameters" in out and f"{activations:,} bytes" in out
+    assert f"dequantized      {dequantized:>14,} bytes" in out
     assert f"total          {total:>16,} bytes" in out and "fits in 23.69 GiB" in out  # a 24 GB card's CUDA figure
     assert lora == 35_782_656 and total < 19 * 2**30
     # full fine-tuning of the visual expert (q/k/v, dense, gate/up/down: 202,375,168 per layer), FSDP 4 x 80 GB
