@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from .config import TEMPLATES, CogVLMConfig, from_hf_config
 from .data.records import Record, RecordError, VideoRecord, is_video_set, read_records, read_video_records
 from .errors import TrainingError, VideoError
 from .fsdp import Slots, is_dtensor, local_part, shard_from_checkpoint, weight_slots
-from .model import CogVLMForCausalLM
+from .model import Chunk, CogVLMForCausalLM
 from .progress import Progress
 from .prompt import (PromptTokens, build_prompt, check_takes_video, frame_labels, image_pixels, layout_batch,
                      prompt_length, video_frames)
@@ -435,6 +436,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
         self.step = 0
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="cogvlm-batches")
+        self._ahead: tuple[int, Future] | None = None  # (step, its collated micro-batches being made)
         self.log_path = args.out / "log.jsonl"
         if args.resume:
             self._resume()
@@ -532,6 +535,23 @@ class Trainer:
         return model
 
     # ---- the loop -----------------------------------------------------------------------------
+    def _batches(self, step: int) -> list[tuple[Chunk, torch.Tensor]]:
+        """Step `step`'s micro-batches of this rank, collated: images and clips read, decoded and
+        preprocessed. The order is a pure function of (seed, step), so any step can be made ahead."""
+        micro = batch_indices(step, len(self.examples), self.args, self.rank, self.world)
+        return [collate([self.examples[i] for i in idx], self.cfg) for idx in micro]
+
+    def next_batches(self) -> list[tuple[Chunk, torch.Tensor]]:
+        """This step's micro-batches, made by a background thread while the previous step trained,
+        and the next step's started now: decoding a batch's clips (PyAV lets go of the GIL) or
+        images overlaps the model instead of stalling every step. A read error surfaces here, at
+        the step that needs the batch."""
+        ahead, self._ahead = self._ahead, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == self.step else self._batches(self.step)
+        if self.step + 1 < self.args.steps:
+            self._ahead = (self.step + 1, self._prefetch.submit(self._batches, self.step + 1))
+        return batches
+
     def autocast(self):
         if self.dtype == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -542,8 +562,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, a)
         self.optimizer.zero_grad(set_to_none=True)
-        micro = list(batch_indices(self.step, len(self.examples), a, self.rank, self.world))
-        batches = [collate([self.examples[i] for i in idx], self.cfg) for idx in micro]
+        batches = self.next_batches()
         units = torch.tensor(float(sum(loss_units(lab, a.loss_average) for _, lab in batches)))
         if self.world > 1:
             dist.all_reduce(units)

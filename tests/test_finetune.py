@@ -145,6 +145,21 @@ def test_short_training_lowers_held_out_loss(data, sp_model_path, tmp_path):
     assert not (tmp_path / "run" / "final" / "trainer_state.pt").exists()
 
 
+def test_the_next_steps_batches_are_made_while_a_step_trains(data, sp_model_path, tmp_path):
+    """After each step the next one's micro-batches are already being collated (images decoded,
+    pixels made) in a background thread; they are bit for bit what the step would have made
+    itself, and after the last step nothing is made ahead."""
+    trainer = Trainer(args(data, sp_model_path, tmp_path / "run", steps=2, grad_accum=2))
+    trainer.train_step()
+    step, ahead = trainer._ahead
+    assert step == 1
+    for (chunk, labels), (want_chunk, want_labels) in zip(ahead.result(), trainer._batches(1), strict=True):
+        assert torch.equal(labels, want_labels) and torch.equal(chunk.input_ids, want_chunk.input_ids)
+        assert torch.equal(chunk.images, want_chunk.images)
+    trainer.train_step()
+    assert trainer._ahead is None
+
+
 def _cli(a: TrainArgs) -> list[str]:
     cmd = [sys.executable, "-m", "cogvlm", "finetune", "--no-progress"]
     for k, v in vars(a).items():
