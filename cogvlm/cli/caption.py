@@ -51,7 +51,7 @@ def _report(totals: dict[str, int], summary: Summary, what: str, where: str, uni
     seconds = max(summary.seconds, 1e-9)
     print(f"cogvlm caption: {t['done'] / seconds:.2f} {unit}/s, {t['tokens'] / seconds:.1f} tokens/s "
           f"in {summary.seconds:.1f} s")
-    if summary.waited:  # this process's: on Ray the replicas decode their own
+    if summary.waited and t['done'] + t['failed']:  # this process's (on Ray the replicas decode their own)
         print(f"cogvlm caption: the model waited {summary.waited:.1f} s ({summary.waited / seconds:.0%}) for "
               f"{unit} to be read and decoded")
     for replica, (images, busy) in sorted(summary.replicas.items()):
