@@ -590,15 +590,20 @@ class KVCache:
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention for one query per row: q (B, H, 1, hd), k and v (B, H_kv, T, hd), mask
-    (B, 1, 1, T). SDPA (its own grouped-query attention), except on CPU in bf16/fp16 or inside
-    torch.compile, where the same math as plain matmuls is faster: SDPA's CPU kernel is 2-4x
-    slower in bf16 for a single query (measured, 16 heads x 128 slots), and compiled, inductor
-    fuses the plain math into the step (fp32 decoding +3-7% tok/s at batch 1, +24% at batch 8,
-    measured side by side). There the G = H / H_kv query heads of a group are the G queries of
-    their KV head, exact as query rows are independent: no copy of K, V or the mask. The math
-    runs in fp32, as SDPA accumulates, so the results agree to the output rounding."""
-    if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.compiler.is_compiling()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    (B, 1, 1, T). SDPA (its own grouped-query attention), except on CPU in bf16/fp16, with
+    grouped-query attention, or inside torch.compile, where the same math as plain matmuls is
+    faster: SDPA's CPU kernel is 2-4x slower in bf16 for a single query (measured, 16 heads x 128
+    slots); with groups the G = H / H_kv query heads of a group become the G query rows of one
+    product with their KV head, which SDPA's kernel does not do (fp32, 700 slots, measured side
+    by side: CogVLM2's 32:8 heads 13.9 -> 11.2 ms at batch 8, 1.26 -> 0.87 ms at batch 1; a
+    decode step of the video benchmark's 4:1 model 7.4-8.6 -> 6.7-7.0 ms at batch 8, batch 1
+    unchanged); and compiled, inductor fuses the plain math into the step (fp32 decoding +3-7%
+    tok/s at batch 1, +24% at batch 8). Exact as query rows are independent: no copy of K, V or
+    the mask. The math runs in fp32, as SDPA accumulates, so the results agree to the output
+    rounding."""
+    grouped = k.shape[1] != q.shape[1]
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and not grouped and not torch.compiler.is_compiling()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
     b, h, _, d = q.shape
     groups = q.float().reshape(b, k.shape[1], h // k.shape[1], d)
     scores = (groups @ k.float().transpose(-1, -2)) * d ** -0.5
