@@ -113,8 +113,9 @@ def bench_decoders(clips: int) -> None:
 
 def small_video_model(hidden: int, layers: int) -> CogVLM:
     """A random CogVLM2-Video with the published tower shape per frame (224 px, 2x2 merge: 66 slots a
-    frame) on a small decoder with the published grouping of 4 query heads per key/value head, with cogvlm-tiny's tokenizer; it never emits eos, so every caption
-    is exactly max_new_tokens long and both contenders decode the same number of tokens."""
+    frame) on a small decoder with the published grouping of 4 query heads per key/value head, with
+    cogvlm-tiny's tokenizer; it never emits eos, so every caption is exactly max_new_tokens long
+    and both contenders decode the same number of tokens."""
     tiny = Path(cogvlm.__file__).parent / "weights" / "cogvlm-tiny"
     tokenizer = Tokenizer(tiny / "tokenizer.model")
     config = replace(COGVLM2_VIDEO, vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_layers=layers,

@@ -204,7 +204,8 @@ def _captions(records: list[dict[str, Any]], path: Path, field: str) -> dict[str
 
 # ---- captioning -------------------------------------------------------------------------------
 
-Loaded = Union[Image.Image, torch.Tensor, TowerFrames, str]  # an image, a clip (uint8 (3, T, H, W) or prepared), or why not
+# an image, a clip (uint8 (3, T, H, W), or prepared for the tower), or why not
+Loaded = Union[Image.Image, torch.Tensor, TowerFrames, str]
 T = TypeVar("T")
 
 
@@ -391,8 +392,9 @@ def load_sample(shard: Path, sample: Sample, media: Media = Media(), max_bytes: 
 
 def caption_batch(vlm: CogVLM, loaded: Sequence[Loaded], query: str, template: str | None,
                   sampling: SamplingParams | None = None) -> tuple[list[str | None], int]:
-    """Captions of the readable images or clips (uint8 (3, T, H, W)) in one `CogVLM.generate` call
-    (None for the others), and how many tokens they are. `sampling` None: the model's defaults."""
+    """Captions of the readable images or clips (uint8 (3, T, H, W) or `TowerFrames`) in one
+    `CogVLM.generate` call (None for the others), and how many tokens they are. `sampling` None:
+    the model's defaults."""
     requests = [(x, query, None) if isinstance(x, Image.Image) else (None, query, None, x)
                 for x in loaded if not isinstance(x, str)]
     answers = iter(vlm.generate(requests, template, params=sampling))

@@ -924,8 +924,8 @@ class CogVLMForCausalLM(nn.Module):
         if bucket > rows:
             tokens, positions = F.pad(tokens, (0, bucket - rows)), F.pad(positions, (0, bucket - rows))
         cache.slot.fill_(slot)
-        logits = self._decode(tokens, positions, cache.slot, k, v, valid, decode_window(slot + 1, cache.max_len, self.decode_compiled),
-                              cache.cross)
+        window = decode_window(slot + 1, cache.max_len, self.decode_compiled)
+        logits = self._decode(tokens, positions, cache.slot, k, v, valid, window, cache.cross)
         cache.length += 1
         return logits[:rows]
 

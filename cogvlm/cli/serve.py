@@ -9,7 +9,8 @@ from typing import Any, MutableMapping
 from ..errors import UsageError
 from ..server import VIDEO_LIMITS, ServeOptions, create_app, is_loopback, loopback_hosts, server_settings
 from ..video import VideoLimits, pyav
-from .flags import add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int, sampling_flags
+from .flags import (add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int,
+                    sampling_flags)
 
 
 def add_video_limit_flags(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,8 @@ from ..grounding import draw_boxes, drawable, turn_boxes
 from ..image import MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY, MAX_IMAGE_PIXELS, decoded_bytes, load_image, read_file
 from ..server import VIDEO_LIMITS
 from ..video import VideoLimits, decode_video, pyav, read_video, strategy_for
-from .flags import add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int, sampling_flags
+from .flags import (add_model_flags, listen_socket, load_model, load_options, port, positive_float, positive_int,
+                    sampling_flags)
 from .serve import add_video_limit_flags, video_limits
 
 if TYPE_CHECKING:

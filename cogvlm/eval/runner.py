@@ -221,7 +221,8 @@ def run_job(vlm: CogVLM, job: Job, out: Path | None = None, batch_size: int = 16
     done = read_predictions(out)
     mine = [it for it in items[rank::size] if it.id not in done]
     answer_journalled(out, rank, size, len(mine), f"eval {task.name} {job.split}", "item",
-                      lambda journal, bar: answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"], bar),
+                      lambda journal, bar: answer_items(vlm, mine, journal, prompt, batch_size, settings["sampling"],
+                                                        bar),
                       progress, progress_every)
     if rank != 0:
         return {"task": task.name, "split": job.split, "rank": rank}

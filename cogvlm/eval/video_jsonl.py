@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-
 from ..caption import DECODERS, Media, decoded_batches, load_media
 from ..data.records import VideoRecord, read_video_records
 from ..errors import UsageError
