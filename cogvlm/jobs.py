@@ -92,6 +92,16 @@ def torchrun_group() -> tuple[int, int]:
     return rank, world
 
 
+def leave_group() -> None:
+    """Leave torchrun's process group together: a barrier first, so no rank tears its gloo
+    threads down while another still talks to it (a SIGABRT at exit under load otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def share_items(options: LoadOptions) -> tuple[int, int, LoadOptions]:
     """(rank, world size, the options to load with) for a job that splits its *items* over
     torchrun's processes: each process loads a model of its own, on its own GPU, and takes every

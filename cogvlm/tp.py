@@ -593,9 +593,13 @@ def _worker(world: int) -> int:
         code = 0
     else:
         code = serve_rank(model)
-    if code == 0:  # after a failure a collective may still be pending: leave without waiting on it
+    if code == 0:
         dist.destroy_process_group()
-    return code
+        return 0
+    # After a failure a collective may still be pending: leave without waiting on it, and without
+    # the interpreter's teardown, where gloo's threads still holding its work abort the process.
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_with_parent() -> None:

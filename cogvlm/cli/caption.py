@@ -18,7 +18,7 @@ from ..data.shards import (IMAGE_COLUMNS, OUTPUT_FORMATS as OUTPUT_SHARD_FORMATS
 from ..errors import ContextLengthError, UsageError
 from ..files import temp_path
 from ..image import MAX_IMAGE_BYTES
-from ..jobs import share_items
+from ..jobs import leave_group, share_items
 from ..options import LoadOptions
 from ..video import VideoLimits
 from .flags import add_model_flags, load_model, load_options, positive_int, sampling_flags
@@ -195,9 +195,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         where = f" -> {args.output}" if args.output else ""
         _report(totals, summary, "shards" if dataset else "files", where, unit)
     if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        leave_group()
     return 0
 
 

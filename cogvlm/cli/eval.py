@@ -10,7 +10,7 @@ from typing import Any
 from ..caption import DECODERS
 from ..errors import UsageError
 from ..eval.tasks import TASKS
-from ..jobs import share_items
+from ..jobs import leave_group, share_items
 from .flags import add_model_flags, load_model, load_options, sampling_flags
 
 
@@ -50,9 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             print(table(result))
     if size > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        leave_group()
     return 0
 
 
@@ -113,9 +111,7 @@ def _eval_videos(args: argparse.Namespace) -> int:
     if rank == 0:
         print(format_report(report))
     if size > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        leave_group()
     return 0
 
 
