@@ -32,7 +32,7 @@ from .config import CogVLMConfig
 from .checkpoint import expected_shapes
 from .errors import PlanError, TensorParallelError
 from .model import CogVLMForCausalLM
-from .quantize import Int4Linear, Int8Linear, QuantConfig, quantize_layout
+from .quantize import DEQUANT_ROWS, Int4Linear, Int8Linear, QuantConfig, quantize_layout, route
 from .sharding import check_split, rank_shape
 from .tp import ParallelCogVLM
 
@@ -108,13 +108,34 @@ def weight_bytes(config: CogVLMConfig, dtype: torch.dtype = torch.bfloat16, quan
     return _weight_bytes(config, dtype, quant_bits, group_size, vision_bits, world)
 
 
-def _weight_bytes(config: CogVLMConfig, dtype: torch.dtype, quant_bits: int | None, group_size: int,
-                  vision_bits: int | None, world: int) -> dict[str, int]:
-    """`weight_bytes` for a split already checked (`ParallelCogVLM` trusts it)."""
+def _meta_model(config: CogVLMConfig, dtype: torch.dtype, quant_bits: int | None, group_size: int,
+                vision_bits: int | None, world: int) -> torch.nn.Module:
+    """The model (one rank's, with `world` > 1) as a load builds it, on the meta device."""
     with torch.device("meta"):
         model = (ParallelCogVLM(config, 0, world) if world > 1 else CogVLMForCausalLM(config)).to(dtype)
     if quant_bits is not None or vision_bits is not None:
         quantize_layout(model, QuantConfig(quant_bits, group_size, vision_bits))
+    return model
+
+
+def dequant_buffer_bytes(config: CogVLMConfig, world: int = 1, quant_bits: int | None = None, group_size: int = 128,
+                         vision_bits: int | None = None, batch: int = 1) -> int:
+    """CUDA's one shared bf16 buffer that packed layers are dequantized into (`quantize.scratch`):
+    as large as the largest layer `quantize.route` sends there while `batch` prompts prefill and
+    decode. Every int8 layer goes (the output head included); an int4 layer from DEQUANT_ROWS
+    rows, which a prefill's decoder and ViT layers reach and the output head (one row per prompt)
+    only at that batch."""
+    model = _meta_model(config, torch.bfloat16, quant_bits, group_size, vision_bits, world)
+    return max((2 * math.prod(m.dequantized_shape) for name, m in model.named_modules()
+                if isinstance(m, (Int4Linear, Int8Linear))
+                and route("cuda", 8 if isinstance(m, Int8Linear) else 4,
+                          batch if name == "lm_head" else DEQUANT_ROWS[("cuda", 4)]) == "dequant"), default=0)
+
+
+def _weight_bytes(config: CogVLMConfig, dtype: torch.dtype, quant_bits: int | None, group_size: int,
+                  vision_bits: int | None, world: int) -> dict[str, int]:
+    """`weight_bytes` for a split already checked (`ParallelCogVLM` trusts it)."""
+    model = _meta_model(config, dtype, quant_bits, group_size, vision_bits, world)
     out = dict.fromkeys(PARTS, 0)
     step = 0
     for name, t in model.state_dict().items():
@@ -231,6 +252,7 @@ class Plan:
     kv_cache: int
     activations: int
     attention: int
+    dequantized: int = 0  # quantized on CUDA: the shared bf16 buffer (`dequant_buffer_bytes`)
 
     @property
     def runtime(self) -> int:
@@ -238,7 +260,7 @@ class Plan:
 
     @property
     def per_device(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.attention + self.runtime
+        return self.weights + self.kv_cache + self.activations + self.attention + self.dequantized + self.runtime
 
     def fits(self, memory: int) -> bool:
         return self.per_device <= memory
@@ -258,7 +280,9 @@ def _plan(config: CogVLMConfig, tp: int, quant: int | None, dtype: torch.dtype, 
     return Plan(tp, quant, _rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
                 kv_cache_bytes(config, batch, max_length, dtype, tp),
                 activation_bytes(config, tp, dtype, batch, max_length),
-                attention_bytes(config, dtype, batch, max_length))
+                attention_bytes(config, dtype, batch, max_length),
+                dequant_buffer_bytes(config, tp, quant, group_size, vision_bits, batch)
+                if quant is not None or vision_bits is not None else 0)
 
 
 def smallest_fit(config: CogVLMConfig, memory: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
@@ -332,6 +356,8 @@ def describe(config: CogVLMConfig, p: Plan, memory: int | None, dtype: torch.dty
              f"  attention    {p.attention:>16,} bytes  {gb(p.attention)}  "
              + (f"(a padded batch's prefill mask and SDPA's {str(dtype).removeprefix('torch.')} bias, "
                 f"{max_length}x{max_length} per row)" if batch > 1 else "(none: one prompt prefills with is_causal)"),
+             *([f"  dequantized  {p.dequantized:>16,} bytes  {gb(p.dequantized)}  (on CUDA: the bf16 buffer "
+                f"packed layers are multiplied from, the largest that uses it)"] if p.dequantized else []),
              f"  runtime      {p.runtime:>16,} bytes  {gb(p.runtime)}  (estimate: "
              + ", ".join(f"{name} {n // MiB} MiB" for name, n in runtime_overhead(p.tp).items()) + ")",
              f"  total        {p.per_device:>16,} bytes  {gb(p.per_device)}"]

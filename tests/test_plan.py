@@ -9,7 +9,7 @@ import torch
 from cogvlm.config import REGISTRY
 from tests.configs import tiny_test_config
 from cogvlm.model import KVCache
-from cogvlm.plan import kv_cache_bytes, weight_bytes
+from cogvlm.plan import dequant_buffer_bytes, kv_cache_bytes, plan, weight_bytes
 
 REAL = REGISTRY["cogvlm-chat-v1.1"].config
 H, I, L, V = 4096, 11008, 32, 32000  # Vicuna-7B dims (docs/spec/cogvlm.md section 2)
@@ -137,17 +137,19 @@ def test_cogvlm_17b_int8_on_a_24gb_card_by_hand(capsys):
     logits = V * 4 * 2
     activations = max(vit, decoder) + image + logits
     attention = 0  # one prompt: _mask gives None, SDPA runs is_causal and materializes nothing
+    dequantized = V * H * 2  # int8 layers multiply from a bf16 copy on CUDA: the output head's is the largest
     runtime = (512 + 64 + 256) * MiB  # CUDA context, cuBLAS + cuBLASLt workspaces, allocator; no NCCL
-    total = weights + kv + activations + attention + runtime
+    total = weights + kv + activations + attention + dequantized + runtime
     card = 24259 * MiB  # what an RTX 3090 offers CUDA
-    assert (weights, kv, attention, total) == (22_201_791_488, 1_073_743_872, 0, 24_528_405_504)
+    assert (weights, kv, attention, total) == (22_201_791_488, 1_073_743_872, 0, 24_790_549_504)
     assert main(["plan", "cogvlm-chat-v1.1", "--quant", "8", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
     for name, value in (("weights", weights), ("KV cache", kv), ("activations", activations),
-                        ("attention", attention), ("runtime", runtime), ("total", total)):
+                        ("attention", attention), ("dequantized", dequantized), ("runtime", runtime),
+                        ("total", total)):
         assert f"{name:<12} {value:>16,} bytes" in out, (name, out)
     assert "CUDA context 512 MiB, cuBLAS workspaces 64 MiB, allocator slack 256 MiB)" in out
-    assert f"fits in 23.69 GiB per device ({(card - total) / GiB:.2f} GiB to spare)" in out  # 0.85 GiB
+    assert f"fits in 23.69 GiB per device ({(card - total) / GiB:.2f} GiB to spare)" in out  # 0.60 GiB
     assert "RTX 3090 reports 24,259" in out  # says which figure it planned against
 
 
@@ -252,3 +254,18 @@ def test_the_gpu_benchmark_runs_end_to_end_on_cpu(tmp_path):
         bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert (bare.returncode, bare.stdout) == (1, "")
         assert bare.stderr == "benchmarks/gpu.py: no CUDA GPU here; --dry-run runs it on CPU with tiny sizes\n"
+
+
+def test_the_cuda_dequantization_buffer_is_the_largest_layer_that_uses_it():
+    """Quantized on CUDA, layers that `quantize.route` sends to cuBLAS are dequantized into one
+    shared bf16 buffer (`quantize.scratch`): int8 always (the 32000-row output head is the
+    largest); int4 from 256 rows, which a prefill's decoder reaches (the fused QKV, 3H x H, is
+    the largest decoder layer) and the output head, one row per prompt, only at batch 256."""
+    assert dequant_buffer_bytes(REAL, quant_bits=8) == 2 * V * H
+    assert dequant_buffer_bytes(REAL, quant_bits=4) == 2 * 3 * H * H
+    assert dequant_buffer_bytes(REAL, quant_bits=4, batch=256) == 2 * V * H
+    assert dequant_buffer_bytes(REAL, 2, quant_bits=4) == 2 * 3 * H * H // 2  # a rank's column share
+    assert dequant_buffer_bytes(REAL) == 0
+    bf16, int4 = plan(REAL), plan(REAL, quant=4)
+    assert bf16.dequantized == 0 and int4.dequantized == 2 * 3 * H * H
+    assert int4.per_device - int4.dequantized == int4.weights + int4.kv_cache + int4.activations + int4.runtime
