@@ -96,7 +96,7 @@ class TrainArgs:
     dtype: TrainDtype = "auto"  # frozen weights' dtype (bf16: + autocast); "auto": the checkpoint's
     quant: int | None = None  # QLoRA: LoRA adapters over int4/int8 packed frozen weights
     group_size: int = 128
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: on with --quant (QLoRA's usual set-up), else off
     eval_every: int = 0
     save_every: int = 0
     seed: int = 0
@@ -200,6 +200,12 @@ def collate(batch: Sequence[Example], cfg: CogVLMConfig):
 def check_loss_average(average: str) -> None:
     if average not in LOSS_AVERAGES:
         raise TrainingError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
+
+
+def checkpointing(args: TrainArgs) -> bool:
+    """Whether activations are recomputed in backward: as asked, else on for QLoRA, whose point is
+    fitting a small card (as peft's `prepare_model_for_kbit_training` turns it on), off otherwise."""
+    return args.grad_checkpointing if args.grad_checkpointing is not None else args.quant is not None
 
 
 def loss_units(labels: torch.Tensor, average: str = "token") -> int:
@@ -509,7 +515,7 @@ class Trainer:
 
     def _prepare_model(self) -> torch.nn.Module:
         model = self.base.train()
-        model.set_gradient_checkpointing(self.args.grad_checkpointing)
+        model.set_gradient_checkpointing(checkpointing(self.args))
         if self.args.lora:
             model.requires_grad_(False)
             model = apply_lora(model, self.parts, self.args.lora_r, self.args.lora_alpha)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from cogvlm.api import CogVLM
 from cogvlm.checkpoint import load_weights, read_config
 from cogvlm.data.synthetic import make_dataset
-from cogvlm.finetune import TrainArgs, Trainer, apply_lora, collate, finetune, loss_fn, merge_lora
+from cogvlm.finetune import TrainArgs, Trainer, apply_lora, checkpointing, collate, finetune, loss_fn, merge_lora
 from cogvlm.prompt import PromptTokens, layout_batch
 from cogvlm.quantize import Int4Linear, QuantConfig
 from tests.configs import tiny_test_config
@@ -387,3 +387,21 @@ def test_large_layers_backward_in_row_chunks(bits, monkeypatch):
         layer(x).backward(grad)
         got[chunk] = x.grad.float()
         assert (got[chunk] - want).norm() <= 2**-8 * want.norm(), (chunk, (got[chunk] - want).norm() / want.norm())
+
+
+def test_qlora_recomputes_activations_unless_told_not_to(tmp_path, capsys):
+    """--quant turns gradient checkpointing on (QLoRA is for small cards, as peft's
+    prepare_model_for_kbit_training does); --no-grad-checkpointing turns it off; float runs keep
+    it off unless asked. `plan --finetune` assumes what finetune would do."""
+    from cogvlm.cli.main import build_parser
+
+    def asked(*flags: str) -> bool:
+        ns = build_parser().parse_args(["finetune", "--data", str(tmp_path), "--out", str(tmp_path), *flags])
+        return checkpointing(TrainArgs(**{k: getattr(ns, k) for k in TrainArgs.__dataclass_fields__}))
+
+    assert asked("--quant", "4") and asked("--quant", "8")
+    assert not asked("--quant", "4", "--no-grad-checkpointing")
+    assert not asked() and asked("--grad-checkpointing")
+    for flags, said in ((["--quant", "4"], "on"), (["--quant", "4", "--no-grad-checkpointing"], "off"), ([], "off")):
+        out = _plan(capsys, "cogvlm-chat-v1.1", "--finetune", "lora", *flags)[1]
+        assert f"gradient checkpointing {said}" in out, (flags, out)

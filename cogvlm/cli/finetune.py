@@ -33,7 +33,8 @@ FINETUNE_HELP = {
     "quant": "QLoRA: load the language weights (both experts, output head) quantized, 4 = int4 in groups, 8 = int8, "
              "and train LoRA adapters over them (needs --lora; computes in bf16)",
     "group_size": "with --quant 4: inputs per int4 scale (32, 64, 128, 256)",
-    "grad_checkpointing": "recompute activations in backward to save memory",
+    "grad_checkpointing": "recompute activations in backward to save memory (default: on with --quant, off "
+                          "otherwise)",
     "eval_every": "evaluate every N steps (0: never)", "save_every": "checkpoint every N steps (0: only at the end)",
     "seed": "seed for init and data order",
     "resume": "continue from the newest checkpoint under OUT/checkpoints",
@@ -70,7 +71,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         required = f.default is MISSING
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or (f.default is None and bool in get_args(hints[f.name])):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=helps.get(f.name))
             continue

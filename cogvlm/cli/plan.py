@@ -70,7 +70,8 @@ def finetune_plan_of(config: Any, args: argparse.Namespace, max_length: int, dty
     else:
         selected = lambda name: any(PARTS[p](name) for p in parts)  # noqa: E731
     return finetune_plan(config, args.finetune, selected, args.lora_r, args.quant, args.group_size, args.fsdp,
-                         args.batch, max_length, args.grad_checkpointing, dtype)
+                         args.batch, max_length,
+                         args.quant is not None if args.grad_checkpointing is None else args.grad_checkpointing, dtype)
 
 
 def add_plan_verb(verbs: Any) -> None:
@@ -102,5 +103,6 @@ def add_plan_verb(verbs: Any) -> None:
                     + "; language for a model without a visual expert, CogVLM2-Video)")
     ft.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
     ft.add_argument("--fsdp", type=int, default=1, metavar="N", help="GPUs FSDP shards the run over (default 1)")
-    ft.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    ft.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute activations in backward (default: as finetune, on with --quant)")
     p.set_defaults(func=cmd_plan)
