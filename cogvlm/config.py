@@ -287,6 +287,7 @@ def from_hf_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             layer_norm_eps=float(vd.get("layer_norm_eps", 1e-6)),
             downsample=int(vd.get("downsample", family["downsample"])),
         )
+        check_numbers(vision, "vision_config.")  # before its patch grid is computed below
         if "num_positions" in vd and int(vd["num_positions"]) != vision.num_positions:
             raise ConfigError(
                 f"vision_config.num_positions is {vd['num_positions']} but image_size "
@@ -356,6 +357,7 @@ def from_sat_config(source: str | Path | dict[str, Any]) -> CogVLMConfig:
             intermediate_size=int(ev.get("inner_hidden_size") or 4 * hidden),
             layer_norm_eps=float(ev.get("layernorm_epsilon", 1e-6)),
         )
+        check_numbers(vision, "eva_args.")  # before its patch grid is computed below
         if "image_length" in d and int(d["image_length"]) != vision.num_patches:
             raise ConfigError(
                 f"image_length is {d['image_length']} but image_size {size} / patch {patch} "

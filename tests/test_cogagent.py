@@ -14,6 +14,7 @@ import torch
 from cogvlm import CogVLM
 from cogvlm.checkpoint import convert, load_model, save_hf
 from cogvlm.config import REGISTRY, from_hf_config, from_sat_config
+from cogvlm.errors import ConfigError
 from tests.configs import tiny_test_config
 from cogvlm.model import CogVLMForCausalLM, KVCache
 from cogvlm.prompt import ImageRequiredError, PromptTokens, agent_query, build_prompt, continuation_chunk, layout_batch
@@ -593,3 +594,13 @@ def test_caption_and_eval(agent_checkpoint, tmp_path):
     rec, i = turns[-1]
     want = vlm.generate([(rec.image, rec.turns[i][0], rec.turns[:i])], template=rec.template, top_k=1)[0]
     assert [e["prediction"] for e in result["examples"] if e["line"] == rec.line][-1] == want
+
+
+@pytest.mark.parametrize("read, config, key", [
+    (from_hf_config, PUBLISHED_HF, "vision_config"), (from_sat_config, PUBLISHED_SAT, "eva_args")])
+def test_a_zero_patch_size_is_named_not_divided_by(read, config, key):
+    """Found by tests/test_fuzz.py: a patch size of 0 reached the patch-grid check before the
+    range checks, a ZeroDivisionError instead of a ConfigError naming the key."""
+    bad = {**config, key: {**config[key], "patch_size": 0}}
+    with pytest.raises(ConfigError, match=rf"{key}\.patch_size must be an integer in \[1, "):
+        read(bad)

@@ -65,8 +65,8 @@ def test_torchrun_shards_give_the_one_process_report(tmp_path):
     common = ["--task", "vqav2", "--annotations", *map(str, paths), "--images", str(tmp_path / "images")]
     one = _eval([*common, "--out", str(tmp_path / "one")])
     assert one.wait(timeout=600) == 0, one.stderr.read()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "cogvlm", "eval", *common, "--out", str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cogvlm", "eval", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two" / "predictions.rank1.jsonl").exists()

@@ -162,8 +162,8 @@ def test_torchrun_shares_give_the_one_process_report(vlm, clip_set, video_checkp
 
     data, expected = clip_set
     one = evaluate_videos(vlm, data, tmp_path / "one", template="chat", sampling=GREEDY, progress=False)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29541", "-m", "cogvlm", "eval", str(data), "--model", str(video_checkpoint), "--template",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cogvlm", "eval", str(data), "--model", str(video_checkpoint), "--template",
                           "chat", "--top_k", "1", "--max_new_tokens", str(NEW_TOKENS), "--out", str(tmp_path / "two"),
                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr

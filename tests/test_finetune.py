@@ -218,8 +218,7 @@ def test_two_process_torchrun_matches_one_process(data, sp_model_path, tmp_path,
     one = args(data, sp_model_path, tmp_path / "one", steps=5, batch_size=4)
     finetune(one)
     two = args(data, sp_model_path, tmp_path / "two", steps=5, batch_size=2, fsdp=sharding == "fsdp")
-    port = "29517" if sharding == "ddp" else "29518"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cogvlm"] + _cli(two)[3:] + (["--fsdp"] if two.fsdp else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
