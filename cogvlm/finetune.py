@@ -202,10 +202,11 @@ def check_loss_average(average: str) -> None:
         raise TrainingError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
 
 
-def checkpointing(args: TrainArgs) -> bool:
+def checkpointing(asked: bool | None, quant: int | None) -> bool:
     """Whether activations are recomputed in backward: as asked, else on for QLoRA, whose point is
-    fitting a small card (as peft's `prepare_model_for_kbit_training` turns it on), off otherwise."""
-    return args.grad_checkpointing if args.grad_checkpointing is not None else args.quant is not None
+    fitting a small card (as peft's `prepare_model_for_kbit_training` turns it on), off otherwise.
+    `cogvlm plan --finetune` assumes the same."""
+    return asked if asked is not None else quant is not None
 
 
 def loss_units(labels: torch.Tensor, average: str = "token") -> int:
@@ -515,7 +516,7 @@ class Trainer:
 
     def _prepare_model(self) -> torch.nn.Module:
         model = self.base.train()
-        model.set_gradient_checkpointing(checkpointing(self.args))
+        model.set_gradient_checkpointing(checkpointing(self.args.grad_checkpointing, self.args.quant))
         if self.args.lora:
             model.requires_grad_(False)
             model = apply_lora(model, self.parts, self.args.lora_r, self.args.lora_alpha)
@@ -775,7 +776,7 @@ def return_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     activations go back to the OS at once (glibc's mallopt M_MMAP_THRESHOLD). Left alone, glibc
     raises the threshold after the first large free (up to 32 MiB) and serves later steps' tensors
     from a heap that only grows: on the fine-tuning benchmark's model the peak host memory of a
-    run fell 932 -> 837 MB (int4 QLoRA) and 1202 -> 1123 MB (bf16 LoRA) with it. Process-wide,
+    run fell 942 -> 835 MB (int4 QLoRA) and 1202 -> 1123 MB (bf16 LoRA) with it. Process-wide,
     so the fine-tuning run sets it, not the library. False where the C library has no effective
     mallopt (musl, macOS): nothing changes there."""
     try:

@@ -125,7 +125,11 @@ def dequant_buffer_bytes(config: CogVLMConfig, world: int = 1, quant_bits: int |
     decode. Every int8 layer goes (the output head included); an int4 layer from DEQUANT_ROWS
     rows, which a prefill's decoder and ViT layers reach and the output head (one row per prompt)
     only at that batch."""
-    model = _meta_model(config, torch.bfloat16, quant_bits, group_size, vision_bits, world)
+    return _dequant_buffer(_meta_model(config, torch.bfloat16, quant_bits, group_size, vision_bits, world), batch)
+
+
+def _dequant_buffer(model: torch.nn.Module, batch: int) -> int:
+    """`dequant_buffer_bytes` of a model built by `_meta_model`."""
     return max((2 * math.prod(m.dequantized_shape) for name, m in model.named_modules()
                 if isinstance(m, (Int4Linear, Int8Linear))
                 and route("cuda", 8 if isinstance(m, Int8Linear) else 4,
@@ -135,7 +139,11 @@ def dequant_buffer_bytes(config: CogVLMConfig, world: int = 1, quant_bits: int |
 def _weight_bytes(config: CogVLMConfig, dtype: torch.dtype, quant_bits: int | None, group_size: int,
                   vision_bits: int | None, world: int) -> dict[str, int]:
     """`weight_bytes` for a split already checked (`ParallelCogVLM` trusts it)."""
-    model = _meta_model(config, dtype, quant_bits, group_size, vision_bits, world)
+    return _bytes_by_part(_meta_model(config, dtype, quant_bits, group_size, vision_bits, world), config, dtype)
+
+
+def _bytes_by_part(model: torch.nn.Module, config: CogVLMConfig, dtype: torch.dtype) -> dict[str, int]:
+    """`weight_bytes` of a model built by `_meta_model`."""
     out = dict.fromkeys(PARTS, 0)
     step = 0
     for name, t in model.state_dict().items():
@@ -277,12 +285,14 @@ def plan(config: CogVLMConfig, tp: int = 1, quant: int | None = None, dtype: tor
 def _plan(config: CogVLMConfig, tp: int, quant: int | None, dtype: torch.dtype, batch: int, max_length: int,
           group_size: int = 128, vision_bits: int | None = None) -> Plan:
     """`plan` for a split already checked."""
-    return Plan(tp, quant, _rank_weight_bytes(config, tp, dtype, quant, group_size, vision_bits),
-                kv_cache_bytes(config, batch, max_length, dtype, tp),
+    if quant is None and vision_bits is None:  # float: weights from the shapes alone, nothing dequantized
+        weights, dequantized = _rank_weight_bytes(config, tp, dtype, None, group_size, None), 0
+    else:  # one meta-device model gives both
+        model = _meta_model(config, dtype, quant, group_size, vision_bits, tp)
+        weights, dequantized = _bytes_by_part(model, config, dtype)["total"], _dequant_buffer(model, batch)
+    return Plan(tp, quant, weights, kv_cache_bytes(config, batch, max_length, dtype, tp),
                 activation_bytes(config, tp, dtype, batch, max_length),
-                attention_bytes(config, dtype, batch, max_length),
-                dequant_buffer_bytes(config, tp, quant, group_size, vision_bits, batch)
-                if quant is not None or vision_bits is not None else 0)
+                attention_bytes(config, dtype, batch, max_length), dequantized)
 
 
 def smallest_fit(config: CogVLMConfig, memory: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,

@@ -275,7 +275,6 @@ def test_finetune_user_mistakes_give_one_line_and_exit_2(flags, message, data, t
     assert capsys.readouterr().err == f"cogvlm finetune: error: {message}\n"
 
 
-
 MAPPED_AFTER_A_STEP = r"""
 import ctypes, sys
 import torch

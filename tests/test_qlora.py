@@ -397,7 +397,8 @@ def test_qlora_recomputes_activations_unless_told_not_to(tmp_path, capsys):
 
     def asked(*flags: str) -> bool:
         ns = build_parser().parse_args(["finetune", "--data", str(tmp_path), "--out", str(tmp_path), *flags])
-        return checkpointing(TrainArgs(**{k: getattr(ns, k) for k in TrainArgs.__dataclass_fields__}))
+        a = TrainArgs(**{k: getattr(ns, k) for k in TrainArgs.__dataclass_fields__})
+        return checkpointing(a.grad_checkpointing, a.quant)
 
     assert asked("--quant", "4") and asked("--quant", "8")
     assert not asked("--quant", "4", "--no-grad-checkpointing")

@@ -53,7 +53,7 @@ def finetune_plan_of(config: Any, args: argparse.Namespace, max_length: int, dty
     --train's parts are, so the plan counts exactly what `cogvlm finetune` would train."""
     import re
 
-    from ..finetune import LORA_TARGETS, PARTS, TrainingError, parts_for
+    from ..finetune import LORA_TARGETS, PARTS, TrainingError, checkpointing, parts_for
     from ..plan import finetune_plan
 
     if args.fsdp < 1 or args.lora_r < 1:
@@ -70,8 +70,7 @@ def finetune_plan_of(config: Any, args: argparse.Namespace, max_length: int, dty
     else:
         selected = lambda name: any(PARTS[p](name) for p in parts)  # noqa: E731
     return finetune_plan(config, args.finetune, selected, args.lora_r, args.quant, args.group_size, args.fsdp,
-                         args.batch, max_length,
-                         args.quant is not None if args.grad_checkpointing is None else args.grad_checkpointing, dtype)
+                         args.batch, max_length, checkpointing(args.grad_checkpointing, args.quant), dtype)
 
 
 def add_plan_verb(verbs: Any) -> None:
